@@ -1,0 +1,1 @@
+"""The driver: CLI, scheduler, prompt sources, manifest/resume, reader for training."""

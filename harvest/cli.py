@@ -1,0 +1,124 @@
+"""``harvest``: run, validate and describe harvest jobs.
+
+Exit codes: 0 done; 3 done, but some prompts ended in failure shards; 2 the job file or input
+is unusable; 1 the job stopped early (teacher error, crash); 130 stopped by a signal. Errors
+are one line, never a traceback: the message names the file, line or field at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from harvest.manifest import ResumeRefused
+from harvest.preflight import PreflightError
+from harvest.sources import InputError
+from schemas.job import JobSpec, SpecError, load_job
+
+EXIT_OK, EXIT_ABORTED, EXIT_BAD_JOB, EXIT_WITH_FAILURES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _redacted(spec: JobSpec) -> dict:
+    return spec.model_dump(mode="json")  # keys live in the environment, never in the spec
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = load_job(args.job)
+    print(json.dumps(_redacted(spec), indent=2))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harvest.scheduler import JobAborted, run_job  # Ray loads only for commands that use it
+
+    spec = load_job(args.job)
+    out_dir = Path(args.output or spec.output.dir)
+    try:
+        summary = run_job(
+            spec,
+            out_dir,
+            force_new=args.force_new,
+            ray_address=args.ray_address,
+            show_progress=not args.no_progress,
+        )
+    except JobAborted as err:
+        _error(f"{err}. Committed shards are kept; rerun the same command to resume.")
+        return EXIT_ABORTED
+    print(format_summary(summary))
+    _write_summary(out_dir, summary)
+    if summary.interrupted:
+        print(f"stopped early; resume with: harvest run {args.job} --output {out_dir}")
+        return EXIT_INTERRUPTED
+    if summary.failure_rows:
+        print(f"completed with failures: {summary.failure_rows} records in {out_dir}/failed/")
+        return EXIT_WITH_FAILURES
+    return EXIT_OK
+
+
+def format_summary(s) -> str:
+    rate = s.completion_tokens / s.elapsed_s if s.elapsed_s else 0.0
+    lines = [
+        f"job {s.job_id}: {s.prompts} prompts, {s.prompts_this_run} harvested in this run "
+        f"({s.elapsed_s:.1f}s)",
+        f"  data rows: {s.data_rows}   failure rows: {s.failure_rows}   "
+        f"completion tokens: {s.completion_tokens} ({rate:,.0f} tok/s)",
+        f"  retries: {s.retries}   worker restarts: {s.worker_restarts}",
+    ]
+    for endpoint, count in sorted(s.endpoint_requests.items()):
+        lines.append(f"  requests served by {endpoint}: {count}")
+    for cls, count in sorted(s.error_classes.items()):
+        lines.append(f"  failed prompts, {cls}: {count}")
+    lines.append(f"  output: {s.out_dir}/data/*.parquet (failures: {s.out_dir}/failed/)")
+    return "\n".join(lines)
+
+
+def _write_summary(out_dir: Path, s) -> None:
+    (out_dir / "_summary.json").write_text(json.dumps(s.to_dict(), indent=2))
+
+
+def _error(message: str) -> None:
+    print(f"harvest: error: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harvest", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="harvest a job (resumes an existing output folder)")
+    run.add_argument("job", help="job file (YAML or JSON)")
+    run.add_argument("--output", help="output folder (overrides output.dir)")
+    run.add_argument("--force-new", action="store_true", help="discard a different job's output")
+    run.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (default: $RAY_ADDRESS or a private local cluster)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a job file and print the resolved spec")
+    val.add_argument("job")
+    val.set_defaults(func=cmd_validate)
+    sch = sub.add_parser("schema", help="print the job file's JSON Schema")
+    sch.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, InputError, ResumeRefused, PreflightError) as err:
+        _error(str(err))
+        return EXIT_BAD_JOB
+    except KeyboardInterrupt:
+        _error("interrupted; rerun the same command to resume")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

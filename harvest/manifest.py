@@ -1,0 +1,131 @@
+"""The output folder's manifest: the one record of which units are committed.
+
+``_manifest.jsonl`` is appended to by the driver alone: a header line naming the job, then one
+line per committed unit (its shards, row counts and checksums). A shard on disk that the manifest
+does not list is not committed; its unit runs again and overwrites it (shard names derive from
+unit ids), so a rerun never duplicates rows. A torn last line (driver killed mid-write) is
+ignored for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas.wire import UnitResult
+from workers.writer import TMP_PREFIX
+
+MANIFEST = "_manifest.jsonl"
+
+
+class ResumeRefused(ValueError):
+    """The output folder holds a different job; the message says what changed."""
+
+
+class Manifest:
+    def __init__(self, out_dir: Path, header: dict[str, Any], units: dict[str, dict[str, Any]]):
+        self.out_dir = out_dir
+        self.header = header
+        self.units = units
+
+    @property
+    def job_id(self) -> str:
+        return self.header["job_id"]
+
+    @classmethod
+    def open(
+        cls, out_dir: Path, *, spec_fp: str, input_fp: str, teacher: str, force_new: bool = False
+    ) -> Manifest:
+        """Resume the job in ``out_dir`` if it is the same job, or start a new one there."""
+        path = out_dir / MANIFEST
+        if path.exists() and force_new:
+            for sub in ("data", "failed"):
+                shutil.rmtree(out_dir / sub, ignore_errors=True)
+            path.unlink()
+        if path.exists():
+            header, units = _read(path)
+            changed = [
+                what
+                for what, key, now in (
+                    ("the input files' content", "input_fingerprint", input_fp),
+                    ("the teacher or sampling spec", "spec_fingerprint", spec_fp),
+                )
+                if header.get(key) != now
+            ]
+            if changed:
+                raise ResumeRefused(
+                    f"{out_dir} holds job {header.get('job_id')} and {' and '.join(changed)} "
+                    "changed since; use another --output, or --force-new to discard it"
+                )
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            header = {
+                "kind": "job",
+                "job_id": uuid.uuid4().hex[:12],
+                "spec_fingerprint": spec_fp,
+                "input_fingerprint": input_fp,
+                "teacher": teacher,
+                "created": time.time(),
+            }
+            _append(path, header)
+            units = {}
+        _clean_temporaries(out_dir)
+        return cls(out_dir, header, units)
+
+    def commit(self, result: UnitResult) -> None:
+        record = {"kind": "unit", **asdict(result)}
+        for key in ("data_path", "failed_path"):
+            if record[key]:
+                record[key] = os.path.relpath(record[key], self.out_dir)
+        _append(self.out_dir / MANIFEST, record)
+        self.units[result.unit_id] = record
+
+    def shard_paths(self, kind: str = "data") -> list[Path]:
+        key = f"{kind}_path"
+        return sorted(self.out_dir / u[key] for u in self.units.values() if u.get(key))
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "ab") as fh:
+        fh.write(orjson.dumps(record) + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    header: dict[str, Any] = {}
+    units: dict[str, dict[str, Any]] = {}
+    for line in path.read_bytes().splitlines():
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # torn last write: that unit is simply not committed
+        if rec.get("kind") == "job":
+            header = rec
+        elif rec.get("kind") == "unit":
+            units[rec["unit_id"]] = rec
+    if not header:
+        raise ResumeRefused(f"{path}: not a teacher-harvest manifest")
+    return header, units
+
+
+def load(out_dir: Path) -> Manifest:
+    """Read an existing output folder's manifest (for readers and tools)."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{out_dir}: no {MANIFEST}; is this a harvest output folder?")
+    header, units = _read(path)
+    return Manifest(out_dir, header, units)
+
+
+def _clean_temporaries(out_dir: Path) -> None:
+    for sub in ("data", "failed"):
+        for tmp in (out_dir / sub).glob(f"{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)

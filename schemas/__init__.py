@@ -1,0 +1,1 @@
+"""Data contracts: the job spec, wire models and the Arrow record schema."""

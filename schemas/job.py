@@ -1,0 +1,221 @@
+"""The job spec: what a user writes in ``job.yaml``.
+
+Every field is documented once, here, with ``Field(description=...)``; ``harvest schema`` prints
+the JSON Schema built from these models and ``harvest validate`` the resolved spec. Unknown keys
+are rejected (``extra="forbid"``) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """The job file cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    path: str = Field(
+        description="A JSONL or Parquet file, or a glob of them (e.g. 'data/*.jsonl'). Relative "
+        "paths are resolved against the job file's folder."
+    )
+    prompt_field: str = Field("prompt", description="Column holding plain prompt text.")
+    messages_field: str = Field(
+        "messages", description="Column holding chat messages: a list of {role, content}."
+    )
+    id_field: str = Field(
+        "id",
+        description="Column holding a stable prompt id. Rows without it get an id derived from "
+        "the file name and line (JSONL) or row number (Parquet), stable across reruns.",
+    )
+    overrides_field: str = Field(
+        "sampling",
+        description="Column holding per-row sampling overrides (a dict with any of max_tokens, "
+        "temperature, top_p, n, seed, stop).",
+    )
+
+
+class Authorization(_Strict):
+    owner: str = Field(
+        min_length=1, description="Who owns the teacher or holds the right to distil it."
+    )
+    license: str = Field(
+        min_length=1,
+        description="Licence or agreement permitting distillation (e.g. 'apache-2.0' or an "
+        "internal agreement id).",
+    )
+    attestation: str = Field(
+        min_length=1, description="Free text: why this harvest is authorised. Stamped on shards."
+    )
+
+
+class TeacherSpec(_Strict):
+    model: str = Field(min_length=1, description="Model name as served (`--served-model-name`).")
+    endpoints: list[str] = Field(
+        min_length=1,
+        description="OpenAI-compatible base URLs, e.g. 'http://10.0.0.5:8000/v1'. A URL without "
+        "a path gets '/v1' appended.",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the API key. Keys are never read "
+        "from the job file.",
+    )
+    authorization: Authorization = Field(
+        description="Who authorised distilling this teacher, and under which licence."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_attempts: int = Field(
+        6, ge=1, le=50, description="Attempts per request before it becomes a failure row."
+    )
+    max_request_time_s: float = Field(
+        900.0, gt=0, description="Cap on the total time spent on one request, retries included."
+    )
+    backoff_initial_s: float = Field(
+        0.5, gt=0, description="Initial retry backoff; grows exponentially, with full jitter."
+    )
+    backoff_max_s: float = Field(30.0, gt=0, description="Largest single retry backoff.")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _normalise_endpoints(cls, urls: list[str]) -> list[str]:
+        out = []
+        for url in urls:
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {url!r}")
+            path = parts.path.rstrip("/") or "/v1"
+            out.append(urlunsplit((parts.scheme, parts.netloc, path, "", "")))
+        if len(set(out)) != len(out):
+            raise ValueError("endpoints are listed twice")
+        return out
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or not name.replace("_", "").isalnum()):
+            raise ValueError("must be an environment variable name, not a key")
+        return name
+
+
+class SamplingSpec(_Strict):
+    max_tokens: int = Field(256, ge=1, description="Largest number of tokens per response.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, le=64, description="Samples per prompt (one record each).")
+    seed: int | None = Field(None, description="Sampling seed, for reproducible samples.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    logprobs: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="K: how many top alternatives to record per token (fixed per job; every "
+        "record carries exactly K). 0 keeps only the sampled tokens' logprobs.",
+    )
+
+
+OVERRIDABLE = ("max_tokens", "temperature", "top_p", "n", "seed", "stop")
+
+
+class OutputSpec(_Strict):
+    dir: str = Field(
+        "out", description="Output folder (relative to the job file); `--output` overrides it."
+    )
+    rows_per_shard: int = Field(
+        2000, ge=1, description="Target records per data shard (a work unit's size)."
+    )
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = Field(
+        "zstd", description="Parquet compression codec."
+    )
+
+
+class ConcurrencySpec(_Strict):
+    workers: int = Field(2, ge=1, description="Harvest actors (Ray workers).")
+    in_flight_per_endpoint: int = Field(
+        32, ge=1, description="Requests in flight per endpoint, summed over all workers."
+    )
+    worker_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each worker.")
+
+
+class JobSpec(_Strict):
+    input: InputSpec = Field(description="Where the prompts come from.")
+    teacher: TeacherSpec = Field(description="The teacher model and how to reach it.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to sample.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where records go.")
+    concurrency: ConcurrencySpec = Field(
+        default_factory=ConcurrencySpec, description="How much work runs at once."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("input"), str):
+            data = {**data, "input": {"path": data["input"]}}
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the records' content: teacher, sampling, input columns."""
+        keep = {
+            "teacher_model": self.teacher.model,
+            "sampling": self.sampling.model_dump(),
+            "input": self.input.model_dump(exclude={"path"}),
+        }
+        blob = json.dumps(keep, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _error_lines(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_job(data: Any, source: str = "job") -> JobSpec:
+    """Validate a decoded job document; errors name each bad key by its dotted path."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {_error_lines(err)}") from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Load a YAML or JSON job file and resolve relative paths against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read job file ({err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML/JSON ({err})") from None
+    spec = parse_job(data, str(path))
+    base = path.resolve().parent
+    return spec.model_copy(
+        update={
+            "input": spec.input.model_copy(update={"path": _under(base, spec.input.path)}),
+            "output": spec.output.model_copy(update={"dir": _under(base, spec.output.dir)}),
+        }
+    )
+
+
+def _under(base: Path, p: str) -> str:
+    return p if Path(p).is_absolute() else str(base / p)

@@ -1,0 +1,60 @@
+"""The Arrow schemas of data and failure shards: the contract training code reads.
+
+One explicit schema, versioned. Bump ``SCHEMA_VERSION`` on any change a reader could notice.
+``top_token_ids`` / ``top_logprobs`` are fixed-size lists of exactly K per token, K fixed per
+job, so training code can turn a row into a ``[tokens, K]`` array without padding logic.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+METADATA_KEY = b"teacher_harvest"
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def record_schema(k: int) -> pa.Schema:
+    """Schema of a data shard for a job recording the top ``k`` alternatives per token."""
+    return pa.schema(
+        [
+            pa.field("request_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("sample_index", pa.int32(), nullable=False),
+            pa.field("api", pa.string(), nullable=False),  # "completions" or "chat"
+            pa.field("prompt", pa.string()),  # set for completions
+            pa.field("messages", pa.list_(MESSAGE_TYPE)),  # set for chat
+            pa.field("response", pa.string(), nullable=False),
+            pa.field("finish_reason", pa.string()),
+            pa.field("prompt_tokens", pa.int32()),
+            pa.field("completion_tokens", pa.int32(), nullable=False),
+            pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
+            pa.field("top_token_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+            pa.field("top_logprobs", pa.list_(pa.list_(pa.float32(), k)), nullable=False),
+            pa.field("teacher", pa.string(), nullable=False),
+            pa.field("endpoint", pa.string()),
+            pa.field("attempts", pa.int32(), nullable=False),
+            pa.field("latency_ms", pa.float32()),
+        ]
+    )
+
+
+FAILURE_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("source", pa.string()),  # file:line of the input row
+        pa.field("prompt", pa.string()),
+        pa.field("messages", pa.list_(MESSAGE_TYPE)),
+        pa.field("raw", pa.string()),  # the input row as read, when it could not be parsed
+        pa.field("error_class", pa.string(), nullable=False),
+        pa.field("http_status", pa.int32()),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("attempts", pa.int32(), nullable=False),
+        pa.field("endpoint", pa.string()),
+        pa.field("teacher", pa.string(), nullable=False),
+    ]
+)

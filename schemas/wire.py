@@ -1,0 +1,94 @@
+"""What travels between the driver and the workers, and between the client and the writer.
+
+Plain dataclasses (cheap to pickle through Ray); validation happens where data enters
+(``harvest.sources``), so these carry already-checked values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class PromptRow:
+    """One valid input row: either ``prompt`` (completions) or ``messages`` (chat)."""
+
+    prompt_id: str
+    source: str  # "file:line", for messages that point the user at the input
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return "chat" if self.messages is not None else "completions"
+
+
+@dataclass(slots=True)
+class RowProblem:
+    """An input row that cannot be sent; it becomes failure records, never a silent drop."""
+
+    prompt_id: str
+    source: str
+    reason: str
+    raw: str | None = None
+
+
+@dataclass(slots=True)
+class WorkUnit:
+    """A deterministic slice of one input file; one unit -> one data shard (+ failure shard)."""
+
+    unit_id: str
+    rows: list[PromptRow | RowProblem]
+
+
+@dataclass(slots=True)
+class Sample:
+    """One parsed choice of a teacher response, in columnar-ready form."""
+
+    sample_index: int
+    response: str
+    finish_reason: str | None
+    token_ids: list[int]
+    logprobs: list[float]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole teacher answer for one row: its samples and how getting them went."""
+
+    samples: list[Sample]
+    prompt_tokens: int | None
+    endpoint: str
+    attempts: int
+    latency_ms: float
+
+
+@dataclass(slots=True)
+class UnitResult:
+    """What a worker reports after committing a unit's shards."""
+
+    unit_id: str
+    prompts: int
+    data_rows: int
+    failure_rows: int
+    completion_tokens: int
+    data_path: str | None
+    data_sha256: str | None
+    failed_path: str | None
+    failed_sha256: str | None
+    endpoint_requests: dict[str, int]
+    retries: int
+    error_classes: dict[str, int]
+
+
+def request_id(prompt_id: str, sample_index: int, teacher: str, sampling: dict[str, Any]) -> str:
+    """Stable key of one record: same prompt, sample, teacher and sampling -> same id."""
+    blob = orjson.dumps([prompt_id, sample_index, teacher, sampling], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()[:32]

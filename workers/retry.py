@@ -1,0 +1,64 @@
+"""The one retry policy, built from the job spec with tenacity.
+
+Retryable errors (see ``workers.errors``) are retried with full-jitter exponential backoff,
+capped in attempts and in total time per request. When the teacher sends ``Retry-After``, we wait
+at least that long: the server's word beats our backoff, never the other way round.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from schemas.job import TeacherSpec
+from workers.errors import RetryableError
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _WaitHonouringRetryAfter:
+    """Jittered exponential backoff, but never shorter than the server's Retry-After."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._backoff = wait_random_exponential(multiplier=initial, max=maximum)
+
+    def __call__(self, state: RetryCallState) -> float:
+        wait = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        return max(wait, retry_after) if retry_after is not None else wait
+
+
+def build_retrying(spec: TeacherSpec) -> AsyncRetrying:
+    """A fresh tenacity controller per request (it holds that request's attempt state)."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(RetryableError),
+        stop=stop_after_attempt(spec.max_attempts) | stop_after_delay(spec.max_request_time_s),
+        wait=_WaitHonouringRetryAfter(spec.backoff_initial_s, spec.backoff_max_s),
+        reraise=True,
+    )

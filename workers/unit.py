@@ -1,0 +1,142 @@
+"""Harvest one work unit: send its rows, then write its data shard and failure shard.
+
+Plain async Python (the Ray actor is a thin shell around it). Every row of the unit ends up in
+exactly one of the two shards, once per expected sample: a row that cannot be sent or whose
+request failed for good becomes ``n`` failure records, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from schemas.job import JobSpec
+from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
+from workers.client import TeacherClient, sampling_for
+from workers.errors import FatalError, HarvestError
+from workers.writer import data_columns, failure_columns, write_shard
+
+Outcome = Completion | HarvestError | RowProblem
+
+
+def shard_paths(out_dir: Path, unit_id: str) -> tuple[Path, Path]:
+    return (
+        out_dir / "data" / f"part-{unit_id}.parquet",
+        out_dir / "failed" / f"part-{unit_id}.parquet",
+    )
+
+
+async def _send_all(
+    rows: list[PromptRow | RowProblem], client: TeacherClient, progress: Counter[str]
+) -> list[Outcome]:
+    outcomes: list[Outcome] = [r for r in rows]  # RowProblems stay as they are
+
+    async def one(i: int, row: PromptRow) -> None:
+        try:
+            done = await client.complete(row)
+        except FatalError:
+            raise
+        except HarvestError as err:
+            outcomes[i] = err
+            progress["failed_prompts"] += 1
+        else:
+            outcomes[i] = done
+            progress["completion_tokens"] += sum(len(s.token_ids) for s in done.samples)
+        progress["prompts"] += 1
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i, row in enumerate(rows):
+                if isinstance(row, PromptRow):
+                    group.create_task(one(i, row))
+    except ExceptionGroup as eg:  # a fatal error cancels the unit; surface the first one
+        raise eg.exceptions[0] from None
+    progress["failed_prompts"] += sum(isinstance(r, RowProblem) for r in rows)
+    progress["prompts"] += sum(isinstance(r, RowProblem) for r in rows)
+    return outcomes
+
+
+async def harvest_unit(
+    unit: WorkUnit,
+    client: TeacherClient,
+    spec: JobSpec,
+    out_dir: Path,
+    shard_meta: dict[str, Any],
+    progress: Counter[str] | None = None,
+) -> UnitResult:
+    """Run every row of ``unit`` through ``client`` and commit its shards atomically."""
+    progress = progress if progress is not None else Counter()
+    outcomes = await _send_all(unit.rows, client, progress)
+    teacher = spec.teacher.model
+    data, fails = data_columns(spec.sampling.logprobs), failure_columns()
+    endpoints: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    tokens = retries = 0
+    for row, outcome in zip(unit.rows, outcomes, strict=True):
+        if isinstance(row, RowProblem):
+            sampling = sampling_for(spec, PromptRow(row.prompt_id, row.source))
+            errors["InvalidInput"] += 1
+            for s in range(sampling["n"]):
+                fails.append(
+                    request_id=request_id(row.prompt_id, s, teacher, sampling),
+                    prompt_id=row.prompt_id, sample_index=s, source=row.source, raw=row.raw,
+                    error_class="InvalidInput", message=row.reason, attempts=0, teacher=teacher,
+                )  # fmt: skip
+            continue
+        sampling = sampling_for(spec, row)
+        if isinstance(outcome, HarvestError):
+            errors[type(outcome).__name__] += 1
+            retries += getattr(outcome, "attempts", 1) - 1
+            for s in range(sampling["n"]):
+                fails.append(
+                    request_id=request_id(row.prompt_id, s, teacher, sampling),
+                    prompt_id=row.prompt_id, sample_index=s, source=row.source,
+                    prompt=row.prompt, messages=row.messages,
+                    error_class=type(outcome).__name__, http_status=outcome.http_status,
+                    message=str(outcome), attempts=getattr(outcome, "attempts", 1),
+                    endpoint=outcome.endpoint or None, teacher=teacher,
+                )  # fmt: skip
+            continue
+        assert isinstance(outcome, Completion)
+        endpoints[outcome.endpoint] += 1
+        retries += outcome.attempts - 1
+        for sample in outcome.samples:
+            tokens += len(sample.token_ids)
+            data.append(
+                request_id=request_id(row.prompt_id, sample.sample_index, teacher, sampling),
+                prompt_id=row.prompt_id, sample_index=sample.sample_index, api=row.api,
+                prompt=row.prompt, messages=row.messages, response=sample.response,
+                finish_reason=sample.finish_reason, prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=len(sample.token_ids), token_ids=sample.token_ids,
+                logprobs=sample.logprobs, top_token_ids=sample.top_token_ids,
+                top_logprobs=sample.top_logprobs, teacher=teacher, endpoint=outcome.endpoint,
+                attempts=outcome.attempts, latency_ms=outcome.latency_ms,
+            )  # fmt: skip
+
+    data_path, failed_path = shard_paths(out_dir, unit.unit_id)
+    meta = {**shard_meta, "unit_id": unit.unit_id}
+    compression = spec.output.compression
+    data_sha = write_shard(data.table(), data_path, {**meta, "kind": "data"}, compression)
+    failed_sha = None
+    if len(fails):
+        failed_sha = write_shard(
+            fails.table(), failed_path, {**meta, "kind": "failed"}, compression
+        )
+    else:
+        failed_path.unlink(missing_ok=True)  # a stale one from an earlier, interrupted attempt
+    return UnitResult(
+        unit_id=unit.unit_id,
+        prompts=len(unit.rows),
+        data_rows=len(data),
+        failure_rows=len(fails),
+        completion_tokens=tokens,
+        data_path=str(data_path),
+        data_sha256=data_sha,
+        failed_path=str(failed_path) if failed_sha else None,
+        failed_sha256=failed_sha,
+        endpoint_requests=dict(endpoints),
+        retries=retries,
+        error_classes=dict(errors),
+    )
