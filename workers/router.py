@@ -22,7 +22,8 @@ class Router:
         self._changed = asyncio.Condition()
 
     def _pick(self) -> str | None:
-        best = min(self.endpoints, key=self.in_flight.__getitem__)
+        # ties go to the endpoint that has served least, so retries move to another endpoint
+        best = min(self.endpoints, key=lambda e: (self.in_flight[e], self.requests[e]))
         return best if self.in_flight[best] < self.cap else None
 
     @asynccontextmanager

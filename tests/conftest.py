@@ -1,0 +1,59 @@
+"""Session fixtures: one real vLLM CPU server (tiny model) and one local Ray cluster.
+
+Both are started once per test session and stopped at the end (by PID / ray.shutdown), as the
+vLLM and Ray test suites do. Set HARVEST_TEST_TEACHER_URL to reuse a tiny-model server you
+already run (served as "tiny"), e.g. while iterating on tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "tests" / "data" / "tiny-llama"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_teacher.py
+
+# Keep Ray on loopback: without this it advertises the machine's external address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher() -> str:
+    """Base URL of a real vLLM OpenAI server serving the tiny Llama as model "tiny"."""
+    url = os.environ.get("HARVEST_TEST_TEACHER_URL")
+    if url:
+        yield url
+        return
+    from workers.vllm_server import VllmServer
+
+    server = VllmServer(
+        model=str(TINY_MODEL),
+        served_name="tiny",
+        workdir=ROOT / ".cache" / "test-vllm",  # kept between runs: warm compile caches
+        extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+    )
+    server.start(timeout_s=300)
+    try:
+        # The first logprobs request compiles an op (~20 s cold); pay it here, not in a test.
+        warm = {"model": "tiny", "prompt": "warm up", "max_tokens": 2, "logprobs": 5}
+        httpx.post(f"{server.url}/completions", json=warm, timeout=300).raise_for_status()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session; harvest's scheduler reuses it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -1,0 +1,184 @@
+"""Teacher client: payloads, parsing, retries and error classes, over httpx.MockTransport."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fake_teacher import FakeTeacher
+
+from schemas.job import parse_job
+from schemas.wire import PromptRow
+from workers import USER_AGENT
+from workers.client import TeacherClient
+from workers.errors import (
+    AuthError,
+    BadRequest,
+    InvalidResponse,
+    MissingLogprobs,
+    ModelNotFound,
+    RateLimited,
+    TeacherUnavailable,
+)
+
+K = 3
+
+
+def make_spec(**teacher):
+    return parse_job(
+        {
+            "input": "x.jsonl",
+            "teacher": {
+                "model": "fake",
+                "endpoints": ["http://teacher-a:8000", "http://teacher-b:8000"],
+                "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
+                "backoff_initial_s": 0.01,
+                "backoff_max_s": 0.05,
+                "max_attempts": 4,
+                **teacher,
+            },
+            "sampling": {"max_tokens": 6, "n": 2, "logprobs": K, "seed": 3},
+        }
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def complete(fake: FakeTeacher, row: PromptRow, api_key: str | None = None, **teacher):
+    client = TeacherClient(
+        make_spec(**teacher), job_id="job1", api_key=api_key, transport=fake.transport()
+    )
+    try:
+        return await client.complete(row), client
+    finally:
+        await client.aclose()
+
+
+PROMPT = PromptRow("p1", "x.jsonl:1", prompt="Hello")
+CHAT = PromptRow("c1", "x.jsonl:2", messages=[{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize("row", [PROMPT, CHAT], ids=["completions", "chat"])
+def test_samples_carry_ids_and_exact_top_k(row):
+    fake = FakeTeacher()
+    done, _ = run(complete(fake, row))
+    _, path, body, _ = fake.calls[0]
+    assert body["return_tokens_as_token_ids"] is True
+    assert len(done.samples) == 2 and done.attempts == 1
+    for i, sample in enumerate(done.samples):
+        steps = fake._steps(body, i)
+        assert sample.token_ids == [t for t, _, _ in steps]
+        assert sample.logprobs == pytest.approx([lp for _, lp, _ in steps])
+        for (_, _, alts), ids, lps in zip(
+            steps, sample.top_token_ids, sample.top_logprobs, strict=True
+        ):
+            true_top = sorted(alts, key=lambda a: a[1], reverse=True)[:K]
+            assert ids == [a for a, _ in true_top]
+            assert lps == sorted(lps, reverse=True) and len(ids) == K
+    if row.messages is not None:
+        assert path.endswith("/chat/completions") and body["top_logprobs"] == K + 1
+    else:
+        assert path.endswith("/completions") and body["logprobs"] == K
+
+
+def test_identifies_itself_and_sends_key_only_as_bearer():
+    fake = FakeTeacher()
+    run(complete(fake, PROMPT, api_key="sk-secret"))
+    headers = fake.calls[0][3]
+    assert headers["user-agent"] == USER_AGENT
+    assert headers["x-harvest-job-id"] == "job1"
+    assert headers["authorization"] == "Bearer sk-secret"
+
+
+def test_per_row_overrides_reach_the_request():
+    fake = FakeTeacher()
+    row = PromptRow("p", "s", prompt="x", overrides={"max_tokens": 2, "n": 1, "temperature": 0})
+    done, _ = run(complete(fake, row))
+    body = fake.calls[0][2]
+    assert (body["max_tokens"], body["n"], body["temperature"]) == (2, 1, 0)
+    assert len(done.samples) == 1 and len(done.samples[0].token_ids) == 2
+
+
+def test_503_then_success_is_retried_and_counted():
+    fake = FakeTeacher(script=lambda body, n: httpx.Response(503) if n <= 2 else None)
+    done, client = run(complete(fake, PROMPT))
+    assert done.attempts == 3 and len(fake.calls) == 3
+    assert client.counters["ServerError"] == 2 and client.counters["retries"] == 2
+
+
+def test_retry_after_is_honoured():
+    fake = FakeTeacher(
+        script=lambda b, n: httpx.Response(429, headers={"Retry-After": "0.4"}) if n == 1 else None
+    )
+    done, _ = run(complete(fake, PROMPT))
+    (t0, *_), (t1, *_) = fake.calls
+    assert done.attempts == 2
+    assert t1 - t0 >= 0.4  # our backoff alone would be <= 0.05 s
+
+
+def test_retries_spread_over_endpoints():
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(502) if n == 1 else None)
+    run(complete(fake, PROMPT))
+    assert [c[3]["host"] for c in fake.calls] == ["teacher-a:8000", "teacher-b:8000"]
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, BadRequest),
+        (422, BadRequest),
+        (401, AuthError),
+        (403, AuthError),
+        (404, ModelNotFound),
+    ],
+)
+def test_non_retryable_statuses_are_classified_and_not_retried(status, error):
+    fake = FakeTeacher(
+        script=lambda b, n: httpx.Response(status, json={"error": {"message": "nope"}})
+    )
+    with pytest.raises(error) as info:
+        run(complete(fake, PROMPT))
+    assert len(fake.calls) == 1
+    assert info.value.http_status == status and "nope" in str(info.value)
+
+
+def test_connection_errors_exhaust_attempts():
+    def refuse(body, n):
+        raise httpx.ConnectError("refused")
+
+    fake = FakeTeacher(script=refuse)
+    with pytest.raises(TeacherUnavailable) as info:
+        run(complete(fake, PROMPT))
+    assert len(fake.calls) == 4 and info.value.attempts == 4
+
+
+def test_truncated_body_is_retried():
+    fake = FakeTeacher(
+        script=lambda b, n: httpx.Response(200, content=b'{"choi') if n == 1 else None
+    )
+    done, client = run(complete(fake, PROMPT))
+    assert done.attempts == 2 and client.counters["InvalidResponse"] == 1
+
+
+def test_wrong_number_of_choices_is_invalid():
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(200, json={"choices": []}))
+    with pytest.raises(InvalidResponse):
+        run(complete(fake, PROMPT))
+
+
+def test_answer_without_logprobs_is_a_row_failure_without_retry():
+    answer = {"choices": [{"index": 0, "text": "hi", "logprobs": None}] * 2}
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(200, json=answer))
+    with pytest.raises(MissingLogprobs):
+        run(complete(fake, PROMPT))
+    assert len(fake.calls) == 1
+
+
+def test_rate_limited_is_retryable_subclass():
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(429))
+    with pytest.raises(RateLimited):
+        run(complete(fake, PROMPT))
+    assert len(fake.calls) == 4
