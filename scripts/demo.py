@@ -56,7 +56,7 @@ def main() -> int:
     print(f"\n{table.num_rows} records in {len(files)} Parquet shards under {OUT_DIR}/data/")
     row = table.slice(0, 1).to_pylist()[0]
     shown = {
-        key: (value[:8] + ["..."] if isinstance(value, list) and len(value) > 8 else value)
+        key: ([*value[:8], "..."] if isinstance(value, list) and len(value) > 8 else value)
         for key, value in row.items()
     }
     print("a sample record:")

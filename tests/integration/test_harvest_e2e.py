@@ -163,7 +163,8 @@ def test_rerun_is_a_noop_with_identical_rows(harvested):
 def test_cli_process_starts_its_own_ray_and_records_bad_rows(tmp_path, tiny_teacher):
     """The real console script, in a fresh process with no cluster to join."""
     (tmp_path / "prompts.jsonl").write_bytes(
-        b'{"prompt": "one"}\n{"prompt": 5}\nnot json\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+        b'{"prompt": "one"}\n{"prompt": 5}\nnot json\n'
+        b'{"messages": [{"role": "user", "content": "hi"}]}\n'
     )
     job = write_job(tmp_path, tiny_teacher, output={"dir": "out", "rows_per_shard": 4})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
