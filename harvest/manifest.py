@@ -50,6 +50,7 @@ class Manifest:
                 shutil.rmtree(out_dir / sub, ignore_errors=True)
             path.unlink()
         if path.exists():
+            _drop_torn_tail(path)
             header, units = _read(path)
             changed = [
                 what
@@ -79,6 +80,19 @@ class Manifest:
         _clean_temporaries(out_dir)
         return cls(out_dir, header, units)
 
+    def check_teacher(self, identity: dict[str, Any]) -> None:
+        """Refuse to continue a job whose teacher (model, weights path, tokenizer) changed."""
+        recorded = self.header.get("teacher_identity")
+        if recorded is not None and recorded != identity:
+            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+            raise ResumeRefused(
+                f"{self.out_dir} was harvested from a different teacher ({', '.join(changed)} "
+                "changed); use another --output, or --force-new to discard it"
+            )
+        if recorded is None:
+            self.header = {**self.header, "teacher_identity": identity}
+            _append(self.out_dir / MANIFEST, self.header)
+
     def commit(self, result: UnitResult) -> None:
         record = {"kind": "unit", **asdict(result)}
         for key in ("data_path", "failed_path"):
@@ -97,6 +111,14 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         fh.write(orjson.dumps(record) + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line the driver did not finish writing, so the next append starts clean."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -8,8 +8,11 @@ return token ids and logprobs (only vLLM-compatible servers do) all stop the job
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +20,7 @@ import httpx
 from schemas.job import JobSpec
 from schemas.wire import PromptRow
 from workers import USER_AGENT
-from workers.client import TeacherClient
+from workers.client import RateLimiter, TeacherClient
 from workers.errors import HarvestError
 
 
@@ -25,22 +28,47 @@ class PreflightError(RuntimeError):
     """The teacher cannot serve this job; the message says which endpoint and why."""
 
 
+# Exercises many tokenizer paths: casing, digits, code, punctuation, non-ASCII, whitespace.
+TOKENIZER_PROBE = "Teacher-harvest probe: 12345 + 0.5 == x; def f(a): return a**2  \n\t héllo 世界!"
+CHAT_PROBE = [
+    {"role": "system", "content": "You are a probe."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "Again?"},
+]
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
-    endpoints: list[str]  # the endpoints that answered
     model: str
     model_root: str | None  # what the server says it loaded (path or hub id)
     max_model_len: int | None
+    tokenizer_hash: str | None  # sha256 of the served tokenizer's ids for TOKENIZER_PROBE
+    chat_template_hash: str | None  # sha256 of the ids of CHAT_PROBE rendered by the server
+
+    def identity(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def read_api_key(spec: JobSpec) -> str | None:
-    name = spec.teacher.api_key_env
-    if name is None:
-        return None
-    key = os.environ.get(name)
-    if not key:
-        raise PreflightError(f"teacher.api_key_env: environment variable {name} is not set")
-    return key
+    """The key from the environment or a key file; errors name the source, never the key."""
+    name, path = spec.teacher.api_key_env, spec.teacher.api_key_file
+    if name is not None:
+        key = os.environ.get(name, "").strip()
+        if not key:
+            raise PreflightError(f"teacher.api_key_env: environment variable {name} is not set")
+        return key
+    if path is not None:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise PreflightError(
+                f"teacher.api_key_file: cannot read {path} ({err.strerror})"
+            ) from None
+        if not key:
+            raise PreflightError(f"teacher.api_key_file: {path} is empty")
+        return key
+    return None
 
 
 def _models(endpoint: str, headers: dict[str, str]) -> list[dict[str, Any]]:
@@ -58,31 +86,61 @@ def _models(endpoint: str, headers: dict[str, str]) -> list[dict[str, Any]]:
         raise PreflightError(f"teacher {endpoint}/models is not an OpenAI model list") from None
 
 
-def check_teacher(spec: JobSpec, api_key: str | None, job_id: str) -> TeacherInfo:
-    """Every endpoint must list the model; one probe request must return ids and logprobs."""
-    headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    found: dict[str, Any] = {}
-    for endpoint in spec.teacher.endpoints:
-        models = {m.get("id"): m for m in _models(endpoint, headers)}
-        if spec.teacher.model not in models:
-            raise PreflightError(
-                f"teacher {endpoint} does not serve model {spec.teacher.model!r} "
-                f"(it serves {sorted(map(str, models))})"
-            )
-        found = models[spec.teacher.model]
-    asyncio.run(_probe(spec, api_key, job_id))
+def _tokenize_hash(endpoint: str, headers: dict[str, str], model: str, **what: Any) -> str | None:
+    """Hash of the server's own tokenization (vLLM's /tokenize); None where unsupported."""
+    root = endpoint.removesuffix("/v1")
+    try:
+        resp = httpx.post(f"{root}/tokenize", json={"model": model, **what}, headers=headers)
+        tokens = resp.json()["tokens"] if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(tokens, list):
+        return None
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
+
+
+def _identify(endpoint: str, headers: dict[str, str], spec: JobSpec) -> TeacherInfo:
+    models = {m.get("id"): m for m in _models(endpoint, headers)}
+    model = spec.teacher.model
+    if model not in models:
+        raise PreflightError(
+            f"teacher {endpoint} does not serve model {model!r} "
+            f"(it serves {sorted(map(str, models))})"
+        )
     return TeacherInfo(
-        endpoints=list(spec.teacher.endpoints),
-        model=spec.teacher.model,
-        model_root=found.get("root"),
-        max_model_len=found.get("max_model_len"),
+        model=model,
+        model_root=models[model].get("root"),
+        max_model_len=models[model].get("max_model_len"),
+        tokenizer_hash=_tokenize_hash(endpoint, headers, model, prompt=TOKENIZER_PROBE),
+        chat_template_hash=_tokenize_hash(
+            endpoint, headers, model, messages=CHAT_PROBE, add_generation_prompt=True
+        ),
     )
 
 
-async def _probe(spec: JobSpec, api_key: str | None, job_id: str) -> None:
-    client = TeacherClient(spec, job_id=job_id, api_key=api_key)
+def check_teacher(
+    spec: JobSpec, api_key: str | None, job_id: str, limiter: RateLimiter | None = None
+) -> TeacherInfo:
+    """Every endpoint must serve the same model and tokenizer, and return ids and logprobs."""
+    headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    infos = {endpoint: _identify(endpoint, headers, spec) for endpoint in spec.teacher.endpoints}
+    first_endpoint, first = next(iter(infos.items()))
+    for endpoint, info in infos.items():
+        if info.tokenizer_hash != first.tokenizer_hash:
+            raise PreflightError(
+                f"teachers {first_endpoint} and {endpoint} serve different tokenizers under the "
+                f"name {spec.teacher.model!r}; one job must use one teacher"
+            )
+    asyncio.run(_probe(spec, api_key, job_id, limiter))
+    return first
+
+
+async def _probe(
+    spec: JobSpec, api_key: str | None, job_id: str, limiter: RateLimiter | None
+) -> None:
+    client = TeacherClient(spec, job_id=job_id, api_key=api_key, limiter=limiter)
     probe = PromptRow("preflight", "preflight", prompt="Hello", overrides={"max_tokens": 2, "n": 1})
     try:
         await client.complete(probe)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
-from workers.actor import HarvestActor
+from workers.actor import HarvestActor, RateLimiterActor, RemoteLimiter
 from workers.errors import FatalError
 
 UNIT_CRASH_LIMIT = 3  # a unit that kills this many workers is a bug to report, not retry forever
@@ -83,15 +84,17 @@ def init_ray(address: str | None) -> None:
 
 
 def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, Any]:
+    """Provenance stamped on every shard: who authorised what, from which teacher, how."""
     return {
         "schema_version": SCHEMA_VERSION,
         "harvest_version": __version__,
         "job_id": job_id,
-        "teacher": {"model": teacher.model, "root": teacher.model_root},
+        "teacher": teacher.identity(),
         "authorization": spec.teacher.authorization.model_dump(),
         "sampling": spec.sampling.model_dump(),
-        "logprob_mode": "raw (vLLM default: before temperature and top-p)",
+        "logprob_mode": "raw: the model's logprobs before temperature and top-p (vLLM default)",
         "spec": spec.model_dump(mode="json"),
+        "run_started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -156,7 +159,14 @@ def run_job(
         force_new=force_new,
     )
     api_key = read_api_key(spec)
-    teacher = check_teacher(spec, api_key, manifest.job_id)
+    init_ray(ray_address)
+    limiter = None
+    if spec.teacher.rate_limit.requests_per_s or spec.teacher.rate_limit.tokens_per_min:
+        limiter = RateLimiterActor.remote(spec.teacher.rate_limit.model_dump_json())
+    teacher = check_teacher(
+        spec, api_key, manifest.job_id, RemoteLimiter(limiter) if limiter is not None else None
+    )
+    manifest.check_teacher(teacher.identity())
     summary = Summary(str(out_dir), manifest.job_id, prompts=inputs.rows)
     done_before = 0
     for unit in manifest.units.values():
@@ -170,7 +180,6 @@ def run_job(
     units: Iterator[WorkUnit] = (
         u for u in iter_units(inputs.files, spec, per_unit) if u.unit_id not in manifest.units
     )
-    init_ray(ray_address)
     workers = spec.concurrency.workers
     pool = _Pool(
         spec,
@@ -180,6 +189,7 @@ def run_job(
             "shard_meta": _shard_meta(spec, manifest.job_id, teacher),
             "cap_per_endpoint": -(-spec.concurrency.in_flight_per_endpoint // workers),
             "api_key": api_key,
+            "limiter": limiter,
         },
     )
     progress = Progress(inputs.rows, done_before, enabled=show_progress)

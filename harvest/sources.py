@@ -53,10 +53,14 @@ class InputScan:
 
 def resolve_files(pattern: str) -> list[InputFile]:
     """Expand a path or glob into sorted input files, each named relative to the glob's base."""
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if Path(pattern).is_file():  # a real file whose name happens to contain [ ] * ?
+        matches = [Path(pattern)]
+        base = Path(pattern).parent
+    else:
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        base = Path(pattern).parent if not glob.has_magic(pattern) else _glob_base(pattern)
     if not matches:
         raise InputError(f"input: no file matches {pattern!r}")
-    base = Path(pattern).parent if not glob.has_magic(pattern) else _glob_base(pattern)
     files = []
     for path in matches:
         if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
@@ -102,11 +106,14 @@ def _row(obj: Any, default_id: str, source: str, spec: JobSpec, raw: str) -> Pro
         if problem:
             return bad(problem)
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    overrides = obj.get(cols.overrides_field) or {}
-    problem = _check_overrides(overrides, spec, cols.overrides_field)
-    if problem:
-        return bad(problem)
-    return PromptRow(pid, source, prompt=prompt, messages=messages, overrides=overrides)
+    overrides = obj.get(cols.overrides_field)
+    overrides = {} if overrides is None else overrides
+    if isinstance(overrides, dict):  # Parquet structs give None for fields a row leaves unset
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+    checked = _check_overrides(overrides, spec, cols.overrides_field)
+    if isinstance(checked, str):
+        return bad(checked)
+    return PromptRow(pid, source, prompt=prompt, messages=messages, overrides=checked)
 
 
 def _check_messages(messages: Any, field: str) -> str | None:
@@ -115,23 +122,24 @@ def _check_messages(messages: Any, field: str) -> str | None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             return f"'{field}[{i}]' needs a string 'content'"
-        if m.get("role") not in ROLES:
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             return f"'{field}[{i}].role' must be one of {sorted(ROLES)}"
     return None
 
 
-def _check_overrides(overrides: Any, spec: JobSpec, field: str) -> str | None:
+def _check_overrides(overrides: Any, spec: JobSpec, field: str) -> dict[str, Any] | str:
+    """The validated (type-converted) overrides, or why they are unusable."""
     if not isinstance(overrides, dict):
         return f"'{field}' must be an object"
     unknown = set(overrides) - set(OVERRIDABLE)
     if unknown:
         return f"'{field}' has keys that cannot be overridden per row: {sorted(unknown)}"
     try:
-        spec.sampling.model_validate({**spec.sampling.model_dump(), **overrides})
+        merged = spec.sampling.model_validate({**spec.sampling.model_dump(), **overrides})
     except ValidationError as err:
         e = err.errors()[0]
         return f"'{field}.{'.'.join(map(str, e['loc']))}': {e['msg']}"
-    return None
+    return {k: getattr(merged, k) for k in overrides}
 
 
 def _jsonl_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]:
@@ -141,6 +149,8 @@ def _jsonl_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]
                 continue  # blank lines are not rows
             source = f"{f.path}:{line_no}"
             default_id = f"{f.name}:{line_no}"
+            if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark is not part of the first row
             raw = line[:RAW_LIMIT].decode("utf-8", errors="replace").rstrip("\n")
             try:
                 obj = orjson.loads(line)

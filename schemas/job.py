@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.policy import endpoint_problems
 
 
 class SpecError(ValueError):
@@ -58,6 +61,28 @@ class Authorization(_Strict):
     attestation: str = Field(
         min_length=1, description="Free text: why this harvest is authorised. Stamped on shards."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Public host names you own or are licensed to query. Loopback, private "
+        "addresses and cluster-internal names need no listing.",
+    )
+    provider_agreement: str | None = Field(
+        None,
+        description="Your agreement with a hosted LLM API provider that permits distilling its "
+        "model. Without it such providers are refused, even when listed in allowed_hosts.",
+    )
+
+
+class RateLimit(_Strict):
+    requests_per_s: float | None = Field(
+        None, gt=0, description="Most requests sent in any one-second window, job-wide."
+    )
+    tokens_per_min: int | None = Field(
+        None,
+        gt=0,
+        description="Most completion tokens in any one-minute window, job-wide (each request "
+        "reserves max_tokens x n until its answer says how many it used).",
+    )
 
 
 class TeacherSpec(_Strict):
@@ -71,6 +96,18 @@ class TeacherSpec(_Strict):
         None,
         description="Name of the environment variable holding the API key. Keys are never read "
         "from the job file.",
+    )
+    api_key_file: str | None = Field(
+        None, description="Path of a file holding the API key (alternative to api_key_env)."
+    )
+    tls_verify: bool | str = Field(
+        True,
+        description="Verify TLS certificates (true), or a CA bundle path. Never off by default.",
+    )
+    rate_limit: RateLimit = Field(
+        default_factory=lambda: RateLimit(),
+        description="Optional client-side limits, never exceeded. 429s from the teacher are "
+        "honoured whether or not these are set.",
     )
     authorization: Authorization = Field(
         description="Who authorised distilling this teacher, and under which licence."
@@ -95,16 +132,33 @@ class TeacherSpec(_Strict):
             parts = urlsplit(url.strip())
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"not an http(s) URL: {url!r}")
+            if parts.username or parts.password:
+                raise ValueError("credentials do not belong in an endpoint URL; use api_key_env")
+            if parts.query or parts.fragment:
+                raise ValueError(f"an endpoint is a base URL, without query or fragment: {url!r}")
+            netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+            if ":" in parts.hostname:  # IPv6 literal
+                netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
             path = parts.path.rstrip("/") or "/v1"
-            out.append(urlunsplit((parts.scheme, parts.netloc, path, "", "")))
+            out.append(urlunsplit((parts.scheme.lower(), netloc, path, "", "")))
         if len(set(out)) != len(out):
             raise ValueError("endpoints are listed twice")
         return out
 
+    @model_validator(mode="after")
+    def _authorised_endpoints(self) -> TeacherSpec:
+        auth = self.authorization
+        problems = endpoint_problems(self.endpoints, auth.allowed_hosts, auth.provider_agreement)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
+
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, name: str | None) -> str | None:
-        if name is not None and (not name or not name.replace("_", "").isalnum()):
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ValueError("must be an environment variable name, not a key")
         return name
 
@@ -170,6 +224,7 @@ class JobSpec(_Strict):
             "teacher_model": self.teacher.model,
             "sampling": self.sampling.model_dump(),
             "input": self.input.model_dump(exclude={"path"}),
+            "rows_per_shard": self.output.rows_per_shard,  # decides the unit boundaries
         }
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -179,7 +234,12 @@ def _error_lines(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = str(e["ctx"]["error"])
+        else:
+            msg = e["msg"]
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
 
@@ -204,15 +264,26 @@ def load_job(path: str | Path) -> JobSpec:
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: cannot read job file ({err})") from None
     try:
-        data = yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML/JSON ({err})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise SpecError(f"{path}: not valid YAML ({where}{problem})") from None
     spec = parse_job(data, str(path))
     base = path.resolve().parent
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": _under(base, spec.input.path)}),
             "output": spec.output.model_copy(update={"dir": _under(base, spec.output.dir)}),
+            "teacher": spec.teacher.model_copy(
+                update={
+                    "api_key_file": spec.teacher.api_key_file
+                    and _under(base, spec.teacher.api_key_file)
+                }
+            ),
         }
     )
 

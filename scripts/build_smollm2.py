@@ -71,6 +71,21 @@ def fetch_gguf(workdir: Path, start: float) -> Path:
     return gguf
 
 
+def add_transformers4_keys(out: Path, rope_theta: float) -> None:
+    """Keep the folder loadable by transformers 4.x (e.g. GPU vLLM installs); 5.x ignores these.
+
+    5.x writes ``rope_parameters`` only (4.x would silently fall back to rope_theta=10000) and the
+    tokenizer class ``TokenizersBackend`` (unknown to 4.x); the Hub checkpoint uses GPT2Tokenizer.
+    """
+    cfg_path, tok_path = out / "config.json", out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["rope_theta"] = rope_theta
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    tok["tokenizer_class"] = "GPT2Tokenizer"
+    tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def convert(gguf: Path, out: Path, start: float) -> None:
     """Dequantise the GGUF with transformers and save bf16 safetensors plus tokenizer."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never touch the Hub
@@ -104,6 +119,7 @@ def convert(gguf: Path, out: Path, start: float) -> None:
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out)
 
+    add_transformers4_keys(out, config.rope_parameters["rope_theta"])
     reloaded = AutoTokenizer.from_pretrained(out)
     if not reloaded.chat_template:
         raise SystemExit(f"chat template was lost when saving the tokenizer to {out}")
@@ -133,6 +149,11 @@ def main(argv: list[str]) -> int:
         (tmp_out / MARKER).write_text(
             f"{PACKAGE}\n{json.dumps(marker, sort_keys=True)}\n", encoding="utf-8"
         )
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp_out.chmod(0o777 & ~umask)  # mkdtemp (and the safetensors writer) use owner-only modes
+        for path in tmp_out.iterdir():
+            path.chmod(0o666 & ~umask)
         if dest.exists():  # an incomplete or stale earlier build: move it aside, then delete it
             stale = dest.with_name(f".{dest.name}.stale-{os.getpid()}")
             dest.rename(stale)

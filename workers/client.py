@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -30,6 +30,13 @@ from workers.retry import build_retrying, parse_retry_after
 from workers.router import Router
 
 
+class RateLimiter(Protocol):
+    """Job-wide request/token limits (``workers.limiter.Limiter`` or its Ray actor)."""
+
+    async def acquire(self, max_tokens: int) -> int: ...
+    async def settle(self, handle: int, used_tokens: int) -> None: ...
+
+
 def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
     """The job's sampling parameters with this row's overrides applied."""
     params = spec.sampling.model_dump(include=set(OVERRIDABLE))
@@ -47,6 +54,7 @@ class TeacherClient:
         cap_per_endpoint: int | None = None,
         endpoints: list[str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.spec = spec
         self.k = spec.sampling.logprobs
@@ -58,8 +66,10 @@ class TeacherClient:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         timeout = spec.teacher.timeout_s
+        self.limiter = limiter
         self._http = httpx.AsyncClient(
             headers=headers,
+            verify=spec.teacher.tls_verify,
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             transport=transport,
@@ -121,23 +131,30 @@ class TeacherClient:
         path, body = self.payload(row)
         parse = parse_chat if row.messages is not None else parse_completions
         started = time.perf_counter()
+        reserve = body["max_tokens"] * body["n"]
         attempts = 0
         async for attempt in build_retrying(self.spec.teacher):
             with attempt:
                 attempts += 1
                 if attempts > 1:
                     self.counters["retries"] += 1
+                permit = await self.limiter.acquire(reserve) if self.limiter else None
+                used = 0
                 async with self.router.acquire() as endpoint:
                     try:
                         answer = await self._post(endpoint, path, body)
                         samples, prompt_tokens = parse(answer, self.k)
                         if len(samples) != body["n"]:
                             raise InvalidResponse(f"asked for n={body['n']}, got {len(samples)}")
+                        used = sum(len(s.token_ids) for s in samples)
                     except HarvestError as err:
                         err.endpoint = endpoint
                         err.attempts = attempts  # type: ignore[attr-defined]
                         self.counters[type(err).__name__] += 1
                         raise
+                    finally:
+                        if permit is not None:
+                            await self.limiter.settle(permit, used)
         return Completion(
             samples=samples,
             prompt_tokens=prompt_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def write_shard(
     """Write ``table`` atomically to ``path`` with our key-value metadata; return its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(table.schema.metadata or {})
+    metadata = {**metadata, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     meta[METADATA_KEY] = orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")

@@ -95,12 +95,6 @@ def test_json_job_file_loads(tmp_path: Path) -> None:
     assert spec.teacher.endpoints == ["http://h:8000/v1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SpecError,
-    reason="BUG: load_job parses JSON with yaml.safe_load, which rejects tab indentation "
-    "(json.dump(indent='\\t'), many editors): valid JSON job files fail to load",
-)
 def test_tab_indented_json_job_file_loads(tmp_path: Path) -> None:
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job(), indent="\t"), encoding="utf-8")
@@ -117,7 +111,7 @@ def test_missing_job_file(tmp_path: Path) -> None:
 def test_invalid_yaml_names_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("input: [unclosed\n  teacher: {", encoding="utf-8")
-    with pytest.raises(SpecError, match="not valid YAML/JSON") as exc:
+    with pytest.raises(SpecError, match="not valid YAML") as exc:
         load_job(path)
     assert str(exc.value).startswith(f"{path}:")
 
@@ -179,7 +173,7 @@ def test_several_errors_are_all_reported() -> None:
         ("http://h:8000", "http://h:8000/v1"),
         ("http://h:8000/", "http://h:8000/v1"),
         ("http://h:8000/v1/", "http://h:8000/v1"),
-        ("https://api.example.com/openai/v1//", "https://api.example.com/openai/v1"),
+        ("https://teacher.internal/openai/v1//", "https://teacher.internal/openai/v1"),
         ("  http://10.0.0.5:8000/v1  ", "http://10.0.0.5:8000/v1"),
     ],
 )
@@ -207,12 +201,6 @@ def test_duplicate_endpoints_rejected(pair: list[str]) -> None:
     assert "endpoints are listed twice" in spec_error(job(teacher=teacher(endpoints=pair)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: duplicate check compares netloc case-sensitively; 'http://H:8000' and "
-    "'http://h:8000' are the same server but both are accepted",
-)
 def test_duplicate_endpoints_differing_in_host_case_rejected() -> None:
     assert rejected(job(teacher=teacher(endpoints=["http://H:8000", "http://h:8000"])))
 
@@ -238,12 +226,6 @@ def test_api_key_env_rejects_non_names_without_echoing_them(value: str) -> None:
         assert value not in msg  # a pasted key must not end up in logs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: _env_name only checks isalnum() after removing '_', so names starting with a "
-    "digit (e.g. a pasted hex key) and non-ASCII names are accepted",
-)
 @pytest.mark.parametrize("value", ["0a1b2c3d4e5f", "KÉY"])
 def test_api_key_env_rejects_invalid_names(value: str) -> None:
     assert rejected(job(teacher=teacher(api_key_env=value)))
@@ -363,12 +345,5 @@ def test_fingerprint_unaffected_by_path_resolution(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: output.rows_per_shard decides work-unit boundaries (scheduler: per_unit = "
-    "rows_per_shard // n) but is not in fingerprint(); resuming with another value is accepted "
-    "and unit ids then cover different rows -> rows duplicated or never harvested",
-)
 def test_fingerprint_changes_with_rows_per_shard() -> None:
     assert fp(job(output={"rows_per_shard": 10})) != fp(job())

@@ -67,7 +67,9 @@ def test_each_row_lands_once_per_sample(tmp_path):
     assert len(set(ids)) == len(ids) == 9
     assert (result.data_rows, result.failure_rows, result.prompts) == (5, 4, 5)
     assert result.error_classes == {"BadRequest": 1, "InvalidInput": 1}
-    assert read_metadata(data_path) == {"job_id": "j", "unit_id": "u-000000", "kind": "data"}
+    meta = read_metadata(data_path)
+    assert meta.pop("written_at").endswith("+00:00")
+    assert meta == {"job_id": "j", "unit_id": "u-000000", "kind": "data"}
     assert not list(tmp_path.rglob(".tmp-*"))
 
 

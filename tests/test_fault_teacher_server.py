@@ -1,0 +1,251 @@
+"""The fault-injecting teacher over real sockets: each fault as a client sees it, determinism,
+recovery after two attempts, Retry-After timing, capacity, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fault_teacher_server import FaultPlan, FaultTeacherServer, Record
+
+from schemas.job import JobSpec, parse_job
+from schemas.wire import Completion, PromptRow
+from workers import USER_AGENT
+from workers.client import TeacherClient
+from workers.retry import parse_retry_after
+
+ALL_FAULTS_BUT_STALL = FaultPlan(
+    rate_429=0.2, rate_500=0.2, rate_503=0.2, rate_reset=0.2, rate_truncated=0.2, seed=7
+)
+
+
+def body(prompt: str, model: str = "fault") -> dict[str, Any]:
+    return {"model": model, "prompt": prompt, "max_tokens": 3, "logprobs": 2}
+
+
+def make_spec(url: str, **teacher: Any) -> JobSpec:
+    return parse_job(
+        {
+            "input": "x.jsonl",
+            "teacher": {
+                "model": "fault",
+                "endpoints": [url],
+                "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
+                "timeout_s": 0.5,
+                "backoff_initial_s": 0.01,
+                "backoff_max_s": 0.05,
+                "max_attempts": 4,
+                **teacher,
+            },
+            "sampling": {"max_tokens": 4, "n": 2, "logprobs": 3, "seed": 3},
+            "concurrency": {"in_flight_per_endpoint": 256},
+        }
+    )
+
+
+def rows(count: int) -> list[PromptRow]:
+    """Half completions, half chat."""
+    return [
+        PromptRow(f"p{i}", f"x.jsonl:{i}", prompt=f"prompt {i}")
+        if i % 2
+        else PromptRow(f"p{i}", f"x.jsonl:{i}", messages=[{"role": "user", "content": f"chat {i}"}])
+        for i in range(count)
+    ]
+
+
+def key_of(row: PromptRow) -> str:
+    return row.prompt if row.messages is None else row.messages[-1]["content"]
+
+
+async def complete_all(spec: JobSpec, batch: list[PromptRow]) -> list[Completion]:
+    client = TeacherClient(spec, job_id="job-f", api_key="sekrit")
+    try:
+        return await asyncio.gather(*(client.complete(r) for r in batch))
+    finally:
+        await client.aclose()
+
+
+def post_attempts(server: FaultTeacherServer, keys: list[str], attempts: int) -> list[str]:
+    """Each key `attempts` times in order, over one keep-alive client; returns outcome names."""
+    with httpx.Client(timeout=2.0) as http:
+        for _ in range(attempts):
+            for key in keys:
+                try:
+                    http.post(f"{server.url}/completions", json=body(key))
+                except httpx.TransportError:
+                    pass
+    return [r.outcome for r in server.log]
+
+
+def test_models_health_and_unknown_model() -> None:
+    with FaultTeacherServer(model="fault") as server:
+        models = httpx.get(f"{server.url}/models").json()
+        assert models["data"] == [{"id": "fault", "root": "/fault"}]
+        assert httpx.get(server.url.removesuffix("/v1") + "/health").status_code == 200
+        resp = httpx.post(f"{server.url}/completions", json=body("hi", model="other"))
+        assert resp.status_code == 404
+        assert resp.json()["error"]["type"] == "NotFoundError"
+        assert resp.json()["error"]["code"] == 404
+        assert [r.outcome for r in server.log] == ["ok", "ok", "404"]
+
+
+@pytest.mark.parametrize("http_date", [False, True], ids=["delta", "http-date"])
+def test_429_sends_retry_after(http_date: bool) -> None:
+    plan = FaultPlan(rate_429=1.0, retry_after_s=2.0, retry_after_http_date=http_date)
+    with FaultTeacherServer(plan=plan) as server:
+        resp = httpx.post(f"{server.url}/completions", json=body("hi"))
+        (rec,) = server.log
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == 429
+    value = resp.headers["retry-after"]
+    assert rec.retry_after == value
+    if http_date:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+        assert rec.wall + 2.0 <= when < rec.wall + 3.0  # rounded up to a whole second
+        assert value.endswith(" GMT")
+    else:
+        assert value == "2"
+        assert parse_retry_after(value) == 2.0
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_server_errors(status: int) -> None:
+    with FaultTeacherServer(plan=FaultPlan(**{f"rate_{status}": 1.0})) as server:
+        resp = httpx.post(f"{server.url}/completions", json=body("hi"))
+    assert resp.status_code == status and resp.json()["error"]["code"] == status
+    assert "retry-after" not in resp.headers
+
+
+def test_reset_is_a_transport_error_then_recovers() -> None:
+    with FaultTeacherServer(plan=FaultPlan(rate_reset=1.0)) as server, httpx.Client() as http:
+        for _ in range(2):
+            with pytest.raises(httpx.TransportError) as info:
+                http.post(f"{server.url}/completions", json=body("hi"))
+            assert not isinstance(info.value, httpx.TimeoutException)
+        assert http.post(f"{server.url}/completions", json=body("hi")).status_code == 200
+        assert [(r.attempt, r.outcome) for r in server.log] == [
+            (1, "reset"),
+            (2, "reset"),
+            (3, "ok"),
+        ]
+
+
+def test_stall_times_out_and_shutdown_does_not_wait_for_it() -> None:
+    before = threading.active_count()
+    server = FaultTeacherServer(plan=FaultPlan(rate_stall=1.0, stall_s=30.0)).start()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/completions", json=body("hi"), timeout=0.2)
+    pending = socket.create_connection(("127.0.0.1", server.port))  # a second stall, left open
+    raw = orjson.dumps(body("other"))
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n\r\n"
+    pending.sendall(head.encode() + raw)
+    while len(server.log) < 2:
+        time.sleep(0.01)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 2.0
+    assert pending.recv(100) == b""  # closed without an answer
+    pending.close()
+    assert threading.active_count() == before
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+    assert [r.outcome for r in server.log] == ["stall", "stall"]
+
+
+def test_truncated_is_a_complete_200_with_cut_json() -> None:
+    with FaultTeacherServer(plan=FaultPlan(rate_truncated=1.0)) as server:
+        resp = httpx.post(f"{server.url}/completions", json=body("hi"))
+    assert resp.status_code == 200
+    assert int(resp.headers["content-length"]) == len(resp.content) > 10
+    assert resp.content.startswith(b'{"choices":')
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(resp.content)
+
+
+def test_always_400_on_every_attempt_for_prompts_and_chat() -> None:
+    plan = FaultPlan(always_400={"bad", "bad chat"}, rate_500=1.0)
+    chat = {"model": "fault", "max_tokens": 2, "logprobs": True, "top_logprobs": 2}
+    chat["messages"] = [{"role": "user", "content": "bad chat"}]
+    with FaultTeacherServer(plan=plan) as server, httpx.Client() as http:
+        for _ in range(5):
+            resp = http.post(f"{server.url}/completions", json=body("bad"))
+            assert resp.status_code == 400 and resp.json()["error"]["type"] == "BadRequestError"
+            assert http.post(f"{server.url}/chat/completions", json=chat).status_code == 400
+        assert [r.attempt for r in server.by_key()["bad chat"]] == [1, 2, 3, 4, 5]
+        assert {r.outcome for r in server.log} == {"400"}
+
+
+def test_deterministic_and_never_faulted_after_two_attempts() -> None:
+    keys = [f"k{i}" for i in range(40)]
+    runs = []
+    for plan in (ALL_FAULTS_BUT_STALL, ALL_FAULTS_BUT_STALL, FaultPlan(rate_500=0.5, seed=1)):
+        with FaultTeacherServer(plan=plan) as server:
+            runs.append(post_attempts(server, keys, attempts=4))
+            log = server.log
+        assert all(r.outcome == "ok" for r in log if r.attempt >= 3)
+    assert runs[0] == runs[1]
+    assert set(runs[0][: 2 * len(keys)]) == {"429", "500", "503", "reset", "truncated"}
+    assert 0 < runs[2].count("500") < 2 * len(keys)
+
+
+def test_set_plan_while_running() -> None:
+    with FaultTeacherServer(plan=FaultPlan(rate_503=1.0)) as server:
+        assert httpx.post(f"{server.url}/completions", json=body("a")).status_code == 503
+        server.set_plan(FaultPlan())
+        assert httpx.post(f"{server.url}/completions", json=body("a")).status_code == 200
+
+
+def test_client_completes_every_prompt_under_mixed_faults() -> None:
+    plan = FaultPlan(
+        rate_429=0.05, retry_after_s=0.05, rate_500=0.05, rate_503=0.05, rate_reset=0.05,
+        rate_stall=0.05, stall_s=5.0, rate_truncated=0.05, seed=11,
+    )  # fmt: skip
+    batch = rows(100)
+    with FaultTeacherServer(plan=plan) as server:
+        spec = make_spec(server.url)
+        done = asyncio.run(complete_all(spec, batch))
+        by_key = server.by_key()
+    assert all(len(c.samples) == 2 for c in done)
+    for row, comp in zip(batch, done, strict=True):
+        recs = by_key[key_of(row)]
+        assert [r.attempt for r in recs] == list(range(1, comp.attempts + 1))
+        assert recs[-1].outcome == "ok" and all(r.outcome != "ok" for r in recs[:-1])
+    faults = [r for recs in by_key.values() for r in recs if r.outcome != "ok"]
+    assert {r.outcome for r in faults} == {"429", "500", "503", "reset", "stall", "truncated"}
+    assert sum(c.attempts > 1 for c in done) >= 20
+    rec: Record = faults[0]
+    assert (rec.user_agent, rec.job_id, rec.authorization) == (USER_AGENT, "job-f", "Bearer sekrit")
+
+
+def test_client_waits_for_retry_after_between_attempts() -> None:
+    plan = FaultPlan(rate_429=1.0, retry_after_s=1.0, faulty_attempts=1)
+    batch = rows(6)
+    with FaultTeacherServer(plan=plan) as server:
+        done = asyncio.run(complete_all(make_spec(server.url), batch))
+        by_key = server.by_key()
+    assert [c.attempts for c in done] == [2] * len(batch)
+    for row in batch:
+        first, second = by_key[key_of(row)]
+        assert (first.outcome, first.retry_after, second.outcome) == ("429", "1", "ok")
+        assert second.t - first.t >= 1.0
+
+
+def test_latency_and_capacity_queue_requests() -> None:
+    async def fire(url: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            calls = (http.post(f"{url}/completions", json=body(f"q{i}")) for i in range(40))
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    with FaultTeacherServer(plan=FaultPlan(latency_s=0.05, capacity=4)) as server:
+        assert asyncio.run(fire(server.url)) == [200] * 40
+        log = server.log
+    assert max(r.busy for r in log) == 4
+    assert all(r.t_done is not None and r.t_served is not None for r in log)
+    assert max(r.t_done for r in log) - min(r.t for r in log) >= 0.5  # type: ignore[type-var]
+    assert all(r.t_done - r.t_served >= 0.05 for r in log)  # type: ignore[operator]

@@ -1,0 +1,87 @@
+"""Client-side rate limits (requests/s, tokens/min) that are never exceeded.
+
+Sliding windows, not token buckets: a bucket lets a full burst land right after a refill, so
+a one-second window could see up to twice the rate. Here any window of the configured length
+holds at most the limit. Windows are 5% longer than nominal so the server, which sees our
+requests a little later and with jitter, also never counts more than the limit.
+
+Plain asyncio; the scheduler runs one ``Limiter`` in a Ray actor that every worker shares, so
+the limits hold job-wide, not per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+
+from schemas.job import RateLimit
+
+MARGIN = 1.05
+
+
+class SlidingWindow:
+    """At most ``limit`` units in any ``window_s``-second window."""
+
+    def __init__(self, limit: float, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.events: deque[list[float]] = deque()  # [time, amount]; amount shrinks on settle
+        self.used = 0.0
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` more fits (0 if it fits now)."""
+        while self.events and self.events[0][0] <= now - self.window_s:
+            self.used -= self.events.popleft()[1]
+        # A single request larger than the limit may go once the window is empty.
+        if self.used + amount <= self.limit or not self.events:
+            return 0.0
+        return self.events[0][0] + self.window_s - now
+
+    def take(self, amount: float, now: float) -> list[float]:
+        event = [now, amount]
+        self.events.append(event)
+        self.used += amount
+        return event
+
+    def give_back(self, event: list[float], keep: float) -> None:
+        if keep < event[1]:
+            self.used -= event[1] - keep
+            event[1] = keep
+
+
+class Limiter:
+    """Both limits of a job; ``acquire`` before each request, ``settle`` with real tokens."""
+
+    def __init__(self, spec: RateLimit) -> None:
+        rps, tpm = spec.requests_per_s, spec.tokens_per_min
+        self.requests = SlidingWindow(rps, 1.0 * MARGIN) if rps else None
+        self.tokens = SlidingWindow(tpm, 60.0 * MARGIN) if tpm else None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count()
+        self._reserved: dict[int, list[float]] = {}
+
+    async def acquire(self, max_tokens: int) -> int:
+        """Wait until one more request reserving ``max_tokens`` fits both windows."""
+        async with self._lock:  # one waiter at a time: requests go in arrival order
+            while True:
+                now = time.monotonic()
+                wait = max(
+                    self.requests.wait_for(1, now) if self.requests else 0.0,
+                    self.tokens.wait_for(max_tokens, now) if self.tokens else 0.0,
+                )
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            handle = next(self._ids)
+            if self.requests:
+                self.requests.take(1, now)
+            if self.tokens:
+                self._reserved[handle] = self.tokens.take(max_tokens, now)
+            return handle
+
+    async def settle(self, handle: int, used_tokens: int) -> None:
+        """Give back the part of a reservation the answer did not use."""
+        event = self._reserved.pop(handle, None)
+        if event is not None and self.tokens is not None:
+            self.tokens.give_back(event, used_tokens)
