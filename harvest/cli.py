@@ -30,6 +30,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_provenance(args: argparse.Namespace) -> int:
+    from harvest.provenance import report
+
+    text, agreed = report(args.output)
+    print(text)
+    return EXIT_OK if agreed else EXIT_ABORTED
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return EXIT_OK
@@ -103,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a job file and print the resolved spec")
     val.add_argument("job")
     val.set_defaults(func=cmd_validate)
+    prov = sub.add_parser("provenance", help="print an output's provenance; check shards agree")
+    prov.add_argument("output", help="output folder of a harvest")
+    prov.set_defaults(func=cmd_provenance)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, InputError, ResumeRefused, PreflightError) as err:
+    except (SpecError, InputError, ResumeRefused, PreflightError, FileNotFoundError) as err:
         _error(str(err))
         return EXIT_BAD_JOB
     except KeyboardInterrupt:

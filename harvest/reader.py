@@ -1,7 +1,9 @@
-"""Read a harvest's output for training: only committed shards, as Arrow.
+"""Read harvest outputs for training: only committed shards, one teacher at a time.
 
 Training code can also point pyarrow / polars / ``datasets`` at ``OUT/data/*.parquet`` directly;
-going through the manifest additionally skips shards of units that were never committed.
+going through the reader additionally skips shards of units that were never committed, and
+refuses to mix outputs of different teachers or tokenizers (token ids would not mean the same
+thing) unless ``allow_mixed=True``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,43 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from harvest import manifest
+from harvest.provenance import teacher_identity
+from workers.writer import read_metadata
 
 
-def data_files(out_dir: str | Path, kind: str = "data") -> list[str]:
+class MixedTeachersError(ValueError):
+    """The shards come from different teachers, tokenizers or schema versions."""
+
+
+def data_files(out_dirs: str | Path | list[str | Path], kind: str = "data") -> list[str]:
     """Committed shard paths of ``kind`` ("data" or "failed"), in unit order."""
-    return [str(p) for p in manifest.load(Path(out_dir)).shard_paths(kind)]
+    dirs = out_dirs if isinstance(out_dirs, list) else [out_dirs]
+    return [str(p) for d in dirs for p in manifest.load(Path(d)).shard_paths(kind)]
 
 
-def dataset(out_dir: str | Path, kind: str = "data") -> ds.Dataset:
-    return ds.dataset(data_files(out_dir, kind), format="parquet")
+def check_same_teacher(files: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for path in files:
+        identity = repr(teacher_identity(read_metadata(path)))
+        seen.setdefault(identity, path)
+    if len(seen) > 1:
+        a, b = list(seen.values())[:2]
+        raise MixedTeachersError(
+            f"{a} and {b} come from different teachers or tokenizers; pass allow_mixed=True "
+            "only if your training code handles that"
+        )
 
 
-def read_table(out_dir: str | Path, kind: str = "data") -> pa.Table:
-    return dataset(out_dir, kind).to_table()
+def dataset(
+    out_dirs: str | Path | list[str | Path], kind: str = "data", *, allow_mixed: bool = False
+) -> ds.Dataset:
+    files = data_files(out_dirs, kind)
+    if not allow_mixed:
+        check_same_teacher(files)
+    return ds.dataset(files, format="parquet")
+
+
+def read_table(
+    out_dirs: str | Path | list[str | Path], kind: str = "data", *, allow_mixed: bool = False
+) -> pa.Table:
+    return dataset(out_dirs, kind, allow_mixed=allow_mixed).to_table()

@@ -1,0 +1,74 @@
+"""Where a harvest's records came from, read back from the shards themselves.
+
+Every shard carries its provenance in Parquet key-value metadata (see ``harvest.scheduler``).
+``harvest provenance OUT`` prints it and checks that all committed shards agree; the training
+reader uses ``teacher_identity`` to refuse mixing shards from different teachers or tokenizers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harvest import manifest
+from workers.writer import read_metadata
+
+# What must be identical across every shard of one output.
+AGREED = ("job_id", "schema_version", "teacher", "authorization", "sampling", "logprob_mode")
+
+
+def shard_metadata(out_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    m = manifest.load(Path(out_dir))
+    return [(p, read_metadata(p)) for kind in ("data", "failed") for p in m.shard_paths(kind)]
+
+
+def teacher_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of a shard's provenance that decides whether records can be mixed."""
+    return {"teacher": meta.get("teacher"), "schema_version": meta.get("schema_version")}
+
+
+def disagreements(shards: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    if not shards:
+        return []
+    first_path, first = shards[0]
+    out = []
+    for path, meta in shards[1:]:
+        for key in AGREED:
+            if meta.get(key) != first.get(key):
+                out.append(f"{path.name}: {key} differs from {first_path.name}")
+    return out
+
+
+def report(out_dir: str | Path) -> tuple[str, bool]:
+    """A readable provenance summary, and whether every shard agrees."""
+    shards = shard_metadata(out_dir)
+    if not shards:
+        return f"{out_dir}: no committed shards yet", True
+    meta = shards[0][1]
+    teacher, auth = meta.get("teacher") or {}, meta.get("authorization") or {}
+    kinds = [m.get("kind") for _, m in shards]
+    started = min(m.get("run_started_at", "") for _, m in shards)
+    written = max(m.get("written_at", "") for _, m in shards)
+    lines = [
+        f"output:          {out_dir}",
+        f"job:             {meta.get('job_id')} (schema v{meta.get('schema_version')}, "
+        f"teacher-harvest {', '.join(sorted({str(m.get('harvest_version')) for _, m in shards}))})",
+        f"teacher:         {teacher.get('model')} (loaded from {teacher.get('model_root')})",
+        f"tokenizer hash:  {teacher.get('tokenizer_hash') or 'unavailable'}",
+        f"chat template:   {teacher.get('chat_template_hash') or 'unavailable'}",
+        f"owner:           {auth.get('owner')}",
+        f"licence:         {auth.get('license')}",
+        f"attestation:     {auth.get('attestation')}",
+    ]
+    if auth.get("provider_agreement"):
+        lines.append(f"provider agreement: {auth['provider_agreement']}")
+    lines += [
+        f"sampling:        {meta.get('sampling')}",
+        f"logprobs:        {meta.get('logprob_mode')}",
+        f"shards:          {kinds.count('data')} data, {kinds.count('failed')} failed",
+        f"harvested:       {started} .. {written}",
+    ]
+    problems = disagreements(shards)
+    lines.append("agreement:       all shards agree" if not problems else "DISAGREEMENT:")
+    lines += [f"  {p}" for p in problems[:20]]
+    return "\n".join(lines), not problems
