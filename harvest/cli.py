@@ -30,6 +30,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from harvest.scheduler import JobAborted, retry_failed
+
+    out_dir = Path(args.output)
+    try:
+        summary = retry_failed(
+            out_dir, ray_address=args.ray_address, show_progress=not args.no_progress
+        )
+    except JobAborted as err:
+        _error(f"{err}. Committed shards are kept; rerun the same command to continue.")
+        return EXIT_ABORTED
+    return _finish(summary, out_dir, f"harvest retry-failed {out_dir}")
+
+
 def cmd_provenance(args: argparse.Namespace) -> int:
     from harvest.provenance import report
 
@@ -59,10 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JobAborted as err:
         _error(f"{err}. Committed shards are kept; rerun the same command to resume.")
         return EXIT_ABORTED
+    return _finish(summary, out_dir, f"harvest run {args.job} --output {out_dir}")
+
+
+def _finish(summary, out_dir: Path, resume: str) -> int:
     print(format_summary(summary))
     _write_summary(out_dir, summary)
     if summary.interrupted:
-        print(f"stopped early; resume with: harvest run {args.job} --output {out_dir}")
+        print(f"stopped early; resume with: {resume}")
         return EXIT_INTERRUPTED
     if summary.failure_rows:
         print(f"completed with failures: {summary.failure_rows} records in {out_dir}/failed/")
@@ -111,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a job file and print the resolved spec")
     val.add_argument("job")
     val.set_defaults(func=cmd_validate)
+    retry = sub.add_parser("retry-failed", help="re-send the prompts in an output's failure shards")
+    retry.add_argument("output", help="output folder of a harvest")
+    retry.add_argument("--ray-address", help="Ray cluster to join")
+    retry.add_argument("--no-progress", action="store_true", help="no progress bar")
+    retry.set_defaults(func=cmd_retry_failed)
     prov = sub.add_parser("provenance", help="print an output's provenance; check shards agree")
     prov.add_argument("output", help="output folder of a harvest")
     prov.set_defaults(func=cmd_provenance)

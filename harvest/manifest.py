@@ -19,10 +19,12 @@ from typing import Any
 
 import orjson
 
+from schemas.job import JobSpec
 from schemas.wire import UnitResult
 from workers.writer import TMP_PREFIX
 
 MANIFEST = "_manifest.jsonl"
+RETRY_SEP = ".retry"  # unit id of the k-th retry of unit U: f"U{RETRY_SEP}{k}"
 
 
 class ResumeRefused(ValueError):
@@ -41,7 +43,7 @@ class Manifest:
 
     @classmethod
     def open(
-        cls, out_dir: Path, *, spec_fp: str, input_fp: str, teacher: str, force_new: bool = False
+        cls, out_dir: Path, *, spec: JobSpec, input_fp: str, force_new: bool = False
     ) -> Manifest:
         """Resume the job in ``out_dir`` if it is the same job, or start a new one there."""
         path = out_dir / MANIFEST
@@ -56,7 +58,7 @@ class Manifest:
                 what
                 for what, key, now in (
                     ("the input files' content", "input_fingerprint", input_fp),
-                    ("the teacher or sampling spec", "spec_fingerprint", spec_fp),
+                    ("the teacher or sampling spec", "spec_fingerprint", spec.fingerprint()),
                 )
                 if header.get(key) != now
             ]
@@ -70,9 +72,10 @@ class Manifest:
             header = {
                 "kind": "job",
                 "job_id": uuid.uuid4().hex[:12],
-                "spec_fingerprint": spec_fp,
+                "spec_fingerprint": spec.fingerprint(),
                 "input_fingerprint": input_fp,
-                "teacher": teacher,
+                "teacher": spec.teacher.model,
+                "spec": spec.model_dump(mode="json"),  # holds no secrets: keys live in the env
                 "created": time.time(),
             }
             _append(path, header)
@@ -93,17 +96,49 @@ class Manifest:
             self.header = {**self.header, "teacher_identity": identity}
             _append(self.out_dir / MANIFEST, self.header)
 
-    def commit(self, result: UnitResult) -> None:
-        record = {"kind": "unit", **asdict(result)}
+    def _relative(self, record: dict[str, Any]) -> dict[str, Any]:
         for key in ("data_path", "failed_path"):
             if record[key]:
                 record[key] = os.path.relpath(record[key], self.out_dir)
+        return record
+
+    def commit(self, result: UnitResult) -> None:
+        record = self._relative({"kind": "unit", **asdict(result)})
         _append(self.out_dir / MANIFEST, record)
         self.units[result.unit_id] = record
 
+    def retries(self, unit_id: str) -> int:
+        return len(self.units[unit_id].get("retry_data_paths", []))
+
+    def commit_retry(self, result: UnitResult) -> None:
+        """Record a retry of a unit's failed prompts: its data shard joins the unit's, and its
+        failure shard replaces the unit's (the old one is deleted once this line is on disk)."""
+        unit_id = result.unit_id.split(RETRY_SEP)[0]
+        before = self.units[unit_id]
+        new = self._relative(asdict(result))
+        record = {
+            **before,
+            "retry_data_paths": [*before.get("retry_data_paths", []), new["data_path"]],
+            "failed_path": new["failed_path"],
+            "failed_sha256": new["failed_sha256"],
+            "retry_sha256s": [*before.get("retry_sha256s", []), new["data_sha256"]],
+            "data_rows": before["data_rows"] + result.data_rows,
+            "failure_rows": result.failure_rows,
+            "completion_tokens": before["completion_tokens"] + result.completion_tokens,
+        }
+        _append(self.out_dir / MANIFEST, record)
+        self.units[unit_id] = record
+        if before.get("failed_path") and before["failed_path"] != record["failed_path"]:
+            (self.out_dir / before["failed_path"]).unlink(missing_ok=True)
+
     def shard_paths(self, kind: str = "data") -> list[Path]:
-        key = f"{kind}_path"
-        return sorted(self.out_dir / u[key] for u in self.units.values() if u.get(key))
+        paths = []
+        for u in self.units.values():
+            if u.get(f"{kind}_path"):
+                paths.append(u[f"{kind}_path"])
+            if kind == "data":
+                paths.extend(u.get("retry_data_paths", []))
+        return sorted(self.out_dir / p for p in paths)
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

@@ -1,16 +1,13 @@
 """The driver's scheduler: fan work units out to harvest actors and commit their shards.
 
-Memory stays flat however large the input: units are generated lazily from the input files and
-at most ``2 x workers`` are in flight. The driver alone writes the manifest, after a unit's
-shards are on disk, so a crash at any point leaves a folder that ``harvest run`` resumes.
-A worker that dies mid-unit has its unit re-run by a fresh actor; the shard names are the unit's,
-so the re-run overwrites and never duplicates.
+Units are generated lazily from the input files (``harvest.pool`` bounds how many are in
+flight). The driver alone writes the manifest, after a unit's shards are on disk, so a crash at
+any point leaves a folder that ``harvest run`` resumes without duplicates.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,10 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
-from ray.exceptions import RayActorError, RayTaskError
 
-from harvest.manifest import Manifest
+from harvest.manifest import RETRY_SEP, Manifest
+from harvest.manifest import load as load_manifest
+from harvest.pool import JobAborted, Pool, dispatch
 from harvest.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.progress import Progress
 from harvest.sources import iter_units, scan
@@ -30,14 +29,9 @@ from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
-from workers.actor import HarvestActor, RateLimiterActor, RemoteLimiter
-from workers.errors import FatalError
+from workers.actor import RateLimiterActor, RemoteLimiter
 
-UNIT_CRASH_LIMIT = 3  # a unit that kills this many workers is a bug to report, not retry forever
-
-
-class JobAborted(RuntimeError):
-    """The job stopped early; committed shards are kept and ``harvest run`` resumes."""
+__all__ = ["JobAborted", "Summary", "retry_failed", "run_job"]
 
 
 @dataclass
@@ -98,45 +92,32 @@ def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, A
     }
 
 
-class _Pool:
-    """Harvest actors and the units in flight on each; replaces actors that die."""
+def _start(
+    spec: JobSpec, manifest: Manifest, out_dir: Path, ray_address: str | None
+) -> dict[str, Any]:
+    """Join Ray, check the teacher, and build the harvest actors' arguments."""
+    api_key = read_api_key(spec)
+    init_ray(ray_address)
+    limiter = None
+    if spec.teacher.rate_limit.requests_per_s or spec.teacher.rate_limit.tokens_per_min:
+        limiter = RateLimiterActor.remote(spec.teacher.rate_limit.model_dump_json())
+    teacher = check_teacher(
+        spec, api_key, manifest.job_id, RemoteLimiter(limiter) if limiter is not None else None
+    )
+    manifest.check_teacher(teacher.identity())
+    workers = spec.concurrency.workers
+    return {
+        "job_id": manifest.job_id,
+        "out_dir": str(out_dir.resolve()),
+        "shard_meta": _shard_meta(spec, manifest.job_id, teacher),
+        "cap_per_endpoint": -(-spec.concurrency.in_flight_per_endpoint // workers),
+        "api_key": api_key,
+        "limiter": limiter,
+    }
 
-    def __init__(self, spec: JobSpec, kwargs: dict[str, Any]) -> None:
-        self.spec, self.kwargs = spec, kwargs
-        self.actors = [self._new() for _ in range(spec.concurrency.workers)]
-        self.load = dict.fromkeys(range(len(self.actors)), 0)
-        self.in_flight: dict[ray.ObjectRef, tuple[int, WorkUnit]] = {}
-        self.crashes: Counter[str] = Counter()
-        self.restarts = 0
 
-    def _new(self) -> ray.actor.ActorHandle:
-        cpus = self.spec.concurrency.worker_cpus
-        return HarvestActor.options(num_cpus=cpus, max_concurrency=1000).remote(
-            self.spec.model_dump_json(), **self.kwargs
-        )
-
-    def submit(self, unit: WorkUnit) -> None:
-        slot = min(self.load, key=self.load.__getitem__)
-        self.load[slot] += 1
-        self.in_flight[self.actors[slot].run_unit.remote(unit)] = (slot, unit)
-
-    def finish(self, ref: ray.ObjectRef) -> tuple[int, WorkUnit]:
-        slot, unit = self.in_flight.pop(ref)
-        self.load[slot] -= 1
-        return slot, unit
-
-    def replace(self, slot: int) -> None:
-        self.actors[slot] = self._new()
-        self.restarts += 1
-
-    def stats(self) -> Counter[str]:
-        total: Counter[str] = Counter()
-        try:
-            for s in ray.get([a.stats.remote() for a in self.actors], timeout=5):
-                total.update(s)
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            pass  # a dying actor: its unit is re-run; progress catches up next poll
-        return total
+def _units_per_shard(spec: JobSpec) -> int:
+    return max(1, spec.output.rows_per_shard // spec.sampling.n)
 
 
 def run_job(
@@ -153,20 +134,11 @@ def run_job(
     inputs = scan(spec)
     manifest = Manifest.open(
         out_dir,
-        spec_fp=spec.fingerprint(),
+        spec=spec,
         input_fp=inputs.fingerprint,
-        teacher=spec.teacher.model,
         force_new=force_new,
     )
-    api_key = read_api_key(spec)
-    init_ray(ray_address)
-    limiter = None
-    if spec.teacher.rate_limit.requests_per_s or spec.teacher.rate_limit.tokens_per_min:
-        limiter = RateLimiterActor.remote(spec.teacher.rate_limit.model_dump_json())
-    teacher = check_teacher(
-        spec, api_key, manifest.job_id, RemoteLimiter(limiter) if limiter is not None else None
-    )
-    manifest.check_teacher(teacher.identity())
+    actor_kwargs = _start(spec, manifest, out_dir, ray_address)
     summary = Summary(str(out_dir), manifest.job_id, prompts=inputs.rows)
     done_before = 0
     for unit in manifest.units.values():
@@ -176,106 +148,70 @@ def run_job(
     summary.error_classes.clear()
     summary.retries = 0  # per-run counters; rows and tokens above are cumulative
 
-    per_unit = max(1, spec.output.rows_per_shard // spec.sampling.n)
     units: Iterator[WorkUnit] = (
-        u for u in iter_units(inputs.files, spec, per_unit) if u.unit_id not in manifest.units
+        u
+        for u in iter_units(inputs.files, spec, _units_per_shard(spec))
+        if u.unit_id not in manifest.units
     )
-    workers = spec.concurrency.workers
-    pool = _Pool(
-        spec,
-        {
-            "job_id": manifest.job_id,
-            "out_dir": str(out_dir.resolve()),
-            "shard_meta": _shard_meta(spec, manifest.job_id, teacher),
-            "cap_per_endpoint": -(-spec.concurrency.in_flight_per_endpoint // workers),
-            "api_key": api_key,
-            "limiter": limiter,
-        },
-    )
+    pool = Pool(spec, actor_kwargs)
+
+    def commit(result: UnitResult) -> None:
+        manifest.commit(result)
+        summary.add(result)
+
     progress = Progress(inputs.rows, done_before, enabled=show_progress)
-    stopping = _StopFlag()
-    committed_this_run = 0
-    try:
-        with stopping:
-            exhausted = False
-            stop_at: float | None = None
-            while True:
-                if stopping.requested and stop_at is None:
-                    stop_at = time.monotonic() + stop_deadline_s
-                    summary.interrupted = True
-                    progress.note("stopping: finishing units in flight, then exiting")
-                while (
-                    not exhausted and not stopping.requested and len(pool.in_flight) < 2 * workers
-                ):
-                    unit = next(units, None)
-                    if unit is None:
-                        exhausted = True
-                    else:
-                        pool.submit(unit)
-                if not pool.in_flight:
-                    break
-                if stop_at is not None and time.monotonic() > stop_at:
-                    break
-                ready, _ = ray.wait(list(pool.in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    slot, unit = pool.finish(ref)
-                    try:
-                        result: UnitResult = ray.get(ref)
-                    except RayActorError:
-                        pool.crashes[unit.unit_id] += 1
-                        if pool.crashes[unit.unit_id] >= UNIT_CRASH_LIMIT:
-                            raise JobAborted(
-                                f"unit {unit.unit_id} crashed {UNIT_CRASH_LIMIT} workers"
-                            ) from None
-                        pool.replace(slot)
-                        pool.submit(unit)
-                        continue
-                    manifest.commit(result)
-                    summary.add(result)
-                    committed_this_run += result.prompts
-                live = pool.stats()
-                progress.update(
-                    done=done_before + committed_this_run,
-                    in_unit=live["prompts"] - committed_this_run,
-                    tokens=live["completion_tokens"],
-                    failures=live["failed_prompts"],
-                )
-    except FatalError as err:
-        raise JobAborted(f"teacher error stopped the job: {err}") from None
-    except RayTaskError as err:
-        raise JobAborted(f"a worker failed: {err.cause!r}") from None
-    finally:
-        progress.close()
-        for ref in list(pool.in_flight):
-            ray.cancel(ref, force=False)
-        for actor in pool.actors:
-            ray.kill(actor)
-    summary.prompts_this_run = committed_this_run
+    summary.prompts_this_run, summary.interrupted = dispatch(
+        pool, units, commit, progress, done_before=done_before, stop_deadline_s=stop_deadline_s
+    )
     summary.worker_restarts = pool.restarts
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-class _StopFlag:
-    """Turn the first SIGINT/SIGTERM into a graceful stop; a second one interrupts at once."""
+def retry_failed(
+    out_dir: Path,
+    *,
+    ray_address: str | None = None,
+    show_progress: bool = True,
+    stop_deadline_s: float = 60.0,
+) -> Summary:
+    """Re-send the prompts of ``out_dir``'s failure shards; recovered rows join the data."""
+    started = time.monotonic()
+    old = load_manifest(out_dir)
+    spec = JobSpec.model_validate(old.header["spec"])
+    inputs = scan(spec)
+    manifest = Manifest.open(out_dir, spec=spec, input_fp=inputs.fingerprint)
+    failed = {
+        uid: set(
+            pq.read_table(out_dir / u["failed_path"], columns=["prompt_id"])[
+                "prompt_id"
+            ].to_pylist()
+        )
+        for uid, u in manifest.units.items()
+        if u.get("failed_path")
+    }
+    retry_units = [
+        WorkUnit(
+            f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
+            [row for row in u.rows if row.prompt_id in failed[u.unit_id]],
+        )
+        for u in iter_units(inputs.files, spec, _units_per_shard(spec))
+        if u.unit_id in failed
+    ]
+    total = sum(len(u.rows) for u in retry_units)
+    summary = Summary(str(out_dir), manifest.job_id, prompts=total)
+    if not retry_units:
+        return summary
+    pool = Pool(spec, _start(spec, manifest, out_dir, ray_address))
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
+    def commit(result: UnitResult) -> None:
+        manifest.commit_retry(result)
+        summary.add(result)
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test runner thread)
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    progress = Progress(total, 0, enabled=show_progress)
+    summary.prompts_this_run, summary.interrupted = dispatch(
+        pool, iter(retry_units), commit, progress, done_before=0, stop_deadline_s=stop_deadline_s
+    )
+    summary.worker_restarts = pool.restarts
+    summary.elapsed_s = time.monotonic() - started
+    return summary

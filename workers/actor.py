@@ -6,6 +6,7 @@ loop and share the client's connection pool and per-endpoint caps.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ class HarvestActor:
     async def stats(self) -> dict[str, int]:
         """Counters since the actor started: prompts done, tokens, failures, retries."""
         return {**self.progress, **self.client.counters}
+
+    async def pid(self) -> int:
+        """This worker's process id (for operators and fault-injection tests)."""
+        return os.getpid()
 
     async def close(self) -> None:
         await self.client.aclose()

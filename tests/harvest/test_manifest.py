@@ -8,14 +8,33 @@ import orjson
 import pytest
 
 from harvest.manifest import MANIFEST, Manifest, ResumeRefused, load
+from schemas.job import JobSpec, parse_job
 from schemas.wire import UnitResult
 from workers.writer import TMP_PREFIX
 
-FPS = {"spec_fp": "spec-1", "input_fp": "input-1", "teacher": "tiny"}
+
+def _spec(temperature: float) -> JobSpec:
+    return parse_job(
+        {
+            "input": "x.jsonl",
+            "teacher": {
+                "model": "tiny",
+                "endpoints": ["http://127.0.0.1:8000"],
+                "authorization": {"owner": "o", "license": "l", "attestation": "a"},
+            },
+            "sampling": {"temperature": temperature},
+        }
+    )
 
 
-def open_(out: Path, **over: object) -> Manifest:
-    return Manifest.open(out, **{**FPS, **over})  # type: ignore[arg-type]
+# Named specs with different fingerprints (they differ in sampling).
+SPECS = {"spec-1": _spec(1.0), "spec-2": _spec(0.5), "y": _spec(0.25)}
+
+
+def open_(
+    out: Path, spec_fp: str = "spec-1", input_fp: str = "input-1", force_new: bool = False
+) -> Manifest:
+    return Manifest.open(out, spec=SPECS[spec_fp], input_fp=input_fp, force_new=force_new)
 
 
 def result(out: Path, unit_id: str = "a_jsonl-1234abcd-000000", failed: bool = True) -> UnitResult:
@@ -49,10 +68,11 @@ def test_open_new_writes_header(tmp_path: Path) -> None:
     assert header["kind"] == "job"
     assert header["job_id"] == m.job_id
     assert (header["spec_fingerprint"], header["input_fingerprint"], header["teacher"]) == (
-        "spec-1",
+        SPECS["spec-1"].fingerprint(),
         "input-1",
         "tiny",
     )
+    assert JobSpec.model_validate(header["spec"]) == SPECS["spec-1"]  # retry-failed reads it
     assert isinstance(header["created"], float)
 
 

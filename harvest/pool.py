@@ -1,0 +1,163 @@
+"""The actor pool and the dispatch loop shared by `harvest run` and `harvest retry-failed`.
+
+At most ``2 x workers`` units are in flight, so driver memory stays flat however large the input.
+A worker that dies mid-unit is replaced and its unit re-run by the new actor; the shard names are
+the unit's, so a re-run overwrites and the manifest still commits the unit once.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from harvest.progress import Progress
+from schemas.job import JobSpec
+from schemas.wire import UnitResult, WorkUnit
+from workers.actor import HarvestActor
+from workers.errors import FatalError
+
+UNIT_CRASH_LIMIT = 3  # a unit that kills this many workers is a bug to report, not retry forever
+
+
+class JobAborted(RuntimeError):
+    """The job stopped early; committed shards are kept and ``harvest run`` resumes."""
+
+
+class Pool:
+    """Harvest actors and the units in flight on each; replaces actors that die."""
+
+    def __init__(self, spec: JobSpec, actor_kwargs: dict[str, Any]) -> None:
+        self.spec, self.kwargs = spec, actor_kwargs
+        self.actors = [self._new() for _ in range(spec.concurrency.workers)]
+        self.load = [0] * len(self.actors)
+        self.in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, WorkUnit]] = {}
+        self.crashes: Counter[str] = Counter()
+        self.restarts = 0
+
+    def _new(self) -> ray.actor.ActorHandle:
+        cpus = self.spec.concurrency.worker_cpus
+        return HarvestActor.options(num_cpus=cpus, max_concurrency=1000).remote(
+            self.spec.model_dump_json(), **self.kwargs
+        )
+
+    def submit(self, unit: WorkUnit) -> None:
+        slot = min(range(len(self.actors)), key=self.load.__getitem__)
+        self.load[slot] += 1
+        actor = self.actors[slot]
+        self.in_flight[actor.run_unit.remote(unit)] = (slot, actor, unit)
+
+    def crashed(self, slot: int, actor: ray.actor.ActorHandle, unit: WorkUnit) -> None:
+        """Re-run ``unit`` on a fresh actor (one replacement per dead actor, not per unit)."""
+        self.crashes[unit.unit_id] += 1
+        if self.crashes[unit.unit_id] >= UNIT_CRASH_LIMIT:
+            raise JobAborted(f"unit {unit.unit_id} crashed {UNIT_CRASH_LIMIT} workers")
+        if self.actors[slot] is actor:
+            self.actors[slot] = self._new()
+            self.restarts += 1
+        self.submit(unit)
+
+    def stats(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        try:
+            for s in ray.get([a.stats.remote() for a in self.actors], timeout=5):
+                total.update(s)
+        except (RayActorError, GetTimeoutError):
+            pass  # a dying actor: its unit is re-run; progress catches up next poll
+        return total
+
+    def shutdown(self) -> None:
+        for ref in list(self.in_flight):
+            ray.cancel(ref, force=False)
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def dispatch(
+    pool: Pool,
+    units: Iterator[WorkUnit],
+    commit: Callable[[UnitResult], None],
+    progress: Progress,
+    *,
+    done_before: int,
+    stop_deadline_s: float,
+) -> tuple[int, bool]:
+    """Run ``units`` through ``pool``, committing each result; return (prompts, interrupted)."""
+    stopping = StopFlag()
+    committed = 0
+    exhausted = False
+    stop_at: float | None = None
+    try:
+        with stopping:
+            while True:
+                if stopping.requested and stop_at is None:
+                    stop_at = time.monotonic() + stop_deadline_s
+                    progress.note("stopping: finishing the units in flight (Ctrl-C again: now)")
+                while (
+                    not exhausted
+                    and not stopping.requested
+                    and (len(pool.in_flight) < 2 * len(pool.actors))
+                ):
+                    unit = next(units, None)
+                    if unit is None:
+                        exhausted = True
+                    else:
+                        pool.submit(unit)
+                if not pool.in_flight or (stop_at is not None and time.monotonic() > stop_at):
+                    break
+                ready, _ = ray.wait(list(pool.in_flight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    slot, actor, unit = pool.in_flight.pop(ref)
+                    pool.load[slot] -= 1
+                    try:
+                        result: UnitResult = ray.get(ref)
+                    except RayActorError:
+                        pool.crashed(slot, actor, unit)
+                        continue
+                    commit(result)
+                    committed += result.prompts
+                live = pool.stats()
+                progress.update(
+                    done=done_before + committed,
+                    in_unit=live["prompts"] - committed,
+                    tokens=live["completion_tokens"],
+                    failures=live["failed_prompts"],
+                )
+    except FatalError as err:
+        raise JobAborted(f"teacher error stopped the job: {err}") from None
+    except RayTaskError as err:
+        raise JobAborted(f"a worker failed: {err.cause!r}") from None
+    finally:
+        progress.close()
+        pool.shutdown()
+    return committed, stopping.requested
+
+
+class StopFlag:
+    """Turn the first SIGINT/SIGTERM into a graceful stop; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test runner thread)
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
