@@ -38,14 +38,14 @@ def make_spec(url: str, **teacher: Any) -> JobSpec:
                 "model": "fault",
                 "endpoints": [url],
                 "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
-                "timeout_s": 0.5,
+                "timeout_s": 1.0,
                 "backoff_initial_s": 0.01,
                 "backoff_max_s": 0.05,
                 "max_attempts": 4,
                 **teacher,
             },
             "sampling": {"max_tokens": 4, "n": 2, "logprobs": 3, "seed": 3},
-            "concurrency": {"in_flight_per_endpoint": 256},
+            "concurrency": {"in_flight_per_endpoint": 16},
         }
     )
 
@@ -137,7 +137,6 @@ def test_reset_is_a_transport_error_then_recovers() -> None:
 
 
 def test_stall_times_out_and_shutdown_does_not_wait_for_it() -> None:
-    before = threading.active_count()
     server = FaultTeacherServer(plan=FaultPlan(rate_stall=1.0, stall_s=30.0)).start()
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/completions", json=body("hi"), timeout=0.2)
@@ -145,14 +144,15 @@ def test_stall_times_out_and_shutdown_does_not_wait_for_it() -> None:
     raw = orjson.dumps(body("other"))
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n\r\n"
     pending.sendall(head.encode() + raw)
-    while len(server.log) < 2:
+    deadline = time.monotonic() + 5
+    while len(server.log) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 2.0
     assert pending.recv(100) == b""  # closed without an answer
     pending.close()
-    assert threading.active_count() == before
+    assert not any(t.name == "fault-teacher" for t in threading.enumerate())
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
     assert [r.outcome for r in server.log] == ["stall", "stall"]

@@ -8,6 +8,7 @@ job id, and never hides who is asking.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Any, Protocol
@@ -105,12 +106,16 @@ class TeacherClient:
 
     async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> Any:
         try:
-            resp = await self._http.post(
-                endpoint + path,
-                content=orjson.dumps(body),
-                headers={"Content-Type": "application/json"},
-            )
-        except httpx.TimeoutException as err:
+            # httpx's timeouts are per read; this bounds the whole request, so a server that
+            # trickles bytes cannot hold a slot forever. Closing the connection on timeout is
+            # what makes vLLM abort the abandoned generation.
+            async with asyncio.timeout(self.spec.teacher.timeout_s):
+                resp = await self._http.post(
+                    endpoint + path,
+                    content=orjson.dumps(body),
+                    headers={"Content-Type": "application/json"},
+                )
+        except (httpx.TimeoutException, TimeoutError) as err:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
         except httpx.TransportError as err:
             raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
@@ -139,22 +144,25 @@ class TeacherClient:
                 if attempts > 1:
                     self.counters["retries"] += 1
                 permit = await self.limiter.acquire(reserve) if self.limiter else None
-                used = 0
-                async with self.router.acquire() as endpoint:
-                    try:
-                        answer = await self._post(endpoint, path, body)
-                        samples, prompt_tokens = parse(answer, self.k)
-                        if len(samples) != body["n"]:
-                            raise InvalidResponse(f"asked for n={body['n']}, got {len(samples)}")
-                        used = sum(len(s.token_ids) for s in samples)
-                    except HarvestError as err:
-                        err.endpoint = endpoint
-                        err.attempts = attempts  # type: ignore[attr-defined]
-                        self.counters[type(err).__name__] += 1
-                        raise
-                    finally:
-                        if permit is not None:
-                            await self.limiter.settle(permit, used)
+                used = reserve  # a failed attempt may still have cost the teacher tokens
+                try:
+                    async with self.router.acquire() as endpoint:
+                        try:
+                            answer = await self._post(endpoint, path, body)
+                            samples, prompt_tokens = parse(answer, self.k)
+                            if len(samples) != body["n"]:
+                                raise InvalidResponse(
+                                    f"asked for n={body['n']}, got {len(samples)}"
+                                )
+                            used = sum(len(s.token_ids) for s in samples)
+                        except HarvestError as err:
+                            err.endpoint = endpoint
+                            err.attempts = attempts  # type: ignore[attr-defined]
+                            self.counters[type(err).__name__] += 1
+                            raise
+                finally:  # also on cancellation: a permit is never leaked
+                    if permit is not None:
+                        await self.limiter.settle(permit, used)
         return Completion(
             samples=samples,
             prompt_tokens=prompt_tokens,

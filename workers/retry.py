@@ -1,13 +1,15 @@
 """The one retry policy, built from the job spec with tenacity.
 
 Retryable errors (see ``workers.errors``) are retried with full-jitter exponential backoff,
-capped in attempts and in total time per request. When the teacher sends ``Retry-After``, we wait
+capped in attempts and in total time per request (a wait that would cross the time budget ends
+the request instead). When the teacher sends ``Retry-After``, we wait
 at least that long: the server's word beats our backoff, never the other way round.
 """
 
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 
 from tenacity import (
@@ -15,7 +17,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -29,9 +31,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "inf" or "nan" is no number of seconds; treat as "too long to wait"
+        return max(0.0, seconds) if math.isfinite(seconds) else math.inf
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -58,7 +62,9 @@ def build_retrying(spec: TeacherSpec) -> AsyncRetrying:
     """A fresh tenacity controller per request (it holds that request's attempt state)."""
     return AsyncRetrying(
         retry=retry_if_exception_type(RetryableError),
-        stop=stop_after_attempt(spec.max_attempts) | stop_after_delay(spec.max_request_time_s),
+        # stop_before_delay: give up rather than sleep past the request's time budget (a
+        # Retry-After longer than the budget ends the request as a failure, never early).
+        stop=stop_after_attempt(spec.max_attempts) | stop_before_delay(spec.max_request_time_s),
         wait=_WaitHonouringRetryAfter(spec.backoff_initial_s, spec.backoff_max_s),
         reraise=True,
     )

@@ -182,3 +182,25 @@ def test_rate_limited_is_retryable_subclass():
     with pytest.raises(RateLimited):
         run(complete(fake, PROMPT))
     assert len(fake.calls) == 4
+
+
+def test_retry_after_beyond_the_time_budget_ends_the_request_unsent():
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(429, headers={"Retry-After": "30"}))
+    with pytest.raises(RateLimited) as info:
+        run(complete(fake, PROMPT, max_request_time_s=1.0))
+    assert len(fake.calls) == 1 and info.value.retry_after == 30.0
+
+
+def test_retry_after_forms():
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from workers.retry import parse_retry_after
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    date = format_datetime(now + timedelta(seconds=7), usegmt=True)
+    assert parse_retry_after(date, now=now.timestamp()) == pytest.approx(7.0)
+    assert parse_retry_after("2.5") == 2.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("inf") == float("inf")
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
