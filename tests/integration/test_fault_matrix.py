@@ -1,0 +1,132 @@
+"""The fault matrix: 2,000 prompts through a teacher that misbehaves in every way we know.
+
+The teacher is tests/fault_teacher_server.py (a real HTTP server on 127.0.0.1) and the harvest
+runs on the session's real Ray cluster. Every prompt must end in exactly one place, the
+always-bad prompts must be exactly the failures, and every Retry-After must have been honoured,
+judged from the server's own arrival timestamps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+
+import pytest
+import yaml
+from fault_teacher_server import FaultPlan, FaultTeacherServer
+
+from harvest import reader
+from harvest.cli import main
+
+pytestmark = pytest.mark.integration
+
+N = 2
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most events inside any half-open window of ``window`` seconds."""
+    times, best, start = sorted(times), 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def write(folder, url, prompts, **extra_teacher):
+    with open(folder / "prompts.jsonl", "w") as fh:
+        for i, text in enumerate(prompts):
+            row = {"prompt": text} if i % 4 else {"messages": [{"role": "user", "content": text}]}
+            fh.write(json.dumps({"id": f"p{i}", **row}) + "\n")
+    job = {
+        "input": "prompts.jsonl",
+        "teacher": {
+            "model": "fault",
+            "endpoints": [url],
+            "authorization": {"owner": "tests", "license": "test", "attestation": "fault server"},
+            "timeout_s": 1.0,
+            "max_attempts": 6,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.5,
+            **extra_teacher,
+        },
+        "sampling": {"max_tokens": 4, "n": N, "logprobs": 3},
+        "output": {"dir": "out", "rows_per_shard": 200},
+        "concurrency": {"workers": 2, "in_flight_per_endpoint": 16, "worker_cpus": 0.25},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    return folder / "job.yaml"
+
+
+def test_fault_matrix(tmp_path, ray_cluster, capsys):
+    prompts = [f"prompt number {i}" for i in range(2000)]
+    bad = set(prompts[7::100])  # 20 prompts the teacher always rejects
+    plan = FaultPlan(
+        rate_429=0.10,
+        retry_after_s=1.0,
+        rate_503=0.05,
+        rate_reset=0.02,
+        rate_stall=0.01,
+        stall_s=3.0,
+        rate_truncated=0.01,
+        always_400=bad,
+        seed=7,
+    )
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = write(tmp_path, server.url, prompts)
+        code = main(["run", str(job), "--no-progress"])
+        log = server.log
+    out = capsys.readouterr().out
+    assert code == 3 and "completed with failures" in out
+
+    data = reader.read_table(tmp_path / "out")
+    failed = reader.read_table(tmp_path / "out", "failed")
+    assert data.num_rows + failed.num_rows == len(prompts) * N
+    ids = data["request_id"].to_pylist() + failed["request_id"].to_pylist()
+    assert len(set(ids)) == len(ids)
+    bad_ids = {f"p{i}" for i, text in enumerate(prompts) if text in bad}
+    assert set(failed["prompt_id"].to_pylist()) == bad_ids
+    assert set(failed["error_class"].to_pylist()) == {"BadRequest"}
+    assert set(failed["http_status"].to_pylist()) == {400}
+
+    outcomes = Counter(r.outcome for r in log)
+    for kind in ("429", "503", "reset", "stall", "truncated", "400"):
+        assert outcomes[kind] > 0, f"the plan injected no {kind}"
+    waits = 0
+    by_key: dict[str, list] = {}
+    for r in sorted((r for r in log if r.path.endswith("completions")), key=lambda r: r.t):
+        by_key.setdefault(r.key, []).append(r)
+    for records in by_key.values():
+        for prev, nxt in itertools.pairwise(records):
+            if prev.outcome == "429":
+                waits += 1
+                assert nxt.t - prev.t >= float(prev.retry_after), (prev, nxt)
+    assert waits == outcomes["429"]  # every 429 was followed by a retry, and each one waited
+    assert max(r.attempt for r in log if r.key not in bad) <= 3  # recovered within the policy
+
+
+def test_retry_after_two_seconds_is_honoured(tmp_path, ray_cluster):
+    plan = FaultPlan(rate_429=1.0, retry_after_s=2.0, faulty_attempts=1)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = write(tmp_path, server.url, [f"q{i}" for i in range(20)])
+        assert main(["run", str(job), "--no-progress"]) == 0
+        log = server.log
+    posts = [r for r in log if r.path.endswith("completions")]
+    for key in {r.key for r in posts}:
+        first, second, *rest = sorted((r for r in posts if r.key == key), key=lambda r: r.t)
+        assert first.outcome == "429" and first.retry_after == "2"
+        assert second.t - first.t >= 2.0 and not rest
+
+
+def test_rate_limit_never_exceeded(tmp_path, ray_cluster):
+    """20 s at 10 requests/s job-wide, shared by two workers: no 1 s window ever holds 11."""
+    with FaultTeacherServer(model="fault", plan=FaultPlan()) as server:
+        job = write(
+            tmp_path, server.url, [f"r{i}" for i in range(200)], rate_limit={"requests_per_s": 10}
+        )
+        assert main(["run", str(job), "--no-progress"]) == 0
+        arrivals = [r.t for r in server.log if r.path.endswith("completions")]
+    assert len(arrivals) == 200 + 1  # the preflight probe counts against the limit too
+    assert arrivals[-1] - arrivals[0] >= 19.0
+    assert max_in_window(arrivals, 1.0) <= 10
