@@ -31,14 +31,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from harvest.scheduler import JobAborted, retry_failed
+    from harvest.scheduler import JobAborted, ReplicaError, retry_failed
 
     out_dir = Path(args.output)
     try:
         summary = retry_failed(
             out_dir, ray_address=args.ray_address, show_progress=not args.no_progress
         )
-    except JobAborted as err:
+    except (JobAborted, ReplicaError) as err:
         _error(f"{err}. Committed shards are kept; rerun the same command to continue.")
         return EXIT_ABORTED
     return _finish(summary, out_dir, f"harvest retry-failed {out_dir}")
@@ -58,7 +58,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harvest.scheduler import JobAborted, run_job  # Ray loads only for commands that use it
+    from harvest.scheduler import JobAborted, ReplicaError, run_job  # Ray loads only here
 
     spec = load_job(args.job)
     out_dir = Path(args.output or spec.output.dir)
@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             show_progress=not args.no_progress,
         )
-    except JobAborted as err:
+    except (JobAborted, ReplicaError) as err:
         _error(f"{err}. Committed shards are kept; rerun the same command to resume.")
         return EXIT_ABORTED
     return _finish(summary, out_dir, f"harvest run {args.job} --output {out_dir}")
@@ -95,7 +95,8 @@ def format_summary(s) -> str:
         f"({s.elapsed_s:.1f}s)",
         f"  data rows: {s.data_rows}   failure rows: {s.failure_rows}   "
         f"completion tokens: {s.completion_tokens} ({rate:,.0f} tok/s)",
-        f"  retries: {s.retries}   worker restarts: {s.worker_restarts}",
+        f"  retries: {s.retries}   worker restarts: {s.worker_restarts}   "
+        f"replica restarts: {s.replica_restarts}",
     ]
     for endpoint, count in sorted(s.endpoint_requests.items()):
         lines.append(f"  requests served by {endpoint}: {count}")

@@ -42,9 +42,9 @@ class Pool:
 
     def _new(self) -> ray.actor.ActorHandle:
         cpus = self.spec.concurrency.worker_cpus
-        return HarvestActor.options(num_cpus=cpus, max_concurrency=1000).remote(
-            self.spec.model_dump_json(), **self.kwargs
-        )
+        return HarvestActor.options(
+            num_cpus=cpus, max_concurrency=1000, scheduling_strategy="SPREAD"
+        ).remote(self.spec.model_dump_json(), **self.kwargs)
 
     def submit(self, unit: WorkUnit) -> None:
         slot = min(range(len(self.actors)), key=self.load.__getitem__)
@@ -61,6 +61,12 @@ class Pool:
             self.actors[slot] = self._new()
             self.restarts += 1
         self.submit(unit)
+
+    def set_endpoints(self, endpoints: list[str]) -> None:
+        """Route every worker, present and future, to a new endpoint set."""
+        self.kwargs["endpoints"] = endpoints
+        for actor in self.actors:
+            actor.set_endpoints.remote(endpoints)
 
     def stats(self) -> Counter[str]:
         total: Counter[str] = Counter()
@@ -86,6 +92,7 @@ def dispatch(
     *,
     done_before: int,
     stop_deadline_s: float,
+    on_tick: Callable[[], None] | None = None,
 ) -> tuple[int, bool]:
     """Run ``units`` through ``pool``, committing each result; return (prompts, interrupted)."""
     stopping = StopFlag()
@@ -121,6 +128,8 @@ def dispatch(
                         continue
                     commit(result)
                     committed += result.prompts
+                if on_tick is not None:
+                    on_tick()
                 live = pool.stats()
                 progress.update(
                     done=done_before + committed,

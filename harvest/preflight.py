@@ -7,7 +7,6 @@ return token ids and logprobs (only vLLM-compatible servers do) all stop the job
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -16,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ray
+from ray.exceptions import RayTaskError
 
 from schemas.job import JobSpec
-from schemas.wire import PromptRow
 from workers import USER_AGENT
-from workers.client import RateLimiter, TeacherClient
-from workers.errors import HarvestError
 
 
 class PreflightError(RuntimeError):
@@ -119,13 +117,20 @@ def _identify(endpoint: str, headers: dict[str, str], spec: JobSpec) -> TeacherI
 
 
 def check_teacher(
-    spec: JobSpec, api_key: str | None, job_id: str, limiter: RateLimiter | None = None
+    spec: JobSpec,
+    api_key: str | None,
+    job_id: str,
+    endpoints: list[str] | None = None,
 ) -> TeacherInfo:
-    """Every endpoint must serve the same model and tokenizer, and return ids and logprobs."""
+    """Every endpoint must serve the same model and tokenizer.
+
+    The generation probe (token ids and logprobs come back) runs in a harvest worker, through
+    the worker's rate limiter: see ``probe_teacher``."""
+    endpoints = endpoints or spec.teacher.endpoints
     headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    infos = {endpoint: _identify(endpoint, headers, spec) for endpoint in spec.teacher.endpoints}
+    infos = {endpoint: _identify(endpoint, headers, spec) for endpoint in endpoints}
     first_endpoint, first = next(iter(infos.items()))
     for endpoint, info in infos.items():
         if info.tokenizer_hash != first.tokenizer_hash:
@@ -133,18 +138,12 @@ def check_teacher(
                 f"teachers {first_endpoint} and {endpoint} serve different tokenizers under the "
                 f"name {spec.teacher.model!r}; one job must use one teacher"
             )
-    asyncio.run(_probe(spec, api_key, job_id, limiter))
     return first
 
 
-async def _probe(
-    spec: JobSpec, api_key: str | None, job_id: str, limiter: RateLimiter | None
-) -> None:
-    client = TeacherClient(spec, job_id=job_id, api_key=api_key, limiter=limiter)
-    probe = PromptRow("preflight", "preflight", prompt="Hello", overrides={"max_tokens": 2, "n": 1})
+def probe_teacher(worker: ray.actor.ActorHandle) -> None:
+    """One tiny real request from a harvest worker; a teacher that cannot serve it stops the job."""
     try:
-        await client.complete(probe)
-    except HarvestError as err:
-        raise PreflightError(f"teacher probe request failed: {err}") from None
-    finally:
-        await client.aclose()
+        ray.get(worker.probe.remote())
+    except RayTaskError as err:
+        raise PreflightError(f"teacher probe request failed: {err.cause}") from None

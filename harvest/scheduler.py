@@ -22,16 +22,16 @@ import ray
 from harvest.manifest import RETRY_SEP, Manifest
 from harvest.manifest import load as load_manifest
 from harvest.pool import JobAborted, Pool, dispatch
-from harvest.preflight import TeacherInfo, check_teacher, read_api_key
+from harvest.preflight import TeacherInfo, check_teacher, probe_teacher, read_api_key
 from harvest.progress import Progress
+from harvest.replicas import ReplicaError, ReplicaSet
 from harvest.sources import iter_units, scan
 from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
-from workers.actor import RateLimiterActor, RemoteLimiter
 
-__all__ = ["JobAborted", "Summary", "retry_failed", "run_job"]
+__all__ = ["JobAborted", "ReplicaError", "Summary", "retry_failed", "run_job"]
 
 
 @dataclass
@@ -48,12 +48,15 @@ class Summary:
     error_classes: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     worker_restarts: int = 0
+    replica_restarts: int = 0
+    units_by_node: Counter[str] = field(default_factory=Counter)
     interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["endpoint_requests"] = dict(self.endpoint_requests)
         out["error_classes"] = dict(self.error_classes)
+        out["units_by_node"] = dict(self.units_by_node)
         return out
 
     def add(self, r: UnitResult | dict[str, Any]) -> None:
@@ -64,6 +67,8 @@ class Summary:
         self.endpoint_requests.update(get("endpoint_requests"))
         self.error_classes.update(get("error_classes"))
         self.retries += get("retries")
+        if get("node_id"):
+            self.units_by_node[get("node_id")] += 1
 
 
 def init_ray(address: str | None) -> None:
@@ -92,28 +97,58 @@ def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, A
     }
 
 
-def _start(
-    spec: JobSpec, manifest: Manifest, out_dir: Path, ray_address: str | None
-) -> dict[str, Any]:
-    """Join Ray, check the teacher, and build the harvest actors' arguments."""
+@dataclass
+class _Started:
+    actor_kwargs: dict[str, Any]
+    replicas: ReplicaSet | None
+
+    def follow_replicas(self, pool: Pool) -> None:
+        """Hand restarted replicas' new URLs to the workers (called between dispatch steps)."""
+        urls = self.replicas.poll() if self.replicas else None
+        if urls:
+            pool.set_endpoints(urls)
+
+    def stop(self) -> None:
+        if self.replicas:
+            self.replicas.stop()
+
+
+def _start(spec: JobSpec, manifest: Manifest, out_dir: Path, ray_address: str | None) -> _Started:
+    """Join Ray, launch managed replicas, check the teacher, build the workers' arguments."""
     api_key = read_api_key(spec)
     init_ray(ray_address)
-    limiter = None
-    if spec.teacher.rate_limit.requests_per_s or spec.teacher.rate_limit.tokens_per_min:
-        limiter = RateLimiterActor.remote(spec.teacher.rate_limit.model_dump_json())
-    teacher = check_teacher(
-        spec, api_key, manifest.job_id, RemoteLimiter(limiter) if limiter is not None else None
-    )
-    manifest.check_teacher(teacher.identity())
+    replicas = None
+    endpoints = spec.teacher.endpoints
+    if spec.teacher.replicas is not None:
+        replicas = ReplicaSet(spec.teacher.replicas, spec.teacher.model, out_dir / "_replicas")
+        endpoints = replicas.wait_ready()
+    try:
+        teacher = check_teacher(spec, api_key, manifest.job_id, endpoints)
+        manifest.check_teacher(teacher.identity())
+    except BaseException:
+        if replicas:
+            replicas.stop()
+        raise
     workers = spec.concurrency.workers
-    return {
+    kwargs = {
         "job_id": manifest.job_id,
         "out_dir": str(out_dir.resolve()),
         "shard_meta": _shard_meta(spec, manifest.job_id, teacher),
         "cap_per_endpoint": -(-spec.concurrency.in_flight_per_endpoint // workers),
         "api_key": api_key,
-        "limiter": limiter,
+        "endpoints": endpoints,
     }
+    return _Started(kwargs, replicas)
+
+
+def _probed_pool(spec: JobSpec, started: _Started) -> Pool:
+    pool = Pool(spec, started.actor_kwargs)
+    try:
+        probe_teacher(pool.actors[0])
+    except BaseException:
+        pool.shutdown()
+        raise
+    return pool
 
 
 def _units_per_shard(spec: JobSpec) -> int:
@@ -138,7 +173,7 @@ def run_job(
         input_fp=inputs.fingerprint,
         force_new=force_new,
     )
-    actor_kwargs = _start(spec, manifest, out_dir, ray_address)
+    started_ = _start(spec, manifest, out_dir, ray_address)
     summary = Summary(str(out_dir), manifest.job_id, prompts=inputs.rows)
     done_before = 0
     for unit in manifest.units.values():
@@ -153,16 +188,26 @@ def run_job(
         for u in iter_units(inputs.files, spec, _units_per_shard(spec))
         if u.unit_id not in manifest.units
     )
-    pool = Pool(spec, actor_kwargs)
 
     def commit(result: UnitResult) -> None:
         manifest.commit(result)
         summary.add(result)
 
-    progress = Progress(inputs.rows, done_before, enabled=show_progress)
-    summary.prompts_this_run, summary.interrupted = dispatch(
-        pool, units, commit, progress, done_before=done_before, stop_deadline_s=stop_deadline_s
-    )
+    try:
+        pool = _probed_pool(spec, started_)
+        progress = Progress(inputs.rows, done_before, enabled=show_progress)
+        summary.prompts_this_run, summary.interrupted = dispatch(
+            pool,
+            units,
+            commit,
+            progress,
+            done_before=done_before,
+            stop_deadline_s=stop_deadline_s,
+            on_tick=lambda: started_.follow_replicas(pool),
+        )
+    finally:
+        started_.stop()
+    summary.replica_restarts = started_.replicas.restarts if started_.replicas else 0
     summary.worker_restarts = pool.restarts
     summary.elapsed_s = time.monotonic() - started
     return summary
@@ -202,16 +247,26 @@ def retry_failed(
     summary = Summary(str(out_dir), manifest.job_id, prompts=total)
     if not retry_units:
         return summary
-    pool = Pool(spec, _start(spec, manifest, out_dir, ray_address))
+    started_ = _start(spec, manifest, out_dir, ray_address)
 
     def commit(result: UnitResult) -> None:
         manifest.commit_retry(result)
         summary.add(result)
 
-    progress = Progress(total, 0, enabled=show_progress)
-    summary.prompts_this_run, summary.interrupted = dispatch(
-        pool, iter(retry_units), commit, progress, done_before=0, stop_deadline_s=stop_deadline_s
-    )
+    try:
+        pool = _probed_pool(spec, started_)
+        progress = Progress(total, 0, enabled=show_progress)
+        summary.prompts_this_run, summary.interrupted = dispatch(
+            pool,
+            iter(retry_units),
+            commit,
+            progress,
+            done_before=0,
+            stop_deadline_s=stop_deadline_s,
+            on_tick=lambda: started_.follow_replicas(pool),
+        )
+    finally:
+        started_.stop()
     summary.worker_restarts = pool.restarts
     summary.elapsed_s = time.monotonic() - started
     return summary

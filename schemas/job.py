@@ -85,12 +85,73 @@ class RateLimit(_Strict):
     )
 
 
+RESERVED_VLLM_ARGS = ("--model", "--served-model-name", "--host", "--port")
+
+
+class ReplicaResources(_Strict):
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs per replica: the tensor-parallel size on GPU nodes; 0 on CPU."
+    )
+    num_cpus: float = Field(1, ge=0, description="CPUs Ray reserves per replica.")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {teacher_replica: 1} to pin replicas "
+        "to the GPU worker group of cluster.yaml.",
+    )
+
+
+class ReplicaSpec(_Strict):
+    count: int = Field(1, ge=1, description="How many vLLM servers to launch.")
+    model: str = Field(
+        min_length=1,
+        description="What each server loads (vLLM's --model): a path on the replica nodes or a "
+        "model id their cache holds. Served under teacher.model.",
+    )
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="Extra server arguments, e.g. ['--dtype', 'bfloat16', "
+        "'--tensor-parallel-size', '2']. Host, port and model names are set by the replica.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment for the servers, e.g. VLLM_CPU_KVCACHE_SPACE.",
+    )
+    resources: ReplicaResources = Field(
+        default_factory=lambda: ReplicaResources(), description="Ray resources per replica."
+    )
+    host: str | None = Field(
+        None,
+        description="Address the servers bind and are reached on. Default: the node's address "
+        "as Ray sees it; '127.0.0.1' keeps a single-machine job on loopback.",
+    )
+    startup_timeout_s: float = Field(600, gt=0, description="Longest wait for /health at start.")
+    max_restarts: int = Field(
+        3, ge=0, description="How often Ray restarts a replica whose server died."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for vLLM's compile caches, shared by restarts and reruns (default: "
+        "~/.cache/teacher-harvest/vllm).",
+    )
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _not_reserved(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            if arg.split("=")[0] in RESERVED_VLLM_ARGS:
+                raise ValueError(f"{arg.split('=')[0]} is set by the replica itself")
+        return args
+
+
 class TeacherSpec(_Strict):
     model: str = Field(min_length=1, description="Model name as served (`--served-model-name`).")
     endpoints: list[str] = Field(
-        min_length=1,
-        description="OpenAI-compatible base URLs, e.g. 'http://10.0.0.5:8000/v1'. A URL without "
-        "a path gets '/v1' appended.",
+        default_factory=list,
+        description="OpenAI-compatible base URLs of servers you run, e.g. "
+        "'http://10.0.0.5:8000/v1' (a URL without a path gets '/v1'). Or use replicas.",
+    )
+    replicas: ReplicaSpec | None = Field(
+        None, description="Launch the teacher as vLLM servers on the Ray cluster instead."
     )
     api_key_env: str | None = Field(
         None,
@@ -147,6 +208,8 @@ class TeacherSpec(_Strict):
 
     @model_validator(mode="after")
     def _authorised_endpoints(self) -> TeacherSpec:
+        if bool(self.endpoints) == bool(self.replicas):
+            raise ValueError("give either endpoints (servers you run) or replicas (launched here)")
         auth = self.authorization
         problems = endpoint_problems(self.endpoints, auth.allowed_hosts, auth.provider_agreement)
         if problems:

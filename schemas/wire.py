@@ -86,6 +86,7 @@ class UnitResult:
     endpoint_requests: dict[str, int]
     retries: int
     error_classes: dict[str, int]
+    node_id: str = ""  # the Ray node whose worker harvested the unit
 
 
 def request_id(prompt_id: str, sample_index: int, teacher: str, sampling: dict[str, Any]) -> str:

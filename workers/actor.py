@@ -14,37 +14,10 @@ from typing import Any
 import ray
 
 from schemas.job import JobSpec, RateLimit
-from schemas.wire import UnitResult, WorkUnit
+from schemas.wire import PromptRow, UnitResult, WorkUnit
 from workers.client import TeacherClient
 from workers.limiter import Limiter
 from workers.unit import harvest_unit
-
-
-@ray.remote(num_cpus=0)
-class RateLimiterActor:
-    """The job's one limiter, shared by every worker so the limits hold job-wide."""
-
-    def __init__(self, spec_json: str) -> None:
-        self.limiter = Limiter(RateLimit.model_validate_json(spec_json))
-
-    async def acquire(self, max_tokens: int) -> int:
-        return await self.limiter.acquire(max_tokens)
-
-    async def settle(self, handle: int, used_tokens: int) -> None:
-        await self.limiter.settle(handle, used_tokens)
-
-
-class RemoteLimiter:
-    """Client-side view of ``RateLimiterActor`` (satisfies ``workers.client.RateLimiter``)."""
-
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
-        self.actor = actor
-
-    async def acquire(self, max_tokens: int) -> int:
-        return await self.actor.acquire.remote(max_tokens)
-
-    async def settle(self, handle: int, used_tokens: int) -> None:
-        await self.actor.settle.remote(handle, used_tokens)
 
 
 @ray.remote
@@ -58,7 +31,7 @@ class HarvestActor:
         shard_meta: dict[str, Any],
         cap_per_endpoint: int,
         api_key: str | None,
-        limiter: ray.actor.ActorHandle | None = None,
+        endpoints: list[str],
     ) -> None:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.out_dir = Path(out_dir)
@@ -68,18 +41,35 @@ class HarvestActor:
             job_id=job_id,
             api_key=api_key,
             cap_per_endpoint=cap_per_endpoint,
-            limiter=RemoteLimiter(limiter) if limiter is not None else None,
+            endpoints=endpoints,
+            limiter=_limiter_share(self.spec),
         )
         self.progress: Counter[str] = Counter()
 
     async def run_unit(self, unit: WorkUnit) -> UnitResult:
-        return await harvest_unit(
+        result = await harvest_unit(
             unit, self.client, self.spec, self.out_dir, self.shard_meta, self.progress
         )
+        result.node_id = ray.get_runtime_context().get_node_id()
+        return result
+
+    async def probe(self) -> None:
+        """One tiny real request: the teacher must answer with token ids and logprobs."""
+        await self.client.complete(
+            PromptRow("preflight", "preflight", prompt="Hello", overrides={"max_tokens": 2, "n": 1})
+        )
+
+    async def set_endpoints(self, endpoints: list[str]) -> None:
+        """A managed replica moved (restarted on a new port): route to the new set."""
+        await self.client.router.set_endpoints(endpoints)
 
     async def stats(self) -> dict[str, int]:
         """Counters since the actor started: prompts done, tokens, failures, retries."""
-        return {**self.progress, **self.client.counters}
+        return {
+            **self.progress,
+            **self.client.counters,
+            "circuit_opened": self.client.router.circuit_opened,
+        }
 
     async def pid(self) -> int:
         """This worker's process id (for operators and fault-injection tests)."""
@@ -87,3 +77,22 @@ class HarvestActor:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _limiter_share(spec: JobSpec) -> Limiter | None:
+    """This worker's share of the job-wide rate limits (the shares add up to at most the limit).
+
+    Each worker limits itself, with no shared state: a permit is stamped where the request is
+    sent, so no network delay can bunch requests past the limit at the teacher.
+    """
+    limit, workers = spec.teacher.rate_limit, spec.concurrency.workers
+    if not (limit.requests_per_s or limit.tokens_per_min):
+        return None
+    return Limiter(
+        RateLimit(
+            requests_per_s=limit.requests_per_s / workers if limit.requests_per_s else None,
+            tokens_per_min=max(1, limit.tokens_per_min // workers)
+            if limit.tokens_per_min
+            else None,
+        )
+    )

@@ -22,6 +22,8 @@ from workers import USER_AGENT
 from workers.errors import (
     HarvestError,
     InvalidResponse,
+    RateLimited,
+    ServerError,
     TeacherTimeout,
     TeacherUnavailable,
     error_for_status,
@@ -62,6 +64,7 @@ class TeacherClient:
         self.router = Router(
             endpoints or spec.teacher.endpoints,
             cap_per_endpoint or spec.concurrency.in_flight_per_endpoint,
+            health_check=self.healthy,
         )
         headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
         if api_key:
@@ -159,7 +162,9 @@ class TeacherClient:
                             err.endpoint = endpoint
                             err.attempts = attempts  # type: ignore[attr-defined]
                             self.counters[type(err).__name__] += 1
+                            await self.router.report(endpoint, ok=not _endpoint_failed(err))
                             raise
+                        await self.router.report(endpoint, ok=True)
                 finally:  # also on cancellation: a permit is never leaked
                     if permit is not None:
                         await self.limiter.settle(permit, used)
@@ -171,8 +176,27 @@ class TeacherClient:
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
 
+    async def healthy(self, endpoint: str) -> bool:
+        """vLLM's ``/health`` (beside ``/v1``), else the model list, answers 200."""
+        for url in (endpoint.removesuffix("/v1") + "/health", endpoint + "/models"):
+            try:
+                resp = await self._http.get(url, timeout=5.0)
+            except httpx.HTTPError:
+                return False
+            if resp.status_code != 404:
+                return resp.status_code == 200
+        return False
+
     async def aclose(self) -> None:
+        await self.router.aclose()
         await self._http.aclose()
+
+
+def _endpoint_failed(err: HarvestError) -> bool:
+    """The endpoint itself is unwell (not the row, not a rate limit)."""
+    if isinstance(err, TeacherUnavailable | TeacherTimeout):
+        return True
+    return isinstance(err, ServerError) and not isinstance(err, RateLimited)
 
 
 def _error_message(resp: httpx.Response) -> str:

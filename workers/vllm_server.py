@@ -8,6 +8,7 @@ error, and stopping escalates from SIGTERM to SIGKILL after a grace period.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import signal
@@ -23,6 +24,13 @@ import httpx
 
 class ServerStartError(RuntimeError):
     """The server did not become healthy; the message names its log file."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when its parent dies (PR_SET_PDEATHSIG),
+    so a killed replica actor never leaves an orphan server holding a GPU."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,6 +68,8 @@ class VllmServer:
     port: int = 0
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cache_dir: Path | None = None  # compile caches; default workdir/cache
+    die_with_parent: bool = False  # SIGTERM the server if the process that started it dies
     proc: subprocess.Popen | None = None
 
     @property
@@ -82,7 +92,7 @@ class VllmServer:
 
     def child_env(self) -> dict[str, str]:
         """Keep the server's caches and sockets in our folder, its traffic on loopback."""
-        cache = self.workdir / "cache"
+        cache = self.cache_dir or self.workdir / "cache"
         env = dict(os.environ)
         env.update(
             {
@@ -115,6 +125,7 @@ class VllmServer:
                 stdin=subprocess.DEVNULL,
                 env=self.child_env(),
                 start_new_session=True,  # its own process group, so stop() reaches its children
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self._wait_healthy(timeout_s)
         return self.url

@@ -105,6 +105,7 @@ def test_commit_then_resume(tmp_path: Path) -> None:
         "endpoint_requests": {"http://h:8000/v1": 4},
         "retries": 1,
         "error_classes": {"timeout": 1},
+        "node_id": "",
     }
     assert again.units == m.units
     assert again.units["b_jsonl-0000ffff-000000"]["failed_path"] is None

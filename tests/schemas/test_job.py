@@ -190,7 +190,19 @@ def test_non_http_endpoint_rejected(url: str) -> None:
 
 
 def test_empty_endpoint_list_rejected() -> None:
-    assert "teacher.endpoints" in spec_error(job(teacher=teacher(endpoints=[])))
+    assert "either endpoints" in spec_error(job(teacher=teacher(endpoints=[])))
+
+
+def test_replicas_instead_of_endpoints() -> None:
+    replicas = {"count": 2, "model": "/models/m", "vllm_args": ["--dtype", "bfloat16"]}
+    spec = parse_job(job(teacher=teacher(endpoints=[], replicas=replicas)))
+    assert spec.teacher.replicas.count == 2 and spec.teacher.replicas.resources.num_gpus == 0
+    both = job(teacher=teacher(replicas=replicas))
+    assert "either endpoints" in spec_error(both)
+    reserved = {**replicas, "vllm_args": ["--port=9000"]}
+    assert "--port is set by the replica" in spec_error(
+        job(teacher=teacher(endpoints=[], replicas=reserved))
+    )
 
 
 @pytest.mark.parametrize(
