@@ -2,7 +2,7 @@
 
 The actor holds the GPUs (``num_gpus`` = tensor-parallel size) that the server uses. If the
 server process dies, the actor exits so Ray restarts it (and with it a fresh server on a new
-port); if the actor dies, the server gets SIGTERM from the kernel (PR_SET_PDEATHSIG). The driver
+port); if the actor dies, a guard process stops the server's whole process group. The driver
 follows each replica's URL and tells the harvest workers when it changes.
 """
 
@@ -54,6 +54,7 @@ class TeacherReplica:
         code = proc.wait()
         if not self.stopping:
             print(f"vLLM server exited with {code}; see {self.server.log_path}", flush=True)
+            self.server.stop(grace_s=5)  # its engine processes, if they outlived it
             os._exit(1)
 
     def url(self) -> str:

@@ -8,13 +8,14 @@ error, and stopping escalates from SIGTERM to SIGKILL after a grace period.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,54 @@ class ServerStartError(RuntimeError):
     """The server did not become healthy; the message names its log file."""
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: Linux sends it SIGTERM when its parent dies (PR_SET_PDEATHSIG),
-    so a killed replica actor never leaves an orphan server holding a GPU."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+def guard(parent_pid: int, pgid: int, poll_s: float = 0.5) -> None:
+    """Kill a server's whole process group once the process that launched it is gone.
+
+    Runs as its own small process (``python -m workers.vllm_server PARENT PGID``): if a replica
+    actor is killed, its vLLM server and the server's engine processes go too, instead of holding
+    a GPU (or a CPU) as orphans.
+    """
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return  # the server group ended by itself
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            break
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        for _ in range(int(10 / poll_s)):  # a grace period for a clean shutdown
+            time.sleep(poll_s)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone
+
+
+def start_guard(parent_pid: int, pgid: int) -> None:
+    """Launch ``guard`` detached: not our child, in its own session, so nothing that kills us
+    (Ray kills a dead worker's child processes) kills it too. ``sh`` starts it and exits."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            '"$0" -m workers.vllm_server "$1" "$2" &',
+            sys.executable,
+            str(parent_pid),
+            str(pgid),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": path},
+        start_new_session=True,
+        check=True,
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,8 +113,9 @@ class VllmServer:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cache_dir: Path | None = None  # compile caches; default workdir/cache
-    die_with_parent: bool = False  # SIGTERM the server if the process that started it dies
+    die_with_parent: bool = False  # a guard process kills the server if its launcher dies
     proc: subprocess.Popen | None = None
+    _sockets: Path = field(default_factory=lambda: Path("/nonexistent"))
 
     @property
     def url(self) -> str:
@@ -102,8 +147,9 @@ class VllmServer:
                 "HF_HUB_OFFLINE": "1",
                 "VLLM_CACHE_ROOT": str(cache / "vllm"),
                 "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-                "VLLM_RPC_BASE_PATH": str(self.workdir / "rpc"),
-                "TMPDIR": str(self.workdir / "tmp"),
+                # Unix socket paths must stay under 108 bytes: keep these short, in /tmp.
+                "VLLM_RPC_BASE_PATH": str(self._sockets / "rpc"),
+                "TMPDIR": str(self._sockets / "tmp"),
             }
         )
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -113,8 +159,10 @@ class VllmServer:
     def start(self, timeout_s: float = 240.0) -> str:
         """Start the server and block until ``/health`` answers; return its base URL."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for sub in ("rpc", "tmp", "cache"):
-            (self.workdir / sub).mkdir(exist_ok=True)
+        self._sockets = Path(tempfile.mkdtemp(prefix="th-vllm-", dir="/tmp"))
+        for folder in (self._sockets / "rpc", self._sockets / "tmp", self.cache_dir):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
         with open(self.log_path, "wb") as log:
@@ -125,8 +173,9 @@ class VllmServer:
                 stdin=subprocess.DEVNULL,
                 env=self.child_env(),
                 start_new_session=True,  # its own process group, so stop() reaches its children
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
+        if self.die_with_parent:
+            start_guard(os.getpid(), self.proc.pid)
         self._wait_healthy(timeout_s)
         return self.url
 
@@ -153,14 +202,19 @@ class VllmServer:
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the server's process group, then SIGKILL whatever is left after the grace."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        pgid = os.getpgid(proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace_s)
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # children may outlive the leader
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
+        if proc is not None:
+            pgid = proc.pid  # start_new_session: the server leads its own process group
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)  # children may outlive the leader
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        shutil.rmtree(self._sockets, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    guard(int(sys.argv[1]), int(sys.argv[2]))

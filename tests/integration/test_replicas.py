@@ -1,0 +1,146 @@
+"""Managed teacher replicas: the job launches vLLM servers as Ray actors and routes across them.
+
+Two CPU replicas of the tiny model on the session's Ray cluster; the second test kills one
+replica's server mid-job and checks that the job still ends with every prompt exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from test_resume import committed_units
+
+from harvest import reader
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVED = "tiny-managed"
+
+
+def replica_job(folder: Path, prompts: int, max_tokens: int) -> Path:
+    with open(folder / "prompts.jsonl", "w") as fh:
+        for i in range(prompts):
+            row = (
+                {"prompt": f"Managed {i}:"}
+                if i % 2
+                else {"messages": [{"role": "user", "content": f"Replica question {i}"}]}
+            )
+            fh.write(json.dumps(row) + "\n")
+    job = {
+        "input": "prompts.jsonl",
+        "teacher": {
+            "model": SERVED,
+            "replicas": {
+                "count": 2,
+                "model": str(ROOT / "tests" / "data" / "tiny-llama"),
+                "vllm_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                "host": "127.0.0.1",
+                "resources": {"num_cpus": 0.25},
+                "cache_dir": str(ROOT / ".cache" / "test-vllm" / "cache"),
+                "startup_timeout_s": 300,
+            },
+            "authorization": {
+                "owner": "teacher-harvest tests",
+                "license": "apache-2.0",
+                "attestation": "random tiny Llama built in this repository",
+            },
+            "timeout_s": 60,
+            "max_attempts": 10,
+            "backoff_max_s": 5,
+        },
+        "sampling": {"max_tokens": max_tokens, "n": 2, "logprobs": 5, "seed": 3},
+        "output": {"dir": "out", "rows_per_shard": 20},
+        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    return folder / "job.yaml"
+
+
+def run_cli(job: Path, ray_address: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    return subprocess.Popen(
+        [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def replica_servers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "--served-model-name" in cmd and SERVED in cmd and "--port" in cmd:
+            found.append(p)
+    return found
+
+
+def vllm_processes() -> set[int]:
+    """Every vLLM process here: API servers and their engine processes."""
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("VLLM::") or "vllm.entrypoints" in cmd:
+            found.add(p.info["pid"])
+    return found
+
+
+def assert_no_leftovers(before: set[int]) -> None:
+    """The job's servers, engines included, are gone (the session's own server stays)."""
+    deadline = time.monotonic() + 45
+    while vllm_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert vllm_processes() - before == set()
+
+
+def check_rows(out: Path, prompts: int) -> None:
+    table = reader.read_table(out)
+    keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == prompts * 2
+    assert reader.data_files(out, "failed") == []
+
+
+def test_two_managed_replicas_share_the_work(tmp_path, ray_cluster):
+    before = vllm_processes()
+    job = replica_job(tmp_path, prompts=80, max_tokens=16)
+    proc = run_cli(job, ray_cluster)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    served = summary["endpoint_requests"]
+    assert len(served) == 2 and all(count > 0 for count in served.values()), served
+    assert sum(served.values()) == 80
+    assert "requests served by http://127.0.0.1:" in stdout
+    check_rows(tmp_path / "out", 80)
+    assert sorted(p.name for p in (tmp_path / "out" / "_replicas").iterdir())  # server logs kept
+    assert_no_leftovers(before)  # stopped with the job
+
+
+def test_killed_replica_is_restarted_and_nothing_is_lost(tmp_path, ray_cluster):
+    before = vllm_processes()
+    job = replica_job(tmp_path, prompts=300, max_tokens=48)
+    out = tmp_path / "out"
+    proc = run_cli(job, ray_cluster)
+    deadline = time.monotonic() + 600
+    while committed_units(out) < 2:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    servers = replica_servers()
+    assert len(servers) == 2
+    os.kill(servers[0].pid, signal.SIGKILL)  # the server, not the actor: a crash under load
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["replica_restarts"] >= 1, stdout
+    check_rows(out, 300)
+    assert_no_leftovers(before)  # the killed server's engine and the restarted replica too
