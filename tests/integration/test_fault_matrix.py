@@ -130,3 +130,23 @@ def test_rate_limit_never_exceeded(tmp_path, ray_cluster):
     assert len(arrivals) == 200 + 1  # the preflight probe counts against the limit too
     assert arrivals[-1] - arrivals[0] >= 19.0
     assert max_in_window(arrivals, 1.0) <= 10
+
+
+def test_retry_failed_recovers_what_the_teacher_now_accepts(tmp_path, ray_cluster, capsys):
+    prompts = [f"retry me {i}" for i in range(60)]
+    flaky = set(prompts[::6])  # 10 prompts rejected on the first run only
+    with FaultTeacherServer(model="fault", plan=FaultPlan(always_400=flaky)) as server:
+        job = write(tmp_path, server.url, prompts)
+        assert main(["run", str(job), "--no-progress"]) == 3
+        out = tmp_path / "out"
+        assert reader.read_table(out, "failed").num_rows == len(flaky) * N
+        server.set_plan(FaultPlan())  # the teacher was fixed
+        assert main(["retry-failed", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    data = reader.read_table(out)
+    assert data.num_rows == len(prompts) * N
+    assert len(set(data["request_id"].to_pylist())) == data.num_rows
+    assert reader.data_files(out, "failed") == []
+    assert sorted((out / "failed").glob("*.parquet")) == []  # superseded failure shards removed
+    assert main(["retry-failed", str(out), "--no-progress"]) == 0  # nothing left: a no-op
+    assert reader.read_table(out).num_rows == len(prompts) * N
