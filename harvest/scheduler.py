@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +155,39 @@ def _units_per_shard(spec: JobSpec) -> int:
     return max(1, spec.output.rows_per_shard // spec.sampling.n)
 
 
+def _harvest(
+    spec: JobSpec,
+    manifest: Manifest,
+    out_dir: Path,
+    units: Iterator[WorkUnit],
+    commit: Callable[[UnitResult], None],
+    summary: Summary,
+    *,
+    total: int,
+    done_before: int,
+    ray_address: str | None,
+    show_progress: bool,
+    stop_deadline_s: float,
+) -> None:
+    """Start workers (and replicas), run ``units`` through them, always stop what was started."""
+    started = _start(spec, manifest, out_dir, ray_address)
+    try:
+        pool = _probed_pool(spec, started)
+        summary.prompts_this_run, summary.interrupted = dispatch(
+            pool,
+            units,
+            commit,
+            Progress(total, done_before, enabled=show_progress),
+            done_before=done_before,
+            stop_deadline_s=stop_deadline_s,
+            on_tick=lambda: started.follow_replicas(pool),
+        )
+    finally:
+        started.stop()
+    summary.replica_restarts = started.replicas.restarts if started.replicas else 0
+    summary.worker_restarts = pool.restarts
+
+
 def run_job(
     spec: JobSpec,
     out_dir: Path,
@@ -165,15 +198,9 @@ def run_job(
     stop_deadline_s: float = 60.0,
 ) -> Summary:
     """Harvest ``spec`` into ``out_dir``, resuming whatever it already holds."""
-    started = time.monotonic()
+    t0 = time.monotonic()
     inputs = scan(spec)
-    manifest = Manifest.open(
-        out_dir,
-        spec=spec,
-        input_fp=inputs.fingerprint,
-        force_new=force_new,
-    )
-    started_ = _start(spec, manifest, out_dir, ray_address)
+    manifest = Manifest.open(out_dir, spec=spec, input_fp=inputs.fingerprint, force_new=force_new)
     summary = Summary(str(out_dir), manifest.job_id, prompts=inputs.rows)
     done_before = 0
     for unit in manifest.units.values():
@@ -181,36 +208,29 @@ def run_job(
         done_before += unit["prompts"]
     summary.endpoint_requests.clear()
     summary.error_classes.clear()
+    summary.units_by_node.clear()
     summary.retries = 0  # per-run counters; rows and tokens above are cumulative
-
-    units: Iterator[WorkUnit] = (
-        u
-        for u in iter_units(inputs.files, spec, _units_per_shard(spec))
-        if u.unit_id not in manifest.units
-    )
 
     def commit(result: UnitResult) -> None:
         manifest.commit(result)
         summary.add(result)
 
-    try:
-        pool = _probed_pool(spec, started_)
-        progress = Progress(inputs.rows, done_before, enabled=show_progress)
-        summary.prompts_this_run, summary.interrupted = dispatch(
-            pool,
-            units,
-            commit,
-            progress,
-            done_before=done_before,
-            stop_deadline_s=stop_deadline_s,
-            on_tick=lambda: started_.follow_replicas(pool),
-        )
-    finally:
-        started_.stop()
-    summary.replica_restarts = started_.replicas.restarts if started_.replicas else 0
-    summary.worker_restarts = pool.restarts
-    summary.elapsed_s = time.monotonic() - started
+    units = (
+        u
+        for u in iter_units(inputs.files, spec, _units_per_shard(spec))
+        if u.unit_id not in manifest.units
+    )
+    _harvest(
+        spec, manifest, out_dir, units, commit, summary,
+        total=inputs.rows, done_before=done_before, ray_address=ray_address,
+        show_progress=show_progress, stop_deadline_s=stop_deadline_s,
+    )  # fmt: skip
+    summary.elapsed_s = time.monotonic() - t0
     return summary
+
+
+def _failed_prompt_ids(path: Path) -> set[str]:
+    return set(pq.read_table(path, columns=["prompt_id"])["prompt_id"].to_pylist())
 
 
 def retry_failed(
@@ -221,17 +241,12 @@ def retry_failed(
     stop_deadline_s: float = 60.0,
 ) -> Summary:
     """Re-send the prompts of ``out_dir``'s failure shards; recovered rows join the data."""
-    started = time.monotonic()
-    old = load_manifest(out_dir)
-    spec = JobSpec.model_validate(old.header["spec"])
+    t0 = time.monotonic()
+    spec = JobSpec.model_validate(load_manifest(out_dir).header["spec"])
     inputs = scan(spec)
     manifest = Manifest.open(out_dir, spec=spec, input_fp=inputs.fingerprint)
     failed = {
-        uid: set(
-            pq.read_table(out_dir / u["failed_path"], columns=["prompt_id"])[
-                "prompt_id"
-            ].to_pylist()
-        )
+        uid: _failed_prompt_ids(out_dir / u["failed_path"])
         for uid, u in manifest.units.items()
         if u.get("failed_path")
     }
@@ -245,28 +260,16 @@ def retry_failed(
     ]
     total = sum(len(u.rows) for u in retry_units)
     summary = Summary(str(out_dir), manifest.job_id, prompts=total)
-    if not retry_units:
-        return summary
-    started_ = _start(spec, manifest, out_dir, ray_address)
+    if retry_units:
 
-    def commit(result: UnitResult) -> None:
-        manifest.commit_retry(result)
-        summary.add(result)
+        def commit(result: UnitResult) -> None:
+            manifest.commit_retry(result)
+            summary.add(result)
 
-    try:
-        pool = _probed_pool(spec, started_)
-        progress = Progress(total, 0, enabled=show_progress)
-        summary.prompts_this_run, summary.interrupted = dispatch(
-            pool,
-            iter(retry_units),
-            commit,
-            progress,
-            done_before=0,
-            stop_deadline_s=stop_deadline_s,
-            on_tick=lambda: started_.follow_replicas(pool),
-        )
-    finally:
-        started_.stop()
-    summary.worker_restarts = pool.restarts
-    summary.elapsed_s = time.monotonic() - started
+        _harvest(
+            spec, manifest, out_dir, iter(retry_units), commit, summary,
+            total=total, done_before=0, ray_address=ray_address,
+            show_progress=show_progress, stop_deadline_s=stop_deadline_s,
+        )  # fmt: skip
+    summary.elapsed_s = time.monotonic() - t0
     return summary

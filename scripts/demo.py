@@ -55,12 +55,22 @@ def main() -> int:
     files = reader.data_files(OUT_DIR)
     print(f"\n{table.num_rows} records in {len(files)} Parquet shards under {OUT_DIR}/data/")
     row = table.slice(0, 1).to_pylist()[0]
-    shown = {
-        key: ([*value[:8], "..."] if isinstance(value, list) and len(value) > 8 else value)
-        for key, value in row.items()
-    }
-    print("a sample record:")
-    print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=100))
+    print("a sample record (long lists cut):")
+    for key, value in row.items():
+        if key in ("top_token_ids", "top_logprobs"):
+            value = [
+                [round(v, 3) if isinstance(v, float) else v for v in step] for step in value[:2]
+            ]
+            value = f"{value} ... ({len(row[key])} tokens x {len(row[key][0])})"
+        elif key == "logprobs":
+            value = f"{[round(v, 3) for v in value[:8]]} ... ({len(value)})"
+        elif key == "token_ids":
+            value = f"{value[:12]} ... ({len(value)})"
+        print(
+            f"  {key:18} {value!r}"
+            if isinstance(value, str) and "\n" in value
+            else f"  {key:18} {value}"
+        )
     return 0
 
 

@@ -146,10 +146,13 @@ class TeacherClient:
                 attempts += 1
                 if attempts > 1:
                     self.counters["retries"] += 1
-                permit = await self.limiter.acquire(reserve) if self.limiter else None
+                permit = None
                 used = reserve  # a failed attempt may still have cost the teacher tokens
                 try:
                     async with self.router.acquire() as endpoint:
+                        # The permit is taken last, right before sending, so nothing between
+                        # the limiter's decision and the request leaving can bunch requests.
+                        permit = await self.limiter.acquire(reserve) if self.limiter else None
                         try:
                             answer = await self._post(endpoint, path, body)
                             samples, prompt_tokens = parse(answer, self.k)

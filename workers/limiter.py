@@ -2,11 +2,11 @@
 
 Sliding windows, not token buckets: a bucket lets a full burst land right after a refill, so
 a one-second window could see up to twice the rate. Here any window of the configured length
-holds at most the limit. Windows are 5% longer than nominal so the server, which sees our
+holds at most the limit. Windows are 10% longer than nominal so the server, which sees our
 requests a little later and with jitter, also never counts more than the limit.
 
-Plain asyncio; the scheduler runs one ``Limiter`` in a Ray actor that every worker shares, so
-the limits hold job-wide, not per worker.
+Plain asyncio; each harvest worker runs one ``Limiter`` with its share of the job-wide limits
+(``workers.actor``), and takes a permit right before each request is sent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import deque
 
 from schemas.job import RateLimit
 
-MARGIN = 1.05
+MARGIN = 1.1
 
 
 class SlidingWindow:

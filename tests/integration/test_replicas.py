@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from test_resume import committed_units
+from test_resume import committed_units, start
 
 from harvest import reader
 
@@ -67,14 +65,6 @@ def replica_job(folder: Path, prompts: int, max_tokens: int) -> Path:
     return folder / "job.yaml"
 
 
-def run_cli(job: Path, ray_address: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-    return subprocess.Popen(
-        [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-
-
 def replica_servers() -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -112,7 +102,7 @@ def check_rows(out: Path, prompts: int) -> None:
 def test_two_managed_replicas_share_the_work(tmp_path, ray_cluster):
     before = vllm_processes()
     job = replica_job(tmp_path, prompts=80, max_tokens=16)
-    proc = run_cli(job, ray_cluster)
+    proc = start(job, ray_cluster)
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
@@ -129,7 +119,7 @@ def test_killed_replica_is_restarted_and_nothing_is_lost(tmp_path, ray_cluster):
     before = vllm_processes()
     job = replica_job(tmp_path, prompts=300, max_tokens=48)
     out = tmp_path / "out"
-    proc = run_cli(job, ray_cluster)
+    proc = start(job, ray_cluster)
     deadline = time.monotonic() + 600
     while committed_units(out) < 2:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
