@@ -31,7 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from harvest.scheduler import JobAborted, ReplicaError, retry_failed
+    from harvest.scheduler import ClusterUnavailable, JobAborted, ReplicaError, retry_failed
 
     out_dir = Path(args.output)
     try:
@@ -41,6 +41,9 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     except (JobAborted, ReplicaError) as err:
         _error(f"{err}. Committed shards are kept; rerun the same command to continue.")
         return EXIT_ABORTED
+    except ClusterUnavailable as err:
+        _error(str(err))
+        return EXIT_BAD_JOB
     return _finish(summary, out_dir, f"harvest retry-failed {out_dir}")
 
 
@@ -58,7 +61,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harvest.scheduler import JobAborted, ReplicaError, run_job  # Ray loads only here
+    from harvest.scheduler import (  # Ray loads only for the commands that use it
+        ClusterUnavailable,
+        JobAborted,
+        ReplicaError,
+        run_job,
+    )
 
     spec = load_job(args.job)
     out_dir = Path(args.output or spec.output.dir)
@@ -73,6 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (JobAborted, ReplicaError) as err:
         _error(f"{err}. Committed shards are kept; rerun the same command to resume.")
         return EXIT_ABORTED
+    except ClusterUnavailable as err:
+        _error(str(err))
+        return EXIT_BAD_JOB
     return _finish(summary, out_dir, f"harvest run {args.job} --output {out_dir}")
 
 

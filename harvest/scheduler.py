@@ -31,7 +31,11 @@ from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
 
-__all__ = ["JobAborted", "ReplicaError", "Summary", "retry_failed", "run_job"]
+__all__ = ["ClusterUnavailable", "JobAborted", "ReplicaError", "Summary", "retry_failed", "run_job"]
+
+
+class ClusterUnavailable(RuntimeError):
+    """The Ray cluster named by --ray-address / $RAY_ADDRESS cannot be joined."""
 
 
 @dataclass
@@ -77,7 +81,13 @@ def init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as err:
+            raise ClusterUnavailable(
+                f"cannot join the Ray cluster at {address} ({type(err).__name__}); if it uses "
+                "token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+            ) from None
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
