@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from harvest.preflight import PreflightError
 from harvest.progress import Progress
 from schemas.job import JobSpec
 from schemas.wire import UnitResult, WorkUnit
@@ -170,3 +171,11 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def probe_teacher(worker: ray.actor.ActorHandle) -> None:
+    """One tiny real request from a harvest worker; a teacher that cannot serve it stops the job."""
+    try:
+        ray.get(worker.probe.remote())
+    except RayTaskError as err:
+        raise PreflightError(f"teacher probe request failed: {err.cause}") from None

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import ray
-from ray.exceptions import RayTaskError
 
 from schemas.job import JobSpec
 from workers import USER_AGENT
@@ -125,7 +123,7 @@ def check_teacher(
     """Every endpoint must serve the same model and tokenizer.
 
     The generation probe (token ids and logprobs come back) runs in a harvest worker, through
-    the worker's rate limiter: see ``probe_teacher``."""
+    the worker's rate limiter: see ``harvest.pool.probe_teacher``."""
     endpoints = endpoints or spec.teacher.endpoints
     headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
     if api_key:
@@ -139,11 +137,3 @@ def check_teacher(
                 f"name {spec.teacher.model!r}; one job must use one teacher"
             )
     return first
-
-
-def probe_teacher(worker: ray.actor.ActorHandle) -> None:
-    """One tiny real request from a harvest worker; a teacher that cannot serve it stops the job."""
-    try:
-        ray.get(worker.probe.remote())
-    except RayTaskError as err:
-        raise PreflightError(f"teacher probe request failed: {err.cause}") from None

@@ -21,8 +21,8 @@ import ray
 
 from harvest.manifest import RETRY_SEP, Manifest
 from harvest.manifest import load as load_manifest
-from harvest.pool import JobAborted, Pool, dispatch
-from harvest.preflight import TeacherInfo, check_teacher, probe_teacher, read_api_key
+from harvest.pool import JobAborted, Pool, dispatch, probe_teacher
+from harvest.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.progress import Progress
 from harvest.replicas import ReplicaError, ReplicaSet
 from harvest.sources import iter_units, scan
