@@ -10,41 +10,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harvest.manifest import ResumeRefused
 from harvest.preflight import PreflightError
 from harvest.sources import InputError
 from schemas.job import JobSpec, SpecError, load_job
 
+if TYPE_CHECKING:
+    from harvest.scheduler import Summary
+
 EXIT_OK, EXIT_ABORTED, EXIT_BAD_JOB, EXIT_WITH_FAILURES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-def _redacted(spec: JobSpec) -> dict:
-    return spec.model_dump(mode="json")  # keys live in the environment, never in the spec
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
-    print(json.dumps(_redacted(spec), indent=2))
+    # The spec holds no secret to redact: keys are read from the environment or a key file.
+    print(json.dumps(spec.model_dump(mode="json"), indent=2))
     return EXIT_OK
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from harvest.scheduler import ClusterUnavailable, JobAborted, ReplicaError, retry_failed
+    from harvest.scheduler import retry_failed
 
     out_dir = Path(args.output)
-    try:
-        summary = retry_failed(
+    return _harvest(
+        lambda: retry_failed(
             out_dir, ray_address=args.ray_address, show_progress=not args.no_progress
-        )
-    except (JobAborted, ReplicaError) as err:
-        _error(f"{err}. Committed shards are kept; rerun the same command to continue.")
-        return EXIT_ABORTED
-    except ClusterUnavailable as err:
-        _error(str(err))
-        return EXIT_BAD_JOB
-    return _finish(summary, out_dir, f"harvest retry-failed {out_dir}")
+        ),
+        out_dir,
+        resume=f"harvest retry-failed {out_dir}",
+    )
 
 
 def cmd_provenance(args: argparse.Namespace) -> int:
@@ -61,33 +59,39 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harvest.scheduler import (  # Ray loads only for the commands that use it
-        ClusterUnavailable,
-        JobAborted,
-        ReplicaError,
-        run_job,
-    )
+    from harvest.scheduler import run_job  # Ray loads only for the commands that use it
 
     spec = load_job(args.job)
     out_dir = Path(args.output or spec.output.dir)
-    try:
-        summary = run_job(
+    return _harvest(
+        lambda: run_job(
             spec,
             out_dir,
             force_new=args.force_new,
             ray_address=args.ray_address,
             show_progress=not args.no_progress,
-        )
+        ),
+        out_dir,
+        resume=f"harvest run {args.job} --output {out_dir}",
+    )
+
+
+def _harvest(run: Callable[[], Summary], out_dir: Path, resume: str) -> int:
+    """Run a harvest, turn early stops into one-line errors, then report and pick the exit code."""
+    from harvest.scheduler import ClusterUnavailable, JobAborted, ReplicaError
+
+    try:
+        summary = run()
     except (JobAborted, ReplicaError) as err:
-        _error(f"{err}. Committed shards are kept; rerun the same command to resume.")
+        _error(f"{err}. Committed shards are kept; rerun `{resume}` to continue.")
         return EXIT_ABORTED
     except ClusterUnavailable as err:
         _error(str(err))
         return EXIT_BAD_JOB
-    return _finish(summary, out_dir, f"harvest run {args.job} --output {out_dir}")
+    return _finish(summary, out_dir, resume)
 
 
-def _finish(summary, out_dir: Path, resume: str) -> int:
+def _finish(summary: Summary, out_dir: Path, resume: str) -> int:
     print(format_summary(summary))
     _write_summary(out_dir, summary)
     if summary.interrupted:
@@ -99,7 +103,7 @@ def _finish(summary, out_dir: Path, resume: str) -> int:
     return EXIT_OK
 
 
-def format_summary(s) -> str:
+def format_summary(s: Summary) -> str:
     rate = s.completion_tokens / s.elapsed_s if s.elapsed_s else 0.0
     lines = [
         f"job {s.job_id}: {s.prompts} prompts, {s.prompts_this_run} harvested in this run "
@@ -117,7 +121,7 @@ def format_summary(s) -> str:
     return "\n".join(lines)
 
 
-def _write_summary(out_dir: Path, s) -> None:
+def _write_summary(out_dir: Path, s: Summary) -> None:
     (out_dir / "_summary.json").write_text(json.dumps(s.to_dict(), indent=2))
 
 
