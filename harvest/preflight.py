@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,9 @@ def read_api_key(spec: JobSpec) -> str | None:
     return None
 
 
-def _models(endpoint: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+def _models(http: httpx.Client, endpoint: str) -> list[dict[str, Any]]:
     try:
-        resp = httpx.get(f"{endpoint}/models", headers=headers, timeout=10.0)
+        resp = http.get(f"{endpoint}/models", timeout=10.0)
     except httpx.HTTPError as err:
         raise PreflightError(f"teacher {endpoint} unreachable: {type(err).__name__}") from None
     if resp.status_code in (401, 403):
@@ -82,11 +83,11 @@ def _models(endpoint: str, headers: dict[str, str]) -> list[dict[str, Any]]:
         raise PreflightError(f"teacher {endpoint}/models is not an OpenAI model list") from None
 
 
-def _tokenize_hash(endpoint: str, headers: dict[str, str], model: str, **what: Any) -> str | None:
+def _tokenize_hash(http: httpx.Client, endpoint: str, model: str, **what: Any) -> str | None:
     """Hash of the server's own tokenization (vLLM's /tokenize); None where unsupported."""
     root = endpoint.removesuffix("/v1")
     try:
-        resp = httpx.post(f"{root}/tokenize", json={"model": model, **what}, headers=headers)
+        resp = http.post(f"{root}/tokenize", json={"model": model, **what})
         tokens = resp.json()["tokens"] if resp.status_code == 200 else None
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None
@@ -95,8 +96,8 @@ def _tokenize_hash(endpoint: str, headers: dict[str, str], model: str, **what: A
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
 
 
-def _identify(endpoint: str, headers: dict[str, str], spec: JobSpec) -> TeacherInfo:
-    models = {m.get("id"): m for m in _models(endpoint, headers)}
+def _identify(http: httpx.Client, endpoint: str, spec: JobSpec) -> TeacherInfo:
+    models = {m.get("id"): m for m in _models(http, endpoint)}
     model = spec.teacher.model
     if model not in models:
         raise PreflightError(
@@ -107,9 +108,9 @@ def _identify(endpoint: str, headers: dict[str, str], spec: JobSpec) -> TeacherI
         model=model,
         model_root=models[model].get("root"),
         max_model_len=models[model].get("max_model_len"),
-        tokenizer_hash=_tokenize_hash(endpoint, headers, model, prompt=TOKENIZER_PROBE),
+        tokenizer_hash=_tokenize_hash(http, endpoint, model, prompt=TOKENIZER_PROBE),
         chat_template_hash=_tokenize_hash(
-            endpoint, headers, model, messages=CHAT_PROBE, add_generation_prompt=True
+            http, endpoint, model, messages=CHAT_PROBE, add_generation_prompt=True
         ),
     )
 
@@ -128,7 +129,14 @@ def check_teacher(
     headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    infos = {endpoint: _identify(endpoint, headers, spec) for endpoint in endpoints}
+    # One client (one connection pool) for all checks; endpoints are checked concurrently.
+    with (
+        httpx.Client(headers=headers, verify=spec.teacher.tls_verify) as http,
+        ThreadPoolExecutor(max_workers=min(16, len(endpoints))) as pool,
+    ):
+        infos = dict(
+            zip(endpoints, pool.map(lambda e: _identify(http, e, spec), endpoints), strict=True)
+        )
     first_endpoint, first = next(iter(infos.items()))
     for endpoint, info in infos.items():
         if info.tokenizer_hash != first.tokenizer_hash:

@@ -87,7 +87,7 @@ class Router:
         finally:
             async with self._changed:
                 self.in_flight[endpoint] -= 1
-                self._changed.notify_all()
+                self._changed.notify()  # one slot freed: wake one waiter, not every queued row
 
     async def report(self, endpoint: str, ok: bool) -> None:
         """Outcome of one request: ``ok`` unless the endpoint itself failed."""

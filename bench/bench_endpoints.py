@@ -1,0 +1,654 @@
+"""Does harvest throughput scale with the number of teacher endpoints?
+
+Why: the point of listing several vLLM endpoints in a job is that a harvest with E endpoints
+runs E times as fast as with one. Real teachers are too noisy (and too expensive on a laptop)
+to show that, so this benchmark uses synthetic teachers with a *fixed* per-request service time
+(``latency_s``) and a *fixed* number of requests served at once (``capacity``): one endpoint can
+never do better than ``capacity / latency_s`` requests/s, and E of them never better than E times
+that. Any shortfall from that ideal is the harvest pipeline's (client, router, Ray, writer) or
+this machine's, not the teacher's.
+
+For E in 1, 2, 4, 8 it starts E teachers (``tests/fault_teacher_server.py``, no faults; by
+default each in its own subprocess so they do not share a GIL with each other or the driver),
+harvests ``seconds x ideal`` unique prompts through the real pipeline (``run_job`` on one local
+Ray cluster shared by all runs) and measures throughput two ways:
+
+* end-to-end: prompts / ``Summary.elapsed_s`` (includes preflight, actor start-up, the last
+  shard write and the manifest commit);
+* steady state, from the teachers' own logs: completed benchmark requests / (last response
+  written - first benchmark request arrived), over all teachers of the run; the preflight probe
+  and the GET/404 preflight calls are not benchmark prompts and are excluded.
+
+Scaling is reported as a ratio to linear: ``throughput(E) / (E x throughput(1))``. It also checks
+that every prompt was harvested exactly once, with no failures, and that every endpoint served
+(``Summary.endpoint_requests``), and reports where the time and the CPU went (start-up split,
+teacher queueing, CPU of the harvest actors / teachers / Ray / everything else on the machine).
+
+The client side is sized so that it is not the bottleneck: 2 workers (one per core here),
+``in_flight_per_endpoint`` = 2 x capacity (each worker's share alone fills a teacher; together
+they keep a queue at every teacher), and small work units (50 rows) at every E, since every row
+of the units in flight waits in the worker's router. See bench/README.md for why and for results.
+
+Run: ``.venv/bin/python bench/bench_endpoints.py [--quick]`` (``--help`` for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+MODEL = "fault"
+TIMELINE_BIN_S = 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic teachers: in a subprocess each (default) or as threads of this process.
+# ---------------------------------------------------------------------------------------------
+
+
+def _record_dicts(log: list[Any]) -> list[dict[str, Any]]:
+    """The fields of ``fault_teacher_server.Record`` this benchmark needs, as plain dicts."""
+    keep = ("t", "path", "key", "outcome", "t_served", "t_done", "busy")
+    return [{k: getattr(r, k) for k in keep} for r in log]
+
+
+def serve_forever(latency_s: float, capacity: int) -> None:
+    """Subprocess mode: run one teacher; print its port; on "dump" print its log and exit."""
+    sys.path.insert(0, str(TESTS))
+    from fault_teacher_server import FaultPlan, FaultTeacherServer
+
+    server = FaultTeacherServer(model=MODEL, plan=FaultPlan(latency_s=latency_s, capacity=capacity))
+    server.start()
+    print(server.port, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "dump":
+            print(json.dumps(_record_dicts(server.log)), flush=True)
+            break
+    server.stop()
+
+
+class Teacher(Protocol):
+    url: str
+    pid: int | None  # its own process, if it has one
+
+    def records(self) -> list[dict[str, Any]]: ...
+    def stop(self) -> None: ...
+
+
+class ProcessTeacher:
+    """One synthetic teacher in its own Python process (its own GIL, its own event loop)."""
+
+    def __init__(self, latency_s: float, capacity: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(latency_s), str(capacity)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        port = self.proc.stdout.readline().strip()
+        if not port.isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"synthetic teacher did not start (said {port!r})")
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.pid: int | None = self.proc.pid
+
+    def records(self) -> list[dict[str, Any]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("dump\n")
+        self.proc.stdin.flush()
+        return list(json.loads(self.proc.stdout.readline()))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # our own child, by its Popen handle
+                self.proc.wait(10)
+
+
+class ThreadTeacher:
+    """One synthetic teacher as a thread of this process (shares the driver's GIL)."""
+
+    def __init__(self, latency_s: float, capacity: int) -> None:
+        from fault_teacher_server import FaultPlan, FaultTeacherServer
+
+        plan = FaultPlan(latency_s=latency_s, capacity=capacity)
+        self.server = FaultTeacherServer(model=MODEL, plan=plan).start()
+        self.url = self.server.url
+        self.pid: int | None = None  # a thread of the driver
+
+    def records(self) -> list[dict[str, Any]]:
+        return _record_dicts(self.server.log)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine load, sampled from /proc/stat while a run goes on.
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_idle(max_wait_s: float, below: float, window_s: float = 3.0) -> tuple[float, float]:
+    """Wait (at most ``max_wait_s``) for ``window_s`` with machine CPU busy under ``below``.
+
+    Returns (seconds waited, busy fraction of the last window). On a shared machine this
+    starts runs in quiet spells; the load during each run is still measured and reported.
+    """
+    started = time.monotonic()
+    while True:
+        b0, t0 = _cpu_times()
+        time.sleep(window_s)
+        b1, t1 = _cpu_times()
+        busy = (b1 - b0) / max(1, t1 - t0)
+        waited = time.monotonic() - started
+        if busy < below or waited >= max_wait_s:
+            return waited, busy
+
+
+class LoadProbe:
+    """CPU use during a block: the whole machine (/proc/stat) and this benchmark's own processes.
+
+    A thread samples the CPU times of every descendant of this process (the Ray cluster this
+    script started, its harvest actors, the teacher subprocesses) every ``every_s``; a process
+    that exits keeps its last sample. What the machine used beyond that is other load.
+    """
+
+    def __init__(self, teacher_pids: set[int], every_s: float = 0.2) -> None:
+        self.teacher_pids, self.every_s = teacher_pids, every_s
+        self.me = psutil.Process()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load-probe", daemon=True)
+
+    def _classify(self, proc: psutil.Process) -> str:
+        if proc.pid in self.teacher_pids:
+            return "teachers"
+        return "harvest_actors" if "HarvestActor" in " ".join(proc.cmdline()) else "ray_other"
+
+    def _sample(self) -> None:
+        procs = [(self.me, "driver")]
+        for child in self.me.children(recursive=True):
+            kind = self.kind.get(child.pid)
+            try:  # a Ray worker takes its actor's name only once the actor is created
+                procs.append((child, kind if kind == "harvest_actors" else self._classify(child)))
+            except psutil.Error:
+                continue
+        for proc, kind in procs:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            used = t.user + t.system
+            self.kind[proc.pid] = kind
+            self.first.setdefault(proc.pid, 0.0 if self.started else used)
+            self.last[proc.pid] = used
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> LoadProbe:
+        self.started = False
+        self._sample()  # processes alive now count from now on, later ones from their start
+        self.started = True
+        self.cpu_start = _cpu_times()
+        self.wall_start = time.monotonic()
+        self.load_start = os.getloadavg()[0]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        busy, total = _cpu_times()
+        self.wall_s = time.monotonic() - self.wall_start
+        self.machine_busy = (busy - self.cpu_start[0]) / max(1, total - self.cpu_start[1])
+        self.load_end = os.getloadavg()[0]
+        self.cpu_s: Counter[str] = Counter()
+        for pid, used in self.last.items():
+            self.cpu_s[self.kind[pid]] += used - self.first[pid]
+        ours = sum(self.cpu_s.values())
+        cpus = os.cpu_count() or 1
+        self.cpu_s["other_processes"] = max(0.0, self.machine_busy * cpus * self.wall_s - ours)
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration: E endpoints, one harvest.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    endpoints: int
+    prompts: int
+    unit_rows: int
+    ideal_rps: float
+    elapsed_s: float
+    e2e_rps: float
+    steady_window_s: float
+    steady_rps: float
+    utilization: float  # mean over endpoints: busy slot-seconds / (capacity x window)
+    mean_queue_wait_ms: float  # arrival -> service start, at the teachers
+    mean_service_ms: float  # service start -> response written, at the teachers
+    per_endpoint: list[int]  # from Summary.endpoint_requests, in endpoint order
+    retries: int
+    startup_s: float  # run_job called -> first benchmark request at a teacher, split into:
+    startup_split: dict[str, float]  # scan, preflight, workers, first_units (see run_config)
+    tail_s: float  # last response written -> run_job returned
+    machine_busy: float  # whole-machine CPU busy fraction during the run (all processes)
+    cpu_s: dict[str, float]  # CPU seconds during run_job: ours by role, and everything else
+    load_1m: tuple[float, float]  # 1-minute load average at start and end
+    timeline: list[int]  # responses written per TIMELINE_BIN_S since the first arrival
+    idle_wait: tuple[float, float]  # (s waited for a quiet machine, busy fraction then)
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def _write_prompts(path: Path, endpoints: int, count: int) -> list[str]:
+    texts = [f"bench E={endpoints} prompt {i}: tell me about number {i}" for i in range(count)]
+    with open(path, "w") as fh:
+        for i, text in enumerate(texts):
+            fh.write(json.dumps({"id": f"e{endpoints}-{i}", "prompt": text}) + "\n")
+    return texts
+
+
+def _job(
+    args: argparse.Namespace, urls: list[str], prompts_file: Path, out: Path, unit_rows: int
+) -> Any:
+    from schemas.job import parse_job
+
+    return parse_job(
+        {
+            "input": str(prompts_file),
+            "teacher": {
+                "model": MODEL,
+                "endpoints": urls,
+                "authorization": {
+                    "owner": "bench",
+                    "license": "test",
+                    "attestation": "synthetic teacher (tests/fault_teacher_server.py)",
+                },
+                "timeout_s": 30.0,
+            },
+            "sampling": {"max_tokens": args.max_tokens, "n": 1, "logprobs": args.logprobs},
+            "output": {"dir": str(out), "rows_per_shard": unit_rows},
+            "concurrency": {
+                "workers": args.workers,
+                "in_flight_per_endpoint": args.in_flight,
+                "worker_cpus": args.worker_cpus,
+            },
+        },
+        "bench job",
+    )
+
+
+def _start_teachers(args: argparse.Namespace, count: int) -> list[Teacher]:
+    kind = ProcessTeacher if args.servers == "process" else ThreadTeacher
+    teachers: list[Teacher] = []
+    try:
+        for _ in range(count):
+            teachers.append(kind(args.latency, args.capacity))
+    except BaseException:
+        for t in teachers:
+            t.stop()
+        raise
+    return teachers
+
+
+def run_config(args: argparse.Namespace, endpoints: int, workdir: Path) -> RunResult:
+    """Harvest ``seconds x ideal`` prompts through ``endpoints`` synthetic teachers."""
+    from harvest import reader
+    from harvest.scheduler import run_job
+
+    ideal = endpoints * args.capacity / args.latency
+    count = round(args.seconds * ideal)
+    unit_rows = args.unit_rows
+    folder = workdir / f"e{endpoints}"
+    folder.mkdir(parents=True)  # workdir is per repeat
+    texts = _write_prompts(folder / "prompts.jsonl", endpoints, count)
+    problems: list[str] = []
+
+    teachers = _start_teachers(args, endpoints)
+    idle = (0.0, 0.0)
+    try:
+        if args.wait_idle > 0:
+            idle = wait_idle(args.wait_idle, args.idle_below)
+        urls = [t.url for t in teachers]
+        spec = _job(args, urls, folder / "prompts.jsonl", folder / "out", unit_rows)
+        pids = {t.pid for t in teachers if t.pid is not None}
+        with LoadProbe(pids) as load:
+            t_call = time.monotonic()  # CLOCK_MONOTONIC: the teachers' clock too, on Linux
+            summary = run_job(spec, folder / "out", show_progress=False)
+            t_return = time.monotonic()
+        logs = [t.records() for t in teachers]
+    finally:
+        for t in teachers:
+            t.stop()
+
+    # Exactly once: every prompt id in the data, once; nothing failed.
+    ids = reader.read_table(folder / "out")["prompt_id"].to_pylist()
+    expected = {f"e{endpoints}-{i}" for i in range(count)}
+    dupes = [k for k, v in Counter(ids).items() if v > 1]
+    if set(ids) != expected or dupes or len(ids) != count:
+        problems.append(
+            f"harvested {len(ids)} rows for {count} prompts "
+            f"({len(expected - set(ids))} missing, {len(dupes)} duplicated)"
+        )
+    if summary.data_rows != count or summary.failure_rows:
+        problems.append(f"summary: {summary.data_rows} data, {summary.failure_rows} failed rows")
+
+    # Every endpoint served (the summary's own per-endpoint counts).
+    per_endpoint = [summary.endpoint_requests.get(u, 0) for u in spec.teacher.endpoints]
+    if min(per_endpoint) == 0:
+        problems.append(f"an endpoint served nothing: {per_endpoint}")
+    if sum(per_endpoint) != count:
+        problems.append(f"endpoint counts sum to {sum(per_endpoint)}, not {count}")
+
+    # Steady state from the teachers' logs, benchmark prompts only.
+    wanted = set(texts)
+    recs = [
+        [r for r in log if r["key"] in wanted and r["path"].endswith("completions")] for log in logs
+    ]
+    flat = [r for rs in recs for r in rs]
+    done = [r for r in flat if r["outcome"] == "ok" and r["t_done"] is not None]
+    served_keys = Counter(r["key"] for r in done)
+    if set(served_keys) != wanted:
+        problems.append(f"teachers answered {len(served_keys)} of {count} prompts")
+    start = min(r["t"] for r in flat)
+    # Start-up, from the teachers' clocks: run_job -> first preflight call (input scan,
+    # manifest) -> generation probe from a fresh harvest worker (preflight checks of every
+    # endpoint, Ray actor start-up) -> first benchmark request (first units dispatched).
+    every = [r for log in logs for r in log]
+    first_call = min(r["t"] for r in every)
+    probes = [r["t"] for r in every if r["path"].endswith("completions") and r["key"] not in wanted]
+    probe = min(probes, default=start)
+    checks = [r["t_done"] or r["t"] for r in every if r["t"] < probe]  # /models, /tokenize
+    checked = max(checks, default=first_call)
+    split = {
+        "scan": first_call - t_call,
+        "preflight": checked - first_call,
+        "workers": probe - checked,
+        "first_units": start - probe,
+    }
+    end = max(r["t_done"] for r in done)
+    window = end - start
+    timeline = [0] * (int(window / TIMELINE_BIN_S) + 1)
+    for r in done:
+        timeline[int((r["t_done"] - start) / TIMELINE_BIN_S)] += 1
+    busy = [sum(r["t_done"] - r["t_served"] for r in rs if r["t_served"]) for rs in recs]
+    utilization = statistics.fmean(b / (args.capacity * window) for b in busy)
+    return RunResult(
+        endpoints=endpoints,
+        prompts=count,
+        unit_rows=unit_rows,
+        ideal_rps=ideal,
+        elapsed_s=summary.elapsed_s,
+        e2e_rps=count / summary.elapsed_s,
+        steady_window_s=window,
+        steady_rps=len(done) / window,
+        utilization=utilization,
+        mean_queue_wait_ms=1000 * statistics.fmean(r["t_served"] - r["t"] for r in done),
+        mean_service_ms=1000 * statistics.fmean(r["t_done"] - r["t_served"] for r in done),
+        per_endpoint=per_endpoint,
+        retries=summary.retries,
+        startup_s=start - t_call,
+        startup_split={k: round(v, 3) for k, v in split.items()},
+        tail_s=t_return - end,
+        machine_busy=load.machine_busy,
+        cpu_s={k: round(v, 2) for k, v in load.cpu_s.items()},
+        load_1m=(load.load_start, load.load_end),
+        timeline=timeline,
+        idle_wait=idle,
+        ok=not problems,
+        problems=problems,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------------------------
+
+
+def _median_run(runs: list[RunResult], key: str) -> RunResult:
+    """The run whose ``key`` is the median (a real run, so its other columns belong to it)."""
+    return sorted(runs, key=lambda r: getattr(r, key))[(len(runs) - 1) // 2]
+
+
+def table(by_e: dict[int, list[RunResult]]) -> str:
+    """The markdown table: one row per endpoint count (the median run when repeated)."""
+    e1 = min(by_e)
+    base_steady = _median_run(by_e[e1], "steady_rps").steady_rps
+    base_e2e = _median_run(by_e[e1], "e2e_rps").e2e_rps
+    repeated = any(len(runs) > 1 for runs in by_e.values())
+    head = (
+        "| endpoints | prompts | elapsed s | e2e req/s | steady req/s "
+        + ("| steady range " if repeated else "")
+        + "| ideal req/s | steady eff. | steady scaling | e2e scaling | teacher util. "
+        "| requests per endpoint | exactly once |\n" + "|---:" * (11 + repeated) + "|:---:|"
+    )
+    rows = [head]
+    for e, runs in by_e.items():
+        r = _median_run(runs, "steady_rps")
+        r_e2e = _median_run(runs, "e2e_rps")
+        e2e = r_e2e.e2e_rps
+        scale = e / e1
+        spread = f"{min(r.per_endpoint)}-{max(r.per_endpoint)}" if e > 1 else r.per_endpoint[0]
+        lo, hi = min(x.steady_rps for x in runs), max(x.steady_rps for x in runs)
+        rows.append(
+            f"| {e} | {r.prompts} | {r_e2e.elapsed_s:.1f} | {e2e:.1f} | {r.steady_rps:.1f} "
+            + (f"| {lo:.1f}-{hi:.1f} " if repeated else "")
+            + f"| {r.ideal_rps:.0f} | {r.steady_rps / r.ideal_rps:.1%} "
+            f"| {r.steady_rps / (scale * base_steady):.3f} | {e2e / (scale * base_e2e):.3f} "
+            f"| {r.utilization:.1%} | {spread} "
+            f"| {'yes' if all(x.ok for x in runs) else 'NO'} |"
+        )
+    return "\n".join(rows)
+
+
+def diagnostics(by_e: dict[int, list[RunResult]]) -> str:
+    """Every run: where the time went, what used the CPU, how loaded the machine was.
+
+    CPU columns are average cores busy over the ``run_job`` call (2 = the whole machine here);
+    "other load" is what the machine used beyond this benchmark's own processes.
+    """
+    lines = [
+        "| E | run | e2e req/s | steady req/s | start-up s | of which preflight "
+        "| of which workers | tail s | queue wait ms | service ms | retries "
+        "| cores: actors | teachers | driver+Ray | other load | load 1m start/end |",
+        "|---:" * 15 + "|---|",
+    ]
+    for e, runs in by_e.items():
+        for i, r in enumerate(runs, 1):
+            cores = {k: v / r.elapsed_s for k, v in r.cpu_s.items()}
+            lines.append(
+                f"| {e} | {i} | {r.e2e_rps:.1f} | {r.steady_rps:.1f} | {r.startup_s:.2f} "
+                f"| {r.startup_split['preflight']:.2f} | {r.startup_split['workers']:.2f} "
+                f"| {r.tail_s:.2f} | {r.mean_queue_wait_ms:.0f} | {r.mean_service_ms:.1f} "
+                f"| {r.retries} | {cores.get('harvest_actors', 0):.2f} "
+                f"| {cores.get('teachers', 0):.2f} "
+                f"| {cores.get('driver', 0) + cores.get('ray_other', 0):.2f} "
+                f"| {cores.get('other_processes', 0):.2f} "
+                f"| {r.load_1m[0]:.1f} / {r.load_1m[1]:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="~3 s per run instead of ~15 s")
+    p.add_argument("--endpoints", default="1,2,4,8", help="endpoint counts (default 1,2,4,8)")
+    p.add_argument("--latency", type=float, default=0.2, help="teacher service time, s")
+    p.add_argument("--capacity", type=int, default=4, help="requests a teacher serves at once")
+    p.add_argument("--seconds", type=float, default=15.0, help="run length at the ideal rate")
+    p.add_argument("--workers", type=int, default=2, help="harvest actors")
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        default=None,
+        help="in_flight_per_endpoint (job-wide; default 2 x capacity, so every endpoint has a "
+        "queue to pull from even while a worker writes a shard)",
+    )
+    p.add_argument("--worker-cpus", type=float, default=0.5)
+    p.add_argument(
+        "--unit-rows",
+        type=int,
+        default=50,
+        help="rows_per_shard (= work unit size), the same at every E as in a real job; small, "
+        "because every row of the units in flight waits in the worker's router (see README)",
+    )
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--logprobs", type=int, default=5)
+    p.add_argument(
+        "--servers",
+        choices=("process", "thread"),
+        default="process",
+        help="run each teacher in its own subprocess (default) or as a thread of this process",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="sweeps (interleaved); tables show medians"
+    )
+    p.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="nice value of this cluster's Ray workers (RAY_worker_niceness; Ray's default 15 "
+        "lets any normal-priority load on a shared machine starve the harvest actors)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each run wait up to S seconds for the machine to be quiet (shared boxes)",
+    )
+    p.add_argument(
+        "--idle-below",
+        type=float,
+        default=0.3,
+        help="'quiet' = machine CPU busy under this fraction for 3 s (default 0.3)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the raw results here (JSON)")
+    p.add_argument("--serve", nargs=2, metavar=("LATENCY", "CAPACITY"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seconds = 3.0
+    if args.in_flight is None:
+        args.in_flight = 2 * args.capacity
+    return args
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit measured, and whether the pipeline's files differed from it."""
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    changed = [line for line in git("status", "--porcelain").splitlines() if "bench/" not in line]
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve_forever(float(args.serve[0]), int(args.serve[1]))
+        return 0
+
+    # Keep Ray on loopback; import it (and the pipeline) only now.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112
+    sys.path[:0] = [str(ROOT), str(TESTS)]
+    import ray
+
+    counts = [int(x) for x in args.endpoints.split(",")]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    by_e: dict[int, list[RunResult]] = {e: [] for e in counts}
+    started, git_state = datetime.now(UTC), _git_state()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-endpoints-") as tmp:
+            for rep, e in ((rep, e) for rep in range(args.repeats) for e in counts):
+                r = run_config(args, e, Path(tmp) / f"r{rep}")
+                by_e[e].append(r)
+                print(
+                    f"E={e} (run {rep + 1}): {r.prompts} prompts in {r.elapsed_s:.1f} s, "
+                    f"e2e {r.e2e_rps:.1f} req/s, steady {r.steady_rps:.1f} req/s "
+                    f"(ideal {r.ideal_rps:.0f}), util {r.utilization:.1%}, "
+                    f"machine busy {r.machine_busy:.0%}"
+                    + (
+                        f" (waited {r.idle_wait[0]:.0f} s for {r.idle_wait[1]:.0%})"
+                        if args.wait_idle > 0
+                        else ""
+                    )
+                    + ", "
+                    f"actors {r.cpu_s.get('harvest_actors', 0) / r.elapsed_s:.2f} cores"
+                    + ("" if r.ok else f"  PROBLEMS: {r.problems}"),
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+
+    print()
+    print(table(by_e))
+    print()
+    print(diagnostics(by_e))
+    if args.out:
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "serve")}
+        args.out.write_text(
+            json.dumps(
+                {
+                    "started": started.isoformat(timespec="seconds"),
+                    "command": " ".join(
+                        [".venv/bin/python", "bench/bench_endpoints.py", *sys.argv[1:]]
+                    ),
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                        "platform": platform.platform(),
+                    },
+                    "git": git_state,
+                    "config": config,
+                    "runs": [asdict(r) for runs in by_e.values() for r in runs],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0 if all(r.ok for runs in by_e.values() for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
