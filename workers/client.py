@@ -163,7 +163,7 @@ class TeacherClient:
                             used = sum(len(s.token_ids) for s in samples)
                         except HarvestError as err:
                             err.endpoint = endpoint
-                            err.attempts = attempts  # type: ignore[attr-defined]
+                            err.attempts = attempts
                             self.counters[type(err).__name__] += 1
                             await self.router.report(endpoint, ok=not _endpoint_failed(err))
                             raise

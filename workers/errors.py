@@ -31,6 +31,7 @@ class HarvestError(Exception):
         super().__init__(message)
         self.http_status = http_status
         self.endpoint = endpoint
+        self.attempts = 1  # set by the client: how many attempts this request had
 
 
 class RetryableError(HarvestError):

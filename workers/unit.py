@@ -88,14 +88,14 @@ async def harvest_unit(
         sampling = sampling_for(spec, row)
         if isinstance(outcome, HarvestError):
             errors[type(outcome).__name__] += 1
-            retries += getattr(outcome, "attempts", 1) - 1
+            retries += outcome.attempts - 1
             for s in range(sampling["n"]):
                 fails.append(
                     request_id=request_id(row.prompt_id, s, teacher, sampling),
                     prompt_id=row.prompt_id, sample_index=s, source=row.source,
                     prompt=row.prompt, messages=row.messages,
                     error_class=type(outcome).__name__, http_status=outcome.http_status,
-                    message=str(outcome), attempts=getattr(outcome, "attempts", 1),
+                    message=str(outcome), attempts=outcome.attempts,
                     endpoint=outcome.endpoint or None, teacher=teacher,
                 )  # fmt: skip
             continue
