@@ -60,16 +60,6 @@ class TeacherReplica:
     def url(self) -> str:
         return self.server.url
 
-    def info(self) -> dict[str, object]:
-        proc = self.server.proc
-        return {
-            "index": self.index,
-            "url": self.server.url,
-            "server_pid": proc.pid if proc else None,
-            "log": str(self.server.log_path),
-            "node_id": ray.get_runtime_context().get_node_id(),
-        }
-
     def stop(self) -> None:
         self.stopping = True
         self.server.stop()

@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import yaml
 from fault_teacher_server import FaultPlan, FaultTeacherServer
+from windows import max_in_window
 
 from harvest import reader
 from harvest.cli import main
@@ -22,16 +23,6 @@ from harvest.cli import main
 pytestmark = pytest.mark.integration
 
 N = 2
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    """The most events inside any half-open window of ``window`` seconds."""
-    times, best, start = sorted(times), 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def write(folder, url, prompts, **extra_teacher):

@@ -5,18 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from windows import max_in_window
+
 from schemas.job import RateLimit
 from workers.limiter import MARGIN, Limiter
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def test_requests_per_second_never_exceeded():
