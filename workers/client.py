@@ -122,6 +122,12 @@ class TeacherClient:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
         except httpx.TransportError as err:
             raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
+        except (OSError, AttributeError) as err:
+            # Only the transport runs inside this try. When a server dies mid-connect, anyio can
+            # fail outside httpx's exception tree (seen: AttributeError "'NoneType' object has no
+            # attribute 'getpeername'" while a managed replica was killed): still a failed
+            # exchange with this endpoint, not a reason to abort the whole job.
+            raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
         if resp.status_code != 200:
             raise error_for_status(
                 resp.status_code,

@@ -155,6 +155,16 @@ def test_connection_errors_exhaust_attempts():
     assert len(fake.calls) == 4 and info.value.attempts == 4
 
 
+def test_transport_failure_outside_httpx_tree_is_retried():
+    def broken_socket(body, n):
+        if n == 1:  # what anyio raised when a replica died mid-connect
+            raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+        return None
+
+    done, client = run(complete(FakeTeacher(script=broken_socket), PROMPT))
+    assert done.attempts == 2 and client.counters["TeacherUnavailable"] == 1
+
+
 def test_truncated_body_is_retried():
     fake = FakeTeacher(
         script=lambda b, n: httpx.Response(200, content=b'{"choi') if n == 1 else None
