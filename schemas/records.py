@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 METADATA_KEY = b"teacher_harvest"
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -29,10 +29,16 @@ def record_schema(k: int) -> pa.Schema:
             pa.field("finish_reason", pa.string()),
             pa.field("prompt_tokens", pa.int32()),
             pa.field("completion_tokens", pa.int32(), nullable=False),
+            # The exact ids the teacher saw (chat template applied): prompt_token_ids + token_ids
+            # is the sequence a student trains on, with no re-tokenisation.
+            pa.field("prompt_token_ids", pa.list_(pa.int32())),
             pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
             pa.field("top_token_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
             pa.field("top_logprobs", pa.list_(pa.list_(pa.float32(), k)), nullable=False),
+            # Score mode: which entries of token_ids to train on (the response / assistant
+            # turns). Null in generate mode, where every entry of token_ids is trained on.
+            pa.field("loss_mask", pa.list_(pa.bool_())),
             pa.field("teacher", pa.string(), nullable=False),
             pa.field("endpoint", pa.string()),
             pa.field("attempts", pa.int32(), nullable=False),

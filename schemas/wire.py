@@ -60,6 +60,15 @@ class Sample:
 
 
 @dataclass(slots=True)
+class Answer:
+    """One parsed 200 answer: its samples and the prompt as the teacher tokenised it."""
+
+    samples: list[Sample]
+    prompt_tokens: int | None
+    prompt_token_ids: list[int] | None
+
+
+@dataclass(slots=True)
 class Completion:
     """A whole teacher answer for one row: its samples and how getting them went."""
 
@@ -68,6 +77,7 @@ class Completion:
     endpoint: str
     attempts: int
     latency_ms: float
+    prompt_token_ids: list[int] | None = None  # the ids the teacher saw, template applied
 
 
 @dataclass(slots=True)
