@@ -15,10 +15,20 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from schemas.job import RateLimit
 
 MARGIN = 1.1
+
+
+class _Event:
+    """One reservation in a window; ``amount`` shrinks when the answer used less."""
+
+    __slots__ = ("amount", "in_window", "time")
+
+    def __init__(self, time: float, amount: float) -> None:
+        self.time, self.amount, self.in_window = time, amount, True
 
 
 class SlidingWindow:
@@ -26,53 +36,65 @@ class SlidingWindow:
 
     def __init__(self, limit: float, window_s: float) -> None:
         self.limit, self.window_s = limit, window_s
-        self.events: deque[list[float]] = deque()  # [time, amount]; amount shrinks on settle
+        self.events: deque[_Event] = deque()
         self.used = 0.0
 
     def wait_for(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` more fits (0 if it fits now)."""
-        while self.events and self.events[0][0] <= now - self.window_s:
-            self.used -= self.events.popleft()[1]
+        while self.events and self.events[0].time <= now - self.window_s:
+            gone = self.events.popleft()
+            gone.in_window = False
+            self.used -= gone.amount
         # A single request larger than the limit may go once the window is empty.
         if self.used + amount <= self.limit or not self.events:
             return 0.0
-        return self.events[0][0] + self.window_s - now
+        return self.events[0].time + self.window_s - now
 
-    def take(self, amount: float, now: float) -> list[float]:
-        event = [now, amount]
+    def take(self, amount: float, now: float) -> _Event:
+        event = _Event(now, amount)
         self.events.append(event)
         self.used += amount
         return event
 
-    def give_back(self, event: list[float], keep: float) -> None:
-        if keep < event[1]:
-            self.used -= event[1] - keep
-            event[1] = keep
+    def give_back(self, event: _Event, keep: float) -> None:
+        """Shrink a reservation to what was used; one that already left the window counts
+        nowhere any more, so there is nothing to give back (it would drive ``used`` below the
+        real load and let too much through)."""
+        if event.in_window and keep < event.amount:
+            self.used -= event.amount - keep
+            event.amount = keep
 
 
 class Limiter:
     """Both limits of a job; ``acquire`` before each request, ``settle`` with real tokens."""
 
-    def __init__(self, spec: RateLimit) -> None:
+    def __init__(
+        self,
+        spec: RateLimit,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._clock, self._sleep = clock, sleep  # injectable: tests run on a virtual clock
         rps, tpm = spec.requests_per_s, spec.tokens_per_min
         self.requests = SlidingWindow(rps, 1.0 * MARGIN) if rps else None
         self.tokens = SlidingWindow(tpm, 60.0 * MARGIN) if tpm else None
         self._lock = asyncio.Lock()
         self._ids = itertools.count()
-        self._reserved: dict[int, list[float]] = {}
+        self._reserved: dict[int, _Event] = {}
 
     async def acquire(self, max_tokens: int) -> int:
         """Wait until one more request reserving ``max_tokens`` fits both windows."""
         async with self._lock:  # one waiter at a time: requests go in arrival order
             while True:
-                now = time.monotonic()
+                now = self._clock()
                 wait = max(
                     self.requests.wait_for(1, now) if self.requests else 0.0,
                     self.tokens.wait_for(max_tokens, now) if self.tokens else 0.0,
                 )
                 if wait <= 0:
                     break
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
             handle = next(self._ids)
             if self.requests:
                 self.requests.take(1, now)
