@@ -1,8 +1,9 @@
 """The actor pool and the dispatch loop shared by `harvest run` and `harvest retry-failed`.
 
 At most ``2 x workers`` units are in flight, so driver memory stays flat however large the input.
-A worker that dies mid-unit is replaced and its unit re-run by the new actor; the shard names are
-the unit's, so a re-run overwrites and the manifest still commits the unit once.
+A worker that dies or becomes unreachable mid-unit is killed (so it can no longer write), then
+replaced, and its unit re-run by the new actor; the shard names are the unit's, so a re-run
+overwrites and the manifest still commits the unit once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -21,7 +23,8 @@ from harvest.progress import Progress
 from schemas.job import JobSpec
 from schemas.wire import UnitResult, WorkUnit
 from workers.actor import HarvestActor
-from workers.errors import FatalError
+from workers.errors import FatalError, TeacherOutage
+from workers.router import EndpointDown
 
 UNIT_CRASH_LIMIT = 3  # a unit that kills this many workers is a bug to report, not retry forever
 
@@ -30,12 +33,20 @@ class JobAborted(RuntimeError):
     """The job stopped early; committed shards are kept and ``harvest run`` resumes."""
 
 
+@dataclass
+class PoolStats:
+    counters: Counter[str]
+    down: dict[str, EndpointDown]  # endpoint -> why and since when, as one worker saw it
+    outage: bool  # some worker has no usable endpoint: its rows wait for the teacher
+
+
 class Pool:
     """Harvest actors and the units in flight on each; replaces actors that die."""
 
     def __init__(self, spec: JobSpec, actor_kwargs: dict[str, Any]) -> None:
         self.spec, self.kwargs = spec, actor_kwargs
         self.actors = [self._new() for _ in range(spec.concurrency.workers)]
+        self._share_peers()
         self.load = [0] * len(self.actors)
         self.in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, WorkUnit]] = {}
         self.crashes: Counter[str] = Counter()
@@ -47,6 +58,11 @@ class Pool:
             num_cpus=cpus, max_concurrency=1000, scheduling_strategy="SPREAD"
         ).remote(self.spec.model_dump_json(), **self.kwargs)
 
+    def _share_peers(self) -> None:
+        """Each worker learns the others, to pass on endpoint pauses (429 Retry-After)."""
+        for actor in self.actors:
+            actor.set_peers.remote([a for a in self.actors if a is not actor])
+
     def submit(self, unit: WorkUnit) -> None:
         slot = min(range(len(self.actors)), key=self.load.__getitem__)
         self.load[slot] += 1
@@ -54,13 +70,19 @@ class Pool:
         self.in_flight[actor.run_unit.remote(unit)] = (slot, actor, unit)
 
     def crashed(self, slot: int, actor: ray.actor.ActorHandle, unit: WorkUnit) -> None:
-        """Re-run ``unit`` on a fresh actor (one replacement per dead actor, not per unit)."""
+        """Re-run ``unit`` on a fresh actor (one replacement per dead actor, not per unit).
+
+        Ray also reports an actor that is only unreachable for now (``ActorUnavailableError``)
+        this way; it may still be writing the unit's shard, so it is killed before the unit
+        runs again: two writers of one shard name must never overlap."""
+        ray.kill(actor, no_restart=True)
         self.crashes[unit.unit_id] += 1
         if self.crashes[unit.unit_id] >= UNIT_CRASH_LIMIT:
             raise JobAborted(f"unit {unit.unit_id} crashed {UNIT_CRASH_LIMIT} workers")
         if self.actors[slot] is actor:
             self.actors[slot] = self._new()
             self.restarts += 1
+            self._share_peers()
         self.submit(unit)
 
     def set_endpoints(self, endpoints: list[str]) -> None:
@@ -69,11 +91,14 @@ class Pool:
         for actor in self.actors:
             actor.set_endpoints.remote(endpoints)
 
-    def stats(self) -> Counter[str]:
-        total: Counter[str] = Counter()
+    def stats(self) -> PoolStats:
+        total = PoolStats(Counter(), {}, False)
         try:
             for s in ray.get([a.stats.remote() for a in self.actors], timeout=5):
-                total.update(s)
+                total.counters.update(s.counters)
+                for d in s.down:
+                    total.down.setdefault(d.endpoint, d)
+                total.outage |= s.outage
         except (RayActorError, GetTimeoutError):
             pass  # a dying actor: its unit is re-run; progress catches up next poll
         return total
@@ -134,12 +159,15 @@ def dispatch(
                 live = pool.stats()
                 progress.update(
                     done=done_before + committed,
-                    in_unit=live["prompts"] - committed,
-                    tokens=live["completion_tokens"],
-                    failures=live["failed_prompts"],
+                    in_unit=live.counters["prompts"] - committed,
+                    tokens=live.counters["completion_tokens"],
+                    failures=live.counters["failed_prompts"],
+                    down=list(live.down.values()) if live.outage else [],
                 )
+    except TeacherOutage as err:
+        raise JobAborted(str(getattr(err, "cause", err))) from None
     except FatalError as err:
-        raise JobAborted(f"teacher error stopped the job: {err}") from None
+        raise JobAborted(f"teacher error stopped the job: {getattr(err, 'cause', err)}") from None
     except RayTaskError as err:
         raise JobAborted(f"a worker failed: {err.cause!r}") from None
     finally:

@@ -187,7 +187,12 @@ def _harvest(
             pool,
             units,
             commit,
-            Progress(total, done_before, enabled=show_progress),
+            Progress(
+                total,
+                done_before,
+                enabled=show_progress,
+                outage_timeout_s=spec.teacher.outage_timeout_s,
+            ),
             done_before=done_before,
             stop_deadline_s=stop_deadline_s,
             on_tick=lambda: started.follow_replicas(pool),

@@ -75,7 +75,10 @@ class Authorization(_Strict):
 
 class RateLimit(_Strict):
     requests_per_s: float | None = Field(
-        None, gt=0, description="Most requests sent in any one-second window, job-wide."
+        None,
+        gt=0,
+        description="Most generation requests sent in any one-second window, job-wide (the "
+        "/tokenize calls that render chat rows are not counted).",
     )
     tokens_per_min: int | None = Field(
         None,
@@ -178,7 +181,18 @@ class TeacherSpec(_Strict):
         6, ge=1, le=50, description="Attempts per request before it becomes a failure row."
     )
     max_request_time_s: float = Field(
-        900.0, gt=0, description="Cap on the total time spent on one request, retries included."
+        900.0,
+        gt=0,
+        description="Cap on the time spent on one request's own attempts and backoff. Time "
+        "spent waiting for a usable endpoint (paused by a 429, circuit open) is not counted: "
+        "outage_timeout_s bounds that.",
+    )
+    outage_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long the job waits while no endpoint is usable (every one down, or "
+        "paused by 429 Retry-After) before it stops with exit code 1. Rows waiting meanwhile "
+        "are not failed; committed shards are kept and a rerun resumes.",
     )
     backoff_initial_s: float = Field(
         0.5, gt=0, description="Initial retry backoff; grows exponentially, with full jitter."

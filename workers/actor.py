@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from schemas.job import JobSpec, RateLimit
 from schemas.wire import PromptRow, UnitResult, WorkUnit
 from workers.client import TeacherClient
 from workers.limiter import Limiter
+from workers.router import EndpointDown
 from workers.unit import harvest_unit
+
+
+@dataclass
+class WorkerStats:
+    counters: dict[str, int]
+    down: list[EndpointDown]  # endpoints out of rotation (circuit open, paused by a 429)
+    outage: bool  # no endpoint usable: this worker's rows are waiting for the teacher
 
 
 @ray.remote
@@ -43,8 +52,23 @@ class HarvestActor:
             cap_per_endpoint=cap_per_endpoint,
             endpoints=endpoints,
             limiter=_limiter_share(self.spec),
+            on_pause=self._tell_peers,
         )
         self.progress: Counter[str] = Counter()
+        self.peers: list[ray.actor.ActorHandle] = []
+
+    def _tell_peers(self, endpoint: str, until_wall: float) -> None:
+        """A 429 paused ``endpoint`` here: the other workers stay away from it too."""
+        for peer in self.peers:
+            peer.pause_endpoint.remote(endpoint, until_wall)
+
+    async def set_peers(self, peers: list[ray.actor.ActorHandle]) -> None:
+        """The other harvest workers of this job (set again when one is replaced)."""
+        self.peers = peers
+
+    async def pause_endpoint(self, endpoint: str, until_wall: float) -> None:
+        """Another worker got a 429 from ``endpoint``: no request until ``until_wall``."""
+        await self.client.router.pause_until(endpoint, until_wall)
 
     async def run_unit(self, unit: WorkUnit) -> UnitResult:
         result = await harvest_unit(
@@ -63,13 +87,19 @@ class HarvestActor:
         """A managed replica moved (restarted on a new port): route to the new set."""
         await self.client.router.set_endpoints(endpoints)
 
-    async def stats(self) -> dict[str, int]:
-        """Counters since the actor started: prompts done, tokens, failures, retries."""
-        return {
-            **self.progress,
-            **self.client.counters,
-            "circuit_opened": self.client.router.circuit_opened,
-        }
+    async def stats(self) -> WorkerStats:
+        """Counters since the actor started (prompts done, tokens, failures, retries) and the
+        endpoints this worker cannot use now."""
+        router = self.client.router
+        return WorkerStats(
+            counters={
+                **self.progress,
+                **self.client.counters,
+                "circuit_opened": router.circuit_opened,
+            },
+            down=router.down(),
+            outage=router.outage_since is not None,
+        )
 
     async def pid(self) -> int:
         """This worker's process id (for operators and fault-injection tests)."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
 import orjson
 
 from schemas.job import OVERRIDABLE, JobSpec
-from schemas.wire import Completion, PromptRow
+from schemas.wire import Answer, Completion, PromptRow
 from workers import USER_AGENT
 from workers.errors import (
     HarvestError,
@@ -28,9 +29,9 @@ from workers.errors import (
     TeacherUnavailable,
     error_for_status,
 )
-from workers.parse import parse_chat, parse_completions
+from workers.parse import parse_completions
 from workers.retry import build_retrying, parse_retry_after
-from workers.router import Router
+from workers.router import PauseListener, Router
 
 
 class RateLimiter(Protocol):
@@ -47,6 +48,14 @@ def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
     return params
 
 
+@dataclass
+class _Request:
+    """One row's request across its attempts."""
+
+    waited_s: float = 0.0  # time spent waiting for a usable endpoint (not charged to the row)
+    endpoint: str = ""  # the endpoint of the latest attempt
+
+
 class TeacherClient:
     def __init__(
         self,
@@ -58,30 +67,36 @@ class TeacherClient:
         endpoints: list[str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         limiter: RateLimiter | None = None,
+        on_pause: PauseListener | None = None,
     ) -> None:
         self.spec = spec
         self.k = spec.sampling.logprobs
+        teacher = spec.teacher
         self.router = Router(
-            endpoints or spec.teacher.endpoints,
+            endpoints or teacher.endpoints,
             cap_per_endpoint or spec.concurrency.in_flight_per_endpoint,
             health_check=self.healthy,
+            outage_timeout_s=teacher.outage_timeout_s,
+            pause_backoff=(teacher.backoff_initial_s, teacher.backoff_max_s),
+            on_pause=on_pause,
         )
         headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        timeout = spec.teacher.timeout_s
+        timeout = teacher.timeout_s
         self.limiter = limiter
         self._http = httpx.AsyncClient(
             headers=headers,
-            verify=spec.teacher.tls_verify,
+            verify=teacher.tls_verify,
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             transport=transport,
         )
         self.counters: Counter[str] = Counter()  # retries and error classes seen
 
-    def payload(self, row: PromptRow) -> tuple[str, dict[str, Any]]:
-        """Request path and JSON body for one input row."""
+    def payload(self, row: PromptRow) -> dict[str, Any]:
+        """The ``/v1/completions`` body for one input row (a chat row's prompt is added once the
+        server has rendered the conversation: ``render``)."""
         params = sampling_for(self.spec, row)
         body: dict[str, Any] = {
             "model": self.spec.teacher.model,
@@ -89,34 +104,45 @@ class TeacherClient:
             "temperature": params["temperature"],
             "top_p": params["top_p"],
             "n": params["n"],
-            "return_tokens_as_token_ids": True,
+            "logprobs": self.k,
+            "return_tokens_as_token_ids": True,  # ids, never strings that can collide
+            "return_token_ids": True,  # the prompt's ids, as the teacher saw them
         }
         if params["seed"] is not None:
             body["seed"] = params["seed"]
         if params["stop"]:
             body["stop"] = params["stop"]
-        if row.messages is not None:
-            # vLLM's chat API lists the sampled token first and then cuts the list to
-            # top_logprobs entries, so asking for exactly K loses the K-th best alternative
-            # whenever the sampled token is outside the top K. Ask for K+1 and let the parser
-            # sort and cut (this needs the server's --max-logprobs >= K+1).
-            body.update(
-                messages=row.messages, logprobs=True, top_logprobs=self.k + 1 if self.k else 0
-            )
-            return "/chat/completions", body
-        body.update(prompt=row.prompt, logprobs=self.k)
-        return "/completions", body
+        if row.messages is None:
+            body["prompt"] = row.prompt
+        return body
 
-    async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> Any:
+    async def render(self, endpoint: str, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation as the server's own chat template renders it (vLLM ``/tokenize``).
+
+        Chat rows are sent to ``/v1/completions`` as these token ids: the chat API lists the
+        sampled token first and cuts to ``top_logprobs``, losing the K-th alternative whenever
+        the sampled token is outside the top K, and asking for K+1 instead breaks at vLLM's
+        default ``--max-logprobs`` of 20. The completions API keeps all K and adds the sampled
+        token, so top-K is exact at every K the server allows."""
+        body = {"model": self.spec.teacher.model, "messages": messages}
+        answer = await self._post(
+            endpoint,
+            endpoint.removesuffix("/v1") + "/tokenize",
+            body | {"add_generation_prompt": True},
+        )
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise InvalidResponse("/tokenize did not answer a list of token ids", endpoint=endpoint)
+        return tokens
+
+    async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
         try:
             # httpx's timeouts are per read; this bounds the whole request, so a server that
             # trickles bytes cannot hold a slot forever. Closing the connection on timeout is
             # what makes vLLM abort the abandoned generation.
             async with asyncio.timeout(self.spec.teacher.timeout_s):
                 resp = await self._http.post(
-                    endpoint + path,
-                    content=orjson.dumps(body),
-                    headers={"Content-Type": "application/json"},
+                    url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
                 )
         except (httpx.TimeoutException, TimeoutError) as err:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
@@ -142,48 +168,74 @@ class TeacherClient:
 
     async def complete(self, row: PromptRow) -> Completion:
         """All samples for one row, retried per the policy; raises a ``HarvestError`` else."""
-        path, body = self.payload(row)
-        parse = parse_chat if row.messages is not None else parse_completions
+        body = self.payload(row)
         started = time.perf_counter()
-        reserve = body["max_tokens"] * body["n"]
+        req = _Request()
         attempts = 0
-        async for attempt in build_retrying(self.spec.teacher):
-            with attempt:
-                attempts += 1
-                if attempts > 1:
-                    self.counters["retries"] += 1
-                permit = None
-                used = reserve  # a failed attempt may still have cost the teacher tokens
-                try:
-                    async with self.router.acquire() as endpoint:
-                        # The permit is taken last, right before sending, so nothing between
-                        # the limiter's decision and the request leaving can bunch requests.
-                        permit = await self.limiter.acquire(reserve) if self.limiter else None
-                        try:
-                            answer = await self._post(endpoint, path, body)
-                            samples, prompt_tokens = parse(answer, self.k)
-                            if len(samples) != body["n"]:
-                                raise InvalidResponse(
-                                    f"asked for n={body['n']}, got {len(samples)}"
-                                )
-                            used = sum(len(s.token_ids) for s in samples)
-                        except HarvestError as err:
-                            err.endpoint = endpoint
-                            err.attempts = attempts
-                            self.counters[type(err).__name__] += 1
-                            await self.router.report(endpoint, ok=not _endpoint_failed(err))
-                            raise
-                        await self.router.report(endpoint, ok=True)
-                finally:  # also on cancellation: a permit is never leaked
-                    if permit is not None:
-                        await self.limiter.settle(permit, used)
+        try:
+            async for attempt in build_retrying(self.spec.teacher, lambda: req.waited_s):
+                with attempt:
+                    attempts += 1
+                    if attempts > 1:
+                        self.counters["retries"] += 1
+                    answer = await self._attempt(row, body, req)
+        except HarvestError as err:
+            raise err.final(attempts=attempts, endpoint=req.endpoint) from None
         return Completion(
-            samples=samples,
-            prompt_tokens=prompt_tokens,
-            endpoint=endpoint,
+            samples=answer.samples,
+            prompt_tokens=answer.prompt_tokens,
+            endpoint=req.endpoint,
             attempts=attempts,
             latency_ms=(time.perf_counter() - started) * 1000.0,
+            prompt_token_ids=answer.prompt_token_ids,
         )
+
+    async def _attempt(self, row: PromptRow, body: dict[str, Any], req: _Request) -> Answer:
+        """One attempt the row is charged for. A 429 pauses the endpoint, and a failure that
+        takes the endpoint out of rotation is the teacher's fault: both wait for an endpoint
+        (bounded by the router's outage deadline) and try again within this attempt."""
+        while True:
+            before = time.monotonic()
+            async with self.router.acquire() as endpoint:
+                req.waited_s += time.monotonic() - before
+                req.endpoint = endpoint
+                try:
+                    if "prompt" not in body:  # a chat row, rendered once for all attempts
+                        body["prompt"] = await self.render(endpoint, row.messages or [])
+                    answer = await self._generate(endpoint, body)
+                except RateLimited as err:
+                    self.counters["RateLimited"] += 1
+                    await self.router.pause(endpoint, err.retry_after)
+                    continue
+                except HarvestError as err:
+                    self.counters[type(err).__name__] += 1
+                    failed = _endpoint_failed(err)
+                    if await self.router.report(endpoint, ok=not failed, reason=type(err).__name__):
+                        continue
+                    raise
+                await self.router.report(endpoint, ok=True)
+                return answer
+
+    async def _generate(self, endpoint: str, body: dict[str, Any]) -> Answer:
+        """Send the completions request under a rate-limit permit; parse what comes back."""
+        reserve = body["max_tokens"] * body["n"]
+        # The permit is taken last, right before sending, so nothing between the limiter's
+        # decision and the request leaving can bunch requests.
+        permit = await self.limiter.acquire(reserve) if self.limiter else None
+        used = reserve  # a failed attempt may still have cost the teacher tokens
+        try:
+            answer = parse_completions(
+                await self._post(endpoint, endpoint + "/completions", body), self.k
+            )
+            if len(answer.samples) != body["n"]:
+                raise InvalidResponse(
+                    f"asked for n={body['n']}, got {len(answer.samples)}", endpoint=endpoint
+                )
+            used = sum(len(s.token_ids) for s in answer.samples)
+            return answer
+        finally:  # also on cancellation: a permit is never leaked
+            if permit is not None:
+                await self.limiter.settle(permit, used)
 
     async def healthy(self, endpoint: str) -> bool:
         """vLLM's ``/health`` (beside ``/v1``), else the model list, answers 200."""

@@ -6,20 +6,26 @@ Every failure the client raises is one of these classes; each branch has exactly
     ├── RetryableError          retry with backoff (tenacity), honouring Retry-After
     │   ├── TeacherUnavailable  connection refused/reset, protocol error
     │   ├── TeacherTimeout      connect/read/write timeout
-    │   ├── RateLimited         HTTP 429 (retry_after from the header)
     │   ├── ServerError         HTTP 408 and 5xx
-    │   └── InvalidResponse     body that is not the JSON we asked for
+    │   │   └── RateLimited     HTTP 429: pause the endpoint for every request (never a row's
+    │   │                       attempt; see workers.router)
+    │   └── InvalidResponse     body that is not the JSON shape we asked for
     ├── RowError                record a failure row for this request; no retry
     │   ├── BadRequest          HTTP 400, 422 and other 4xx the row itself causes
     │   └── MissingLogprobs     a 200 answer without the logprobs we asked for
     └── FatalError              stop the job early, keep what was written
         ├── AuthError           HTTP 401 / 403
-        └── ModelNotFound       HTTP 404 (wrong model name or base URL)
+        ├── ModelNotFound       HTTP 404 (wrong model name or base URL)
+        └── TeacherOutage       no endpoint usable for teacher.outage_timeout_s
 
-Classification uses status codes and exception types only, never message text.
+Classification uses status codes and exception types only, never message text. Endpoint
+failures (unavailable, timeout, 5xx) count as a row's attempt only while the endpoint is
+otherwise healthy: once its circuit opens, the teacher is at fault and the row waits instead.
 """
 
 from __future__ import annotations
+
+import copy
 
 
 class HarvestError(Exception):
@@ -27,11 +33,26 @@ class HarvestError(Exception):
 
     http_status: int | None = None
 
-    def __init__(self, message: str, *, http_status: int | None = None, endpoint: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        endpoint: str = "",
+        attempts: int = 1,
+    ) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.endpoint = endpoint
-        self.attempts = 1  # set by the client: how many attempts this request had
+        self.attempts = attempts  # attempts the request had when it gave up
+
+    def final(self, *, attempts: int, endpoint: str) -> HarvestError:
+        """A new, complete error of the same class: how the request ended after ``attempts``."""
+        done = copy.copy(self)
+        done.attempts = attempts
+        done.endpoint = self.endpoint or endpoint
+        done.__cause__ = self.__cause__
+        return done
 
 
 class RetryableError(HarvestError):
@@ -86,6 +107,13 @@ class AuthError(FatalError):
 
 class ModelNotFound(FatalError):
     """HTTP 404: the model name or base URL is wrong."""
+
+
+class TeacherOutage(FatalError):
+    """Every endpoint has been down (circuit open or paused by 429) for the outage timeout.
+
+    The rows waiting are not at fault, so none becomes a failure record: the job stops and a
+    rerun resumes once the teacher is back."""
 
 
 def error_for_status(status: int, message: str, *, retry_after: float | None, endpoint: str):

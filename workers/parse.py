@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.wire import Sample
+from schemas.wire import Answer, Sample
 from workers.errors import InvalidResponse, MissingLogprobs
 
 _PREFIX = "token_id:"
@@ -47,7 +47,7 @@ def _prompt_tokens(body: dict[str, Any]) -> int | None:
     return usage.get("prompt_tokens") if isinstance(usage, dict) else None
 
 
-def parse_completions(body: Any, k: int) -> tuple[list[Sample], int | None]:
+def parse_completions(body: Any, k: int) -> Answer:
     """Parse a ``/v1/completions`` answer requested with ``logprobs: k``."""
     samples = []
     for choice in _choices(body):
@@ -79,40 +79,6 @@ def parse_completions(body: Any, k: int) -> tuple[list[Sample], int | None]:
                 top_logprobs=top_lps,
             )
         )
-    return samples, _prompt_tokens(body)
-
-
-def parse_chat(body: Any, k: int) -> tuple[list[Sample], int | None]:
-    """Parse a ``/v1/chat/completions`` answer requested with ``logprobs, top_logprobs: k``."""
-    samples = []
-    for choice in _choices(body):
-        lp = choice.get("logprobs")
-        content = lp.get("content") if isinstance(lp, dict) else None
-        if content is None:
-            raise MissingLogprobs("chat choice has no logprobs.content")
-        ids, lps, top_ids, top_lps = [], [], [], []
-        for entry in content:
-            ids.append(_token_id(entry.get("token")))
-            lps.append(float(entry.get("logprob")))
-            if k:
-                alts = entry.get("top_logprobs") or []
-                t_ids, t_lps = _top_k(
-                    [(_token_id(a["token"]), float(a["logprob"])) for a in alts], k
-                )
-            else:
-                t_ids, t_lps = [], []
-            top_ids.append(t_ids)
-            top_lps.append(t_lps)
-        message = choice.get("message") or {}
-        samples.append(
-            Sample(
-                sample_index=int(choice.get("index", len(samples))),
-                response=message.get("content") or "",
-                finish_reason=choice.get("finish_reason"),
-                token_ids=ids,
-                logprobs=lps,
-                top_token_ids=top_ids,
-                top_logprobs=top_lps,
-            )
-        )
-    return samples, _prompt_tokens(body)
+    first = _choices(body)[0] if _choices(body) else {}
+    prompt_ids = first.get("prompt_token_ids") if isinstance(first, dict) else None
+    return Answer(samples, _prompt_tokens(body), prompt_ids)

@@ -1,4 +1,4 @@
-"""Spread requests over teacher endpoints, and keep failing ones out of the way.
+"""Spread requests over teacher endpoints, keep failing ones out of the way, bound outages.
 
 - Fewest in flight first, each endpoint under a cap (this worker's share of the job-wide
   ``in_flight_per_endpoint``); ties go to the endpoint that has served least, so a retry moves
@@ -6,6 +6,11 @@
 - Circuit breaker: ``failure_threshold`` consecutive connection failures, timeouts or 5xx open
   an endpoint's circuit; it gets no requests until its ``/health`` answers again (checked every
   ``cooldown_s``), then closes.
+- ``Retry-After``: a 429 pauses *the endpoint* for every request of this worker (and, through
+  ``on_pause``, of every other worker) until the time it names has passed.
+- Outage: while no endpoint is usable (every circuit open or paused), requests wait here and are
+  not turned into failures; the outage ends with the next successful answer. If it lasts
+  ``outage_timeout_s``, every waiting request raises ``TeacherOutage`` and the job stops.
 - The endpoint set can change while requests run (a managed replica restarted on a new port):
   ``set_endpoints`` adds and removes; requests already in flight finish or fail and are retried.
 
@@ -15,10 +20,43 @@ Plain asyncio, one instance per worker process.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from workers.errors import TeacherOutage
 
 HealthCheck = Callable[[str], Awaitable[bool]]
+PauseListener = Callable[[str, float], None]  # (endpoint, until as a wall-clock timestamp)
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0  # consecutive endpoint failures
+    open: bool = False  # circuit open: waiting for /health
+    paused_until: float = 0.0  # monotonic; a 429 asked us to stay away until then
+    pauses: int = 0  # consecutive 429s: backoff when the server names no Retry-After
+    down_since: float | None = None  # wall clock, while open or paused
+    reason: str = ""  # why it is down (error class or "429 Retry-After")
+
+
+@dataclass(frozen=True)
+class EndpointDown:
+    """One endpoint that takes no requests now, for progress lines and logs."""
+
+    endpoint: str
+    state: str  # "circuit open" or "paused (429)"
+    since: float  # wall clock
+    reason: str
+
+    def describe(self) -> str:
+        at = datetime.fromtimestamp(self.since, UTC).strftime("%H:%M:%S UTC")
+        return f"{self.endpoint} {self.state} since {at} ({self.reason})"
 
 
 class Router:
@@ -30,6 +68,10 @@ class Router:
         health_check: HealthCheck | None = None,
         failure_threshold: int = 5,
         cooldown_s: float = 2.0,
+        outage_timeout_s: float = 600.0,
+        pause_backoff: tuple[float, float] = (0.5, 30.0),
+        on_pause: PauseListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not endpoints:
             raise ValueError("router needs at least one endpoint")
@@ -37,71 +79,151 @@ class Router:
         self.health_check = health_check
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
-        self.endpoints: list[str] = []
-        self.in_flight: dict[str, int] = {}
-        self.requests: dict[str, int] = {}
-        self.failures: dict[str, int] = {}
-        self.open: set[str] = set()
+        self.outage_timeout_s = outage_timeout_s
+        self.pause_backoff = pause_backoff
+        self.on_pause = on_pause
+        self._clock = clock
+        self._eps: dict[str, _Endpoint] = {}
         self.circuit_opened = 0  # how often any circuit opened (reported in stats)
+        self.outage_since: float | None = None  # monotonic; no endpoint usable since then
         self._probes: dict[str, asyncio.Task] = {}
+        self._timers: set[asyncio.Task] = set()
         self._changed = asyncio.Condition()
         self._add(endpoints)
 
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._eps)
+
+    @property
+    def requests(self) -> dict[str, int]:
+        return {url: ep.requests for url, ep in self._eps.items()}
+
     def _add(self, endpoints: list[str]) -> None:
-        for e in endpoints:
-            if e not in self.endpoints:
-                self.endpoints.append(e)
-                self.in_flight.setdefault(e, 0)
-                self.requests.setdefault(e, 0)
-                self.failures[e] = 0
+        for url in endpoints:
+            self._eps.setdefault(url, _Endpoint(url))
 
     async def set_endpoints(self, endpoints: list[str]) -> None:
         """Replace the endpoint set (e.g. a replica came back on a new URL)."""
         async with self._changed:
-            for gone in [e for e in self.endpoints if e not in endpoints]:
-                self.endpoints.remove(gone)
-                self.open.discard(gone)
+            for gone in [url for url in self._eps if url not in endpoints]:
+                del self._eps[gone]
                 probe = self._probes.pop(gone, None)
                 if probe:
                     probe.cancel()
             self._add(endpoints)
+            self._update_outage()
             self._changed.notify_all()
 
-    def _pick(self) -> str | None:
-        usable = [e for e in self.endpoints if e not in self.open and self.in_flight[e] < self.cap]
+    def _usable(self, ep: _Endpoint) -> bool:
+        return not ep.open and ep.paused_until <= self._clock()
+
+    def _pick(self) -> _Endpoint | None:
+        usable = [ep for ep in self._eps.values() if self._usable(ep) and ep.in_flight < self.cap]
         if not usable:
             return None
-        return min(usable, key=lambda e: (self.in_flight[e], self.requests[e]))
+        return min(usable, key=lambda ep: (ep.in_flight, ep.requests))
+
+    def _update_outage(self) -> None:
+        """Start the outage clock when no endpoint is usable; only a success stops it."""
+        if self.outage_since is None and not any(map(self._usable, self._eps.values())):
+            self.outage_since = self._clock()
+
+    def _outage_error(self) -> TeacherOutage:
+        down = "; ".join(d.describe() for d in self.down()) or ", ".join(self._eps)
+        return TeacherOutage(
+            f"no teacher endpoint answered for {self.outage_timeout_s:g} s "
+            f"(teacher.outage_timeout_s): {down}"
+        )
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[str]:
-        """Hold one request slot on the best endpoint for the duration of the block."""
+        """Hold one request slot on the best endpoint for the duration of the block.
+
+        Waits while every endpoint is busy, open or paused; raises ``TeacherOutage`` once no
+        endpoint has been usable for ``outage_timeout_s``."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._pick() is not None)
-            endpoint = self._pick()
-            assert endpoint is not None
-            self.in_flight[endpoint] += 1
-            self.requests[endpoint] += 1
+            while (ep := self._pick()) is None:
+                timeout = None
+                if self.outage_since is not None:
+                    timeout = self.outage_since + self.outage_timeout_s - self._clock()
+                    if timeout <= 0:
+                        raise self._outage_error()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except TimeoutError:
+                    pass  # re-check: the deadline may have passed
+            ep.in_flight += 1
+            ep.requests += 1
         try:
-            yield endpoint
+            yield ep.url
         finally:
             async with self._changed:
-                self.in_flight[endpoint] -= 1
+                ep.in_flight -= 1
                 self._changed.notify()  # one slot freed: wake one waiter, not every queued row
 
-    async def report(self, endpoint: str, ok: bool) -> None:
-        """Outcome of one request: ``ok`` unless the endpoint itself failed."""
+    async def report(self, endpoint: str, ok: bool, reason: str = "") -> bool:
+        """Outcome of one request: ``ok`` unless the endpoint itself failed. Returns whether the
+        endpoint is now out of rotation (its circuit open), i.e. the teacher, not the row, is at
+        fault."""
         async with self._changed:
-            if endpoint not in self.failures:
-                return  # removed meanwhile
+            ep = self._eps.get(endpoint)
+            if ep is None:
+                return False  # removed meanwhile
             if ok:
-                self.failures[endpoint] = 0
-                return
-            self.failures[endpoint] += 1
-            if self.failures[endpoint] >= self.failure_threshold and endpoint not in self.open:
-                self.open.add(endpoint)
+                ep.failures = ep.pauses = 0
+                ep.reason = ""
+                if not ep.open and ep.paused_until <= self._clock():
+                    ep.down_since = None
+                self.outage_since = None
+                return False
+            ep.failures += 1
+            ep.reason = reason
+            if ep.failures >= self.failure_threshold and not ep.open:
+                ep.open = True
+                ep.down_since = ep.down_since or time.time()
                 self.circuit_opened += 1
                 self._probes[endpoint] = asyncio.create_task(self._probe(endpoint))
+                self._update_outage()
+            return ep.open
+
+    async def pause(self, endpoint: str, retry_after: float | None) -> None:
+        """A 429: keep every request away from ``endpoint`` for ``retry_after`` seconds (or a
+        growing backoff when the server named none), and tell the other workers."""
+        ep = self._eps.get(endpoint)
+        if ep is None:
+            return
+        if retry_after is None:
+            first, most = self.pause_backoff
+            retry_after = min(most, first * 2**ep.pauses)
+        ep.pauses += 1
+        until_wall = time.time() + retry_after
+        await self.pause_until(endpoint, until_wall)
+        if self.on_pause is not None:
+            self.on_pause(endpoint, until_wall)
+
+    async def pause_until(self, endpoint: str, until_wall: float) -> None:
+        """Keep requests away from ``endpoint`` until the wall-clock time ``until_wall``
+        (sent by a worker that got the 429, or set by ``pause``)."""
+        async with self._changed:
+            ep = self._eps.get(endpoint)
+            if ep is None:
+                return
+            delay = until_wall - time.time()
+            if delay <= 0 or self._clock() + delay <= ep.paused_until:
+                return
+            ep.paused_until = self._clock() + delay
+            ep.down_since = ep.down_since or time.time()
+            ep.reason = "HTTP 429, Retry-After"
+            self._update_outage()
+            self._timers.add(asyncio.create_task(self._wake_after(delay)))
+
+    async def _wake_after(self, delay: float) -> None:
+        """When a pause ends, let the waiters look again."""
+        await asyncio.sleep(delay)
+        async with self._changed:
+            self._changed.notify_all()
+        self._timers.discard(asyncio.current_task())
 
     async def _probe(self, endpoint: str) -> None:
         """Every cool-down, check the endpoint's health (if we can); close it once it answers."""
@@ -114,11 +236,29 @@ class Router:
             if healthy:
                 break
         async with self._changed:
-            self.open.discard(endpoint)
-            self.failures[endpoint] = 0
+            ep = self._eps.get(endpoint)
+            if ep is not None:
+                ep.open = False
+                ep.failures = 0
             self._probes.pop(endpoint, None)
             self._changed.notify_all()
 
+    def down(self) -> list[EndpointDown]:
+        """Endpoints that take no requests now, and since when."""
+        now = self._clock()
+        out = []
+        for ep in self._eps.values():
+            if ep.open:
+                state = "circuit open"
+            elif ep.paused_until > now:
+                state = "paused (429)"
+            else:
+                continue
+            out.append(EndpointDown(ep.url, state, ep.down_since or time.time(), ep.reason))
+        return out
+
     async def aclose(self) -> None:
         for task in self._probes.values():
+            task.cancel()
+        for task in self._timers:
             task.cancel()

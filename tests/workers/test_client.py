@@ -18,7 +18,7 @@ from workers.errors import (
     InvalidResponse,
     MissingLogprobs,
     ModelNotFound,
-    RateLimited,
+    TeacherOutage,
     TeacherUnavailable,
 )
 
@@ -47,9 +47,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def complete(fake: FakeTeacher, row: PromptRow, api_key: str | None = None, **teacher):
+async def complete(
+    fake: FakeTeacher,
+    row: PromptRow,
+    api_key: str | None = None,
+    endpoints: list[str] | None = None,
+    **teacher,
+):
     client = TeacherClient(
-        make_spec(**teacher), job_id="job1", api_key=api_key, transport=fake.transport()
+        make_spec(**teacher),
+        job_id="job1",
+        api_key=api_key,
+        transport=fake.transport(),
+        endpoints=endpoints,
     )
     try:
         return await client.complete(row), client
@@ -65,8 +75,9 @@ CHAT = PromptRow("c1", "x.jsonl:2", messages=[{"role": "user", "content": "Hi"}]
 def test_samples_carry_ids_and_exact_top_k(row):
     fake = FakeTeacher()
     done, _ = run(complete(fake, row))
-    _, path, body, _ = fake.calls[0]
-    assert body["return_tokens_as_token_ids"] is True
+    _, path, body, _ = fake.calls[-1]
+    assert path.endswith("/v1/completions") and body["logprobs"] == K
+    assert body["return_tokens_as_token_ids"] is True and body["return_token_ids"] is True
     assert len(done.samples) == 2 and done.attempts == 1
     for i, sample in enumerate(done.samples):
         steps = fake._steps(body, i)
@@ -78,10 +89,21 @@ def test_samples_carry_ids_and_exact_top_k(row):
             true_top = sorted(alts, key=lambda a: a[1], reverse=True)[:K]
             assert ids == [a for a, _ in true_top]
             assert lps == sorted(lps, reverse=True) and len(ids) == K
-    if row.messages is not None:
-        assert path.endswith("/chat/completions") and body["top_logprobs"] == K + 1
+    if row.messages is not None:  # rendered by the server's own chat template, sent as ids
+        _, tok_path, tok_body, _ = fake.calls[0]
+        assert tok_path == "/tokenize" and len(fake.calls) == 2
+        assert tok_body["messages"] == row.messages and tok_body["add_generation_prompt"] is True
+        assert body["prompt"] == fake.tokenize(tok_body)["tokens"] == done.prompt_token_ids
     else:
-        assert path.endswith("/completions") and body["logprobs"] == K
+        assert body["prompt"] == row.prompt and len(fake.calls) == 1
+        assert done.prompt_token_ids == fake.tokenize({"prompt": row.prompt})["tokens"]
+
+
+def test_a_chat_row_is_rendered_once_across_attempts():
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(503) if n == 2 else None)
+    done, _ = run(complete(fake, CHAT))
+    assert [c[1] for c in fake.calls] == ["/tokenize", "/v1/completions", "/v1/completions"]
+    assert done.attempts == 2
 
 
 def test_identifies_itself_and_sends_key_only_as_bearer():
@@ -109,13 +131,13 @@ def test_503_then_success_is_retried_and_counted():
     assert client.counters["ServerError"] == 2 and client.counters["retries"] == 2
 
 
-def test_retry_after_is_honoured():
+def test_retry_after_pauses_the_endpoint_and_is_not_an_attempt():
     fake = FakeTeacher(
         script=lambda b, n: httpx.Response(429, headers={"Retry-After": "0.4"}) if n == 1 else None
     )
-    done, _ = run(complete(fake, PROMPT))
+    done, client = run(complete(fake, PROMPT, endpoints=["http://teacher-a:8000"]))
     (t0, *_), (t1, *_) = fake.calls
-    assert done.attempts == 2
+    assert done.attempts == 1 and client.counters["RateLimited"] == 1  # the row is not charged
     assert t1 - t0 >= 0.4  # our backoff alone would be <= 0.05 s
 
 
@@ -187,18 +209,30 @@ def test_answer_without_logprobs_is_a_row_failure_without_retry():
     assert len(fake.calls) == 1
 
 
-def test_rate_limited_is_retryable_subclass():
-    fake = FakeTeacher(script=lambda b, n: httpx.Response(429))
-    with pytest.raises(RateLimited):
-        run(complete(fake, PROMPT))
-    assert len(fake.calls) == 4
+def test_sustained_429s_never_fail_the_row_and_end_at_the_outage_deadline():
+    fake = FakeTeacher(script=lambda b, n: httpx.Response(429))  # no Retry-After: backoff
+    with pytest.raises(TeacherOutage) as info:
+        run(complete(fake, PROMPT, outage_timeout_s=0.5))
+    assert len(fake.calls) > 4  # far past max_attempts: 429s are not the row's attempts
+    assert "teacher-a" in str(info.value) and "teacher-b" in str(info.value)
 
 
-def test_retry_after_beyond_the_time_budget_ends_the_request_unsent():
-    fake = FakeTeacher(script=lambda b, n: httpx.Response(429, headers={"Retry-After": "30"}))
-    with pytest.raises(RateLimited) as info:
-        run(complete(fake, PROMPT, max_request_time_s=1.0))
-    assert len(fake.calls) == 1 and info.value.retry_after == 30.0
+def test_a_retry_after_longer_than_the_request_budget_is_waited_out():
+    fake = FakeTeacher(
+        script=lambda b, n: httpx.Response(429, headers={"Retry-After": "1"}) if n == 1 else None
+    )
+    done, _ = run(complete(fake, PROMPT, max_request_time_s=0.5))
+    assert done.attempts == 1 and len(fake.calls) == 2
+
+
+def test_a_dead_teacher_is_an_outage_not_a_row_failure():
+    def refuse(body, n):
+        raise httpx.ConnectError("refused")
+
+    fake = FakeTeacher(script=refuse)
+    with pytest.raises(TeacherOutage) as info:
+        run(complete(fake, PROMPT, max_attempts=50, outage_timeout_s=0.5))
+    assert "circuit open since" in str(info.value) and "TeacherUnavailable" in str(info.value)
 
 
 def test_retry_after_forms():

@@ -1,0 +1,218 @@
+"""A teacher that goes away or says "slow down" never hangs the job or drains rows into failures.
+
+- The teacher dies mid-job: rows wait (no failure records), the progress log names the endpoint
+  and since when, and after ``teacher.outage_timeout_s`` the job stops with exit 1, one line
+  naming the endpoint and the resume command; a rerun once it is back completes the job exactly.
+- It comes back before the deadline: the job simply goes on.
+- A 429 storm (``Retry-After: 3`` to everything for 10 s): the endpoint is paused for every
+  request of every worker, no row fails, and no request reaches it inside an announced window.
+
+The fault server (tests/fault_teacher_server.py) answers on a real socket; the real vLLM server
+is stopped and restarted in ``test_real_teacher_stopped_mid_job``. Harvests run on the session's
+Ray cluster; times asserted are the server's own arrival stamps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from fault_teacher_server import FaultPlan, FaultTeacherServer
+from test_harvest_e2e import TINY_MODEL, write_job
+from test_resume import start, wait_for_units
+
+from harvest import reader
+from harvest.cli import main
+from workers.vllm_server import VllmServer, free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+N = 2
+# A request already on the wire when a 429 arrives may still reach the server inside the window
+# that 429 announced; only requests sent after it must stay away.
+IN_FLIGHT_GRACE_S = 0.5
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def fault_job(folder: Path, url: str, prompts: int, **teacher) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "prompts.jsonl", "w") as fh:
+        for i in range(prompts):
+            row = {"prompt": f"row {i}"} if i % 3 else {"messages": chat(f"chat {i}")}
+            fh.write(json.dumps({"id": f"p{i}", **row}) + "\n")
+    job = {
+        "input": "prompts.jsonl",
+        "teacher": {
+            "model": "fault",
+            "endpoints": [url],
+            "authorization": {"owner": "tests", "license": "test", "attestation": "fault server"},
+            "timeout_s": 2.0,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.5,
+            **teacher,
+        },
+        "sampling": {"max_tokens": 4, "n": N, "logprobs": 3},
+        "output": {"dir": "out", "rows_per_shard": 20},
+        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    return folder / "job.yaml"
+
+
+def ids_and_failures(out: Path) -> tuple[list[str], int]:
+    failed = reader.data_files(out, "failed")
+    return reader.read_table(out)["request_id"].to_pylist(), sum(
+        pq.read_metadata(f).num_rows for f in failed
+    )
+
+
+def clean_reference(tmp_path: Path, prompts: int) -> set[str]:
+    with FaultTeacherServer(model="fault") as server:
+        job = fault_job(tmp_path / "reference", server.url, prompts)
+        assert main(["run", str(job), "--no-progress"]) == 0
+    ids, failures = ids_and_failures(job.parent / "out")
+    assert failures == 0 and len(ids) == len(set(ids)) == prompts * N
+    return set(ids)
+
+
+def outage_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("harvest: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_dead_teacher_stops_the_job_after_the_outage_timeout(tmp_path, ray_cluster):
+    prompts = 300
+    reference = clean_reference(tmp_path, prompts)
+    with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
+        job = fault_job(tmp_path / "job", server.url, prompts, outage_timeout_s=4)
+        out = job.parent / "out"
+        proc = start(job, ray_cluster)
+        wait_for_units(proc, out, 2)
+        server.go_down()
+        down_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - down_at
+        assert proc.returncode == 1, stderr
+        line = outage_line(stderr)
+        assert server.url in line and "teacher.outage_timeout_s" in line
+        assert f"harvest run {job}" in line and "Committed shards are kept" in line
+        assert "teacher unavailable, rows wait" in stderr and "circuit open since" in stderr
+        assert stopped_after < 4 + 30  # the deadline, plus detection and shutdown
+        ids, failures = ids_and_failures(out)
+        assert failures == 0 and not list((out / "failed").glob("*.parquet"))
+        assert 0 < len(ids) < prompts * N  # committed shards kept, the rest not failed
+
+        server.come_back()
+        assert main(["run", str(job), "--no-progress"]) == 0
+    ids, failures = ids_and_failures(out)
+    assert failures == 0 and len(ids) == len(set(ids)) and set(ids) == reference
+
+
+def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, ray_cluster, capfd):
+    prompts = 200
+    with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
+        job = fault_job(tmp_path, server.url, prompts, outage_timeout_s=120)
+        proc = start(job, ray_cluster)
+        wait_for_units(proc, job.parent / "out", 1)
+        server.go_down()
+        down = server.log[-1].t
+        # Down long enough for the circuit to open (5 refused requests and a failed /health).
+        deadline = time.monotonic() + 60
+        while not any(r.path.endswith("/health") for r in server.log if r.t > down):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        server.come_back()
+        _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert "teacher unavailable, rows wait" in stderr and "teacher answers again" in stderr
+    ids, failures = ids_and_failures(job.parent / "out")
+    assert failures == 0 and len(set(ids)) == len(ids) == prompts * N
+
+
+def test_429_storm_pauses_the_endpoint_and_fails_no_row(tmp_path, ray_cluster):
+    prompts = 60
+    plan = FaultPlan(storm_s=10, retry_after_s=3)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = fault_job(tmp_path, server.url, prompts, max_attempts=2, max_request_time_s=2)
+        assert main(["run", str(job), "--no-progress"]) == 0
+        log = [r for r in server.log if r.path.endswith(("/completions", "/tokenize"))]
+    ids, failures = ids_and_failures(tmp_path / "out")
+    assert failures == 0 and len(set(ids)) == prompts * N
+    storm = [r for r in log if r.outcome == "429"]
+    assert len(storm) >= 3 and {r.retry_after for r in storm} == {"3"}
+    # Each 429 announced a window of 3 s: no request sent after it arrived inside that window.
+    for announced in storm:
+        inside = [r for r in log if announced.t + IN_FLIGHT_GRACE_S < r.t < announced.t + 3]
+        assert not inside, (announced, inside[:3])
+    # Storm windows were waited out, not retried away: the storm lasted 10 s, and the rows
+    # were allowed only 2 attempts and 2 s each.
+    assert max(r.t for r in storm) - min(r.t for r in storm) >= 6
+
+
+def test_real_teacher_stopped_mid_job(tmp_path, ray_cluster, tiny_teacher):
+    """The real vLLM server dies mid-job, the job stops with exit 1 after the outage timeout,
+    and once the server is back a rerun completes with exactly a clean run's records."""
+    prompts = 120
+    sections = {
+        "sampling": {"max_tokens": 16, "n": N, "logprobs": 5, "seed": 11},
+        "output": {"dir": "out", "rows_per_shard": 10},
+        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
+    }
+    folders = [tmp_path / "reference", tmp_path / "job"]
+    for folder in folders:
+        folder.mkdir()
+        with open(folder / "prompts.jsonl", "w") as fh:
+            for i in range(prompts):
+                row = {"prompt": f"Item {i}:"} if i % 2 else {"messages": chat(f"Say {i}")}
+                fh.write(json.dumps({"id": f"r{i}", **row}) + "\n")
+    ref_job = write_job(folders[0], tiny_teacher, **sections)
+    assert main(["run", str(ref_job), "--no-progress"]) == 0
+    reference = reader.read_table(folders[0] / "out").to_pylist()
+
+    port = free_port()
+    server = VllmServer(
+        model=str(TINY_MODEL),
+        served_name="tiny",
+        workdir=ROOT / ".cache" / "test-vllm-outage",
+        cache_dir=ROOT / ".cache" / "test-vllm" / "cache",  # the session server's warm caches
+        port=port,
+        extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+    )
+    server.start(timeout_s=300)
+    try:
+        job = write_job(folders[1], server.url, **sections)
+        spec = yaml.safe_load(job.read_text())
+        spec["teacher"]["outage_timeout_s"] = 8
+        job.write_text(yaml.safe_dump(spec))
+        out = folders[1] / "out"
+        proc = start(job, ray_cluster)
+        wait_for_units(proc, out, 2)
+        server.stop(grace_s=5)
+        down_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 1, stderr
+        assert time.monotonic() - down_at < 8 + 45
+        line = outage_line(stderr)
+        assert server.url in line and "rerun `harvest run" in line
+        ids, failures = ids_and_failures(out)
+        assert failures == 0 and 0 < len(ids) < prompts * N
+
+        server.port = port  # back on the same address
+        server.start(timeout_s=300)
+        assert main(["run", str(job), "--no-progress"]) == 0
+    finally:
+        server.stop()
+    resumed = reader.read_table(out).to_pylist()
+    assert len(resumed) == len({r["request_id"] for r in resumed})
+    keep = ("request_id", "response", "token_ids", "logprobs", "top_token_ids", "top_logprobs")
+    by_id = {r["request_id"]: {k: r[k] for k in keep} for r in resumed}
+    assert by_id == {r["request_id"]: {k: r[k] for k in keep} for r in reference}
