@@ -15,6 +15,9 @@ Ray cluster; times asserted are the server's own arrival stamps.
 from __future__ import annotations
 
 import json
+import queue
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -117,21 +120,28 @@ def test_dead_teacher_stops_the_job_after_the_outage_timeout(tmp_path, ray_clust
     assert failures == 0 and len(ids) == len(set(ids)) and set(ids) == reference
 
 
-def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, ray_cluster, capfd):
+def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> list[str]:
+    """The driver's stderr lines up to the first that holds ``marker``."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    seen = []
+    while not seen or marker not in seen[-1]:
+        seen.append(lines.get(timeout=timeout))
+    return seen
+
+
+def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, ray_cluster):
     prompts = 200
     with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
         job = fault_job(tmp_path, server.url, prompts, outage_timeout_s=120)
         proc = start(job, ray_cluster)
         wait_for_units(proc, job.parent / "out", 1)
         server.go_down()
-        down = server.log[-1].t
-        # Down long enough for the circuit to open (5 refused requests and a failed /health).
-        deadline = time.monotonic() + 60
-        while not any(r.path.endswith("/health") for r in server.log if r.t > down):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        # Down until the driver reports it (the circuit opened and rows wait), then back.
+        before = read_until(proc, "teacher unavailable, rows wait")
         server.come_back()
-        _, stderr = proc.communicate(timeout=180)
+        _, rest = proc.communicate(timeout=180)
+    stderr = "".join(before) + rest
     assert proc.returncode == 0, stderr
     assert "teacher unavailable, rows wait" in stderr and "teacher answers again" in stderr
     ids, failures = ids_and_failures(job.parent / "out")
