@@ -125,9 +125,16 @@ class Router:
         return min(usable, key=lambda ep: (ep.in_flight, ep.requests))
 
     def _update_outage(self) -> None:
-        """Start the outage clock when no endpoint is usable; only a success stops it."""
+        """Start the outage clock when no endpoint is usable; only a success stops it. An alarm
+        wakes the waiting requests at the deadline, so they can give up."""
         if self.outage_since is None and not any(map(self._usable, self._eps.values())):
             self.outage_since = self._clock()
+            alarm = self._wake_after(self.outage_timeout_s + 0.05)  # just past the deadline
+            self._timers.add(asyncio.create_task(alarm))
+
+    def _outage_deadline(self) -> float:
+        assert self.outage_since is not None
+        return self.outage_since + self.outage_timeout_s
 
     def _outage_error(self) -> TeacherOutage:
         down = "; ".join(d.describe() for d in self.down()) or ", ".join(self._eps)
@@ -144,15 +151,11 @@ class Router:
         endpoint has been usable for ``outage_timeout_s``."""
         async with self._changed:
             while (ep := self._pick()) is None:
-                timeout = None
-                if self.outage_since is not None:
-                    timeout = self.outage_since + self.outage_timeout_s - self._clock()
-                    if timeout <= 0:
-                        raise self._outage_error()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout)
-                except TimeoutError:
-                    pass  # re-check: the deadline may have passed
+                # No timeout on the wait itself: cancelling Condition.wait can leave its lock
+                # released on Python 3.11. The outage alarm (``_update_outage``) wakes us.
+                if self.outage_since is not None and self._clock() >= self._outage_deadline():
+                    raise self._outage_error()
+                await self._changed.wait()
             ep.in_flight += 1
             ep.requests += 1
         try:
