@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harvest import logs
 from harvest.manifest import ResumeRefused
 from harvest.preflight import PreflightError
 from harvest.sources import InputError
@@ -38,7 +39,10 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     return _harvest(
         lambda: retry_failed(
-            out_dir, ray_address=args.ray_address, show_progress=not args.no_progress
+            out_dir,
+            ray_address=args.ray_address,
+            show_progress=not args.no_progress,
+            status_every_s=args.status_every,
         ),
         out_dir,
         resume=f"harvest retry-failed {out_dir}",
@@ -70,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             force_new=args.force_new,
             ray_address=args.ray_address,
             show_progress=not args.no_progress,
+            status_every_s=args.status_every,
         ),
         out_dir,
         resume=f"harvest run {args.job} --output {out_dir}",
@@ -129,10 +134,42 @@ def _error(message: str) -> None:
     print(f"harvest: error: {message}", file=sys.stderr)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from harvest.status import read_status, render
+
+    print(render(read_status(args.output)))
+    return EXIT_OK
+
+
+def _logging_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what reaches stderr (the run log keeps info and above); debug also shows Ray's",
+    )
+    common.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="stderr log lines"
+    )
+    common.add_argument(
+        "--status-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the status file is rewritten, and the status line printed when stderr "
+        "is not a terminal (default 5)",
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harvest", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="harvest a job (resumes an existing output folder)")
+    logging_opts = _logging_options()
+    run = sub.add_parser(
+        "run", help="harvest a job (resumes an existing output folder)", parents=[logging_opts]
+    )
     run.add_argument("job", help="job file (YAML or JSON)")
     run.add_argument("--output", help="output folder (overrides output.dir)")
     run.add_argument("--force-new", action="store_true", help="discard a different job's output")
@@ -145,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a job file and print the resolved spec")
     val.add_argument("job")
     val.set_defaults(func=cmd_validate)
-    retry = sub.add_parser("retry-failed", help="re-send the prompts in an output's failure shards")
+    retry = sub.add_parser(
+        "retry-failed",
+        help="re-send the prompts in an output's failure shards",
+        parents=[logging_opts],
+    )
     retry.add_argument("output", help="output folder of a harvest")
     retry.add_argument("--ray-address", help="Ray cluster to join")
     retry.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -153,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     prov = sub.add_parser("provenance", help="print an output's provenance; check shards agree")
     prov.add_argument("output", help="output folder of a harvest")
     prov.set_defaults(func=cmd_provenance)
+    stat = sub.add_parser("status", help="how a running or finished harvest stands")
+    stat.add_argument("output", help="output folder of a harvest")
+    stat.set_defaults(func=cmd_status)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser
@@ -160,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
         return args.func(args)
     except (SpecError, InputError, ResumeRefused, PreflightError, FileNotFoundError) as err:

@@ -18,19 +18,17 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from harvest.errors import JobAborted
+from harvest.monitor import Monitor
 from harvest.preflight import PreflightError
-from harvest.progress import Progress
 from schemas.job import JobSpec
 from schemas.wire import UnitResult, WorkUnit
 from workers.actor import HarvestActor
 from workers.errors import FatalError, TeacherOutage
 from workers.router import EndpointDown
+from workers.stats import RequestSnapshot
 
 UNIT_CRASH_LIMIT = 3  # a unit that kills this many workers is a bug to report, not retry forever
-
-
-class JobAborted(RuntimeError):
-    """The job stopped early; committed shards are kept and ``harvest run`` resumes."""
 
 
 @dataclass
@@ -38,6 +36,8 @@ class PoolStats:
     counters: Counter[str]
     down: dict[str, EndpointDown]  # endpoint -> why and since when, as one worker saw it
     outage: bool  # some worker has no usable endpoint: its rows wait for the teacher
+    in_flight: int
+    requests: RequestSnapshot
 
 
 class Pool:
@@ -92,13 +92,15 @@ class Pool:
             actor.set_endpoints.remote(endpoints)
 
     def stats(self) -> PoolStats:
-        total = PoolStats(Counter(), {}, False)
+        total = PoolStats(Counter(), {}, False, 0, RequestSnapshot())
         try:
             for s in ray.get([a.stats.remote() for a in self.actors], timeout=5):
                 total.counters.update(s.counters)
                 for d in s.down:
                     total.down.setdefault(d.endpoint, d)
                 total.outage |= s.outage
+                total.in_flight += s.in_flight
+                total.requests.merge(s.requests)
         except (RayActorError, GetTimeoutError):
             pass  # a dying actor: its unit is re-run; progress catches up next poll
         return total
@@ -114,11 +116,12 @@ def dispatch(
     pool: Pool,
     units: Iterator[WorkUnit],
     commit: Callable[[UnitResult], None],
-    progress: Progress,
+    monitor: Monitor,
     *,
     done_before: int,
     stop_deadline_s: float,
     on_tick: Callable[[], None] | None = None,
+    replica_restarts: Callable[[], int] = lambda: 0,
 ) -> tuple[int, bool]:
     """Run ``units`` through ``pool``, committing each result; return (prompts, interrupted)."""
     stopping = StopFlag()
@@ -130,7 +133,7 @@ def dispatch(
             while True:
                 if stopping.requested and stop_at is None:
                     stop_at = time.monotonic() + stop_deadline_s
-                    progress.note("stopping: finishing the units in flight (Ctrl-C again: now)")
+                    monitor.note("stopping: finishing the units in flight (Ctrl-C again: now)")
                 while (
                     not exhausted
                     and not stopping.requested
@@ -154,15 +157,21 @@ def dispatch(
                         continue
                     commit(result)
                     committed += result.prompts
+                    monitor.committed(
+                        result.data_rows, result.failure_rows, result.error_classes, result.prompts
+                    )
                 if on_tick is not None:
                     on_tick()
                 live = pool.stats()
-                progress.update(
-                    done=done_before + committed,
-                    in_unit=live.counters["prompts"] - committed,
-                    tokens=live.counters["completion_tokens"],
-                    failures=live.counters["failed_prompts"],
-                    down=list(live.down.values()) if live.outage else [],
+                monitor.tick(
+                    committed_prompts=committed,
+                    counters=live.counters,
+                    down=list(live.down.values()),
+                    outage=live.outage,
+                    in_flight=live.in_flight,
+                    requests=live.requests,
+                    worker_restarts=pool.restarts,
+                    replica_restarts=replica_restarts(),
                 )
     except TeacherOutage as err:
         raise JobAborted(str(getattr(err, "cause", err))) from None
@@ -171,7 +180,6 @@ def dispatch(
     except RayTaskError as err:
         raise JobAborted(f"a worker failed: {err.cause!r}") from None
     finally:
-        progress.close()
         pool.shutdown()
     return committed, stopping.requested
 

@@ -19,13 +19,16 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
+from harvest.logs import ray_logging_level
 from harvest.manifest import RETRY_SEP, Manifest
 from harvest.manifest import load as load_manifest
+from harvest.monitor import watched_run
 from harvest.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.progress import Progress
 from harvest.replicas import ReplicaError, ReplicaSet
 from harvest.sources import iter_units, scan
+from harvest.status import JobStatus
 from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult, WorkUnit
@@ -82,14 +85,19 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=ray_logging_level())
         except (ConnectionError, RuntimeError) as err:
             raise ClusterUnavailable(
                 f"cannot join the Ray cluster at {address} ({type(err).__name__}); if it uses "
                 "token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
             ) from None
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=ray_logging_level(),
+        )
 
 
 def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, Any]:
@@ -177,26 +185,42 @@ def _harvest(
     done_before: int,
     ray_address: str | None,
     show_progress: bool,
+    status_every_s: float,
     stop_deadline_s: float,
 ) -> None:
     """Start workers (and replicas), run ``units`` through them, always stop what was started."""
     started = _start(spec, manifest, out_dir, ray_address)
     try:
         pool = _probed_pool(spec, started)
-        summary.prompts_this_run, summary.interrupted = dispatch(
-            pool,
-            units,
-            commit,
-            Progress(
-                total,
-                done_before,
-                enabled=show_progress,
-                outage_timeout_s=spec.teacher.outage_timeout_s,
-            ),
-            done_before=done_before,
-            stop_deadline_s=stop_deadline_s,
-            on_tick=lambda: started.follow_replicas(pool),
+        status = JobStatus(
+            job_id=manifest.job_id,
+            prompts_total=total,
+            prompts_done=done_before,
+            data_rows=summary.data_rows,
+            failure_rows=summary.failure_rows,
+            tokens=summary.completion_tokens,
         )
+        progress = Progress(
+            total,
+            done_before,
+            enabled=show_progress,
+            outage_timeout_s=spec.teacher.outage_timeout_s,
+            every_s=status_every_s,
+        )
+        endpoints = started.actor_kwargs["endpoints"]
+        with watched_run(out_dir, status, progress, endpoints, spec, status_every_s) as monitor:
+            summary.prompts_this_run, summary.interrupted = dispatch(
+                pool,
+                units,
+                commit,
+                monitor,
+                done_before=done_before,
+                stop_deadline_s=stop_deadline_s,
+                on_tick=lambda: started.follow_replicas(pool),
+                replica_restarts=lambda: started.replicas.restarts if started.replicas else 0,
+            )
+            if summary.interrupted:
+                monitor.end("stopped", "interrupted by SIGINT/SIGTERM; rerun to resume")
     finally:
         started.stop()
     summary.replica_restarts = started.replicas.restarts if started.replicas else 0
@@ -210,6 +234,7 @@ def run_job(
     force_new: bool = False,
     ray_address: str | None = None,
     show_progress: bool = True,
+    status_every_s: float = 5.0,
     stop_deadline_s: float = 60.0,
 ) -> Summary:
     """Harvest ``spec`` into ``out_dir``, resuming whatever it already holds."""
@@ -238,7 +263,8 @@ def run_job(
     _harvest(
         spec, manifest, out_dir, units, commit, summary,
         total=inputs.rows, done_before=done_before, ray_address=ray_address,
-        show_progress=show_progress, stop_deadline_s=stop_deadline_s,
+        show_progress=show_progress, status_every_s=status_every_s,
+        stop_deadline_s=stop_deadline_s,
     )  # fmt: skip
     summary.elapsed_s = time.monotonic() - t0
     return summary
@@ -253,6 +279,7 @@ def retry_failed(
     *,
     ray_address: str | None = None,
     show_progress: bool = True,
+    status_every_s: float = 5.0,
     stop_deadline_s: float = 60.0,
 ) -> Summary:
     """Re-send the prompts of ``out_dir``'s failure shards; recovered rows join the data."""
@@ -284,7 +311,8 @@ def retry_failed(
         _harvest(
             spec, manifest, out_dir, iter(retry_units), commit, summary,
             total=total, done_before=0, ray_address=ray_address,
-            show_progress=show_progress, stop_deadline_s=stop_deadline_s,
+            show_progress=show_progress, status_every_s=status_every_s,
+        stop_deadline_s=stop_deadline_s,
         )  # fmt: skip
     summary.elapsed_s = time.monotonic() - t0
     return summary

@@ -18,7 +18,9 @@ from schemas.job import JobSpec, RateLimit
 from schemas.wire import PromptRow, UnitResult, WorkUnit
 from workers.client import TeacherClient
 from workers.limiter import Limiter
+from workers.metrics import WorkerMetrics
 from workers.router import EndpointDown
+from workers.stats import RequestSnapshot
 from workers.unit import harvest_unit
 
 
@@ -27,6 +29,8 @@ class WorkerStats:
     counters: dict[str, int]
     down: list[EndpointDown]  # endpoints out of rotation (circuit open, paused by a 429)
     outage: bool  # no endpoint usable: this worker's rows are waiting for the teacher
+    in_flight: int  # requests on the wire now
+    requests: RequestSnapshot  # by endpoint and outcome, latencies, first failure messages
 
 
 @ray.remote
@@ -45,6 +49,7 @@ class HarvestActor:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.out_dir = Path(out_dir)
         self.shard_meta = shard_meta
+        self.metrics = WorkerMetrics(job_id)
         self.client = TeacherClient(
             self.spec,
             job_id=job_id,
@@ -53,6 +58,7 @@ class HarvestActor:
             endpoints=endpoints,
             limiter=_limiter_share(self.spec),
             on_pause=self._tell_peers,
+            sink=self.metrics.observe,
         )
         self.progress: Counter[str] = Counter()
         self.peers: list[ray.actor.ActorHandle] = []
@@ -91,14 +97,18 @@ class HarvestActor:
         """Counters since the actor started (prompts done, tokens, failures, retries) and the
         endpoints this worker cannot use now."""
         router = self.client.router
+        counters = {
+            **self.progress,
+            **self.client.counters,
+            "circuit_opened": router.circuit_opened,
+        }
+        self.metrics.export(counters)
         return WorkerStats(
-            counters={
-                **self.progress,
-                **self.client.counters,
-                "circuit_opened": router.circuit_opened,
-            },
+            counters=counters,
             down=router.down(),
             outage=router.outage_since is not None,
+            in_flight=router.in_flight_total(),
+            requests=self.client.stats.snapshot,
         )
 
     async def pid(self) -> int:

@@ -32,6 +32,7 @@ from workers.errors import (
 from workers.parse import parse_completions
 from workers.retry import build_retrying, parse_retry_after
 from workers.router import PauseListener, Router
+from workers.stats import RequestStats, Sink
 
 
 class RateLimiter(Protocol):
@@ -68,6 +69,7 @@ class TeacherClient:
         transport: httpx.AsyncBaseTransport | None = None,
         limiter: RateLimiter | None = None,
         on_pause: PauseListener | None = None,
+        sink: Sink | None = None,
     ) -> None:
         self.spec = spec
         self.k = spec.sampling.logprobs
@@ -93,6 +95,7 @@ class TeacherClient:
             transport=transport,
         )
         self.counters: Counter[str] = Counter()  # retries and error classes seen
+        self.stats = RequestStats(sink)  # every exchange with an endpoint, for status and metrics
 
     def payload(self, row: PromptRow) -> dict[str, Any]:
         """The ``/v1/completions`` body for one input row (a chat row's prompt is added once the
@@ -135,13 +138,13 @@ class TeacherClient:
             raise InvalidResponse("/tokenize did not answer a list of token ids", endpoint=endpoint)
         return tokens
 
-    async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
+    async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> httpx.Response:
         try:
             # httpx's timeouts are per read; this bounds the whole request, so a server that
             # trickles bytes cannot hold a slot forever. Closing the connection on timeout is
             # what makes vLLM abort the abandoned generation.
             async with asyncio.timeout(self.spec.teacher.timeout_s):
-                resp = await self._http.post(
+                return await self._http.post(
                     url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
                 )
         except (httpx.TimeoutException, TimeoutError) as err:
@@ -154,6 +157,15 @@ class TeacherClient:
             # attribute 'getpeername'" while a managed replica was killed): still a failed
             # exchange with this endpoint, not a reason to abort the whole job.
             raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
+
+    async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            resp = await self._send(endpoint, url, body)
+        except HarvestError as err:
+            self.stats.observe(endpoint, type(err).__name__, time.perf_counter() - started)
+            raise
+        self.stats.observe(endpoint, str(resp.status_code), time.perf_counter() - started)
         if resp.status_code != 200:
             raise error_for_status(
                 resp.status_code,
@@ -180,6 +192,7 @@ class TeacherClient:
                         self.counters["retries"] += 1
                     answer = await self._attempt(row, body, req)
         except HarvestError as err:
+            self.stats.failed(type(err).__name__, str(err))
             raise err.final(attempts=attempts, endpoint=req.endpoint) from None
         return Completion(
             samples=answer.samples,
@@ -205,10 +218,12 @@ class TeacherClient:
                     answer = await self._generate(endpoint, body)
                 except RateLimited as err:
                     self.counters["RateLimited"] += 1
+                    self.stats.error("RateLimited", str(err))
                     await self.router.pause(endpoint, err.retry_after)
                     continue
                 except HarvestError as err:
                     self.counters[type(err).__name__] += 1
+                    self.stats.error(type(err).__name__, str(err))
                     failed = _endpoint_failed(err)
                     if await self.router.report(endpoint, ok=not failed, reason=type(err).__name__):
                         continue

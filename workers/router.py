@@ -99,6 +99,9 @@ class Router:
     def requests(self) -> dict[str, int]:
         return {url: ep.requests for url, ep in self._eps.items()}
 
+    def in_flight_total(self) -> int:
+        return sum(ep.in_flight for ep in self._eps.values())
+
     def _add(self, endpoints: list[str]) -> None:
         for url in endpoints:
             self._eps.setdefault(url, _Endpoint(url))

@@ -1,0 +1,131 @@
+"""The job's status file, ``OUT/_harvest/status.json``, and how ``harvest status`` shows it.
+
+The driver rewrites the whole file every few seconds (one atomic write, so a reader never sees
+half of it) and once more when the run ends. Anyone who can read the output can ask how a job
+stands, during and after the run; a driver that was killed leaves ``state: running`` with an
+``updated_at`` older than a few heartbeats, which ``render`` shows as crashed (stale).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+STATUS_FILE = "_harvest/status.json"
+STALE_AFTER_HEARTBEATS = 3
+
+State = Literal["running", "done", "done with failures", "stopped", "crashed"]
+
+
+class EndpointStatus(BaseModel):
+    requests: dict[str, int] = Field(default_factory=dict)  # outcome -> count
+    state: str = "up"  # "up", "circuit open" or "paused (429)"
+    since: float | None = None
+    reason: str = ""
+
+
+class JobStatus(BaseModel):
+    """One snapshot of a run, as written to the status file."""
+
+    job_id: str
+    state: State = "running"
+    reason: str = ""
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+    started_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    heartbeat_s: float = 5.0
+    prompts_total: int = 0
+    prompts_done: int = 0
+    data_rows: int = 0
+    failure_rows: int = 0
+    tokens: int = 0
+    tokens_per_s_last_minute: float = 0.0
+    tokens_per_s_overall: float = 0.0
+    eta_s: float | None = None
+    failures_by_class: dict[str, int] = Field(default_factory=dict)
+    retries: int = 0
+    in_flight: int = 0
+    endpoints: dict[str, EndpointStatus] = Field(default_factory=dict)
+    latency_s: dict[str, float | None] = Field(default_factory=dict)  # p50 / p90 / p99
+    worker_restarts: int = 0
+    replica_restarts: int = 0
+
+    def shown_state(self, now: float | None = None) -> str:
+        """The state, or "crashed (stale)" for a running job whose driver stopped writing."""
+        age = (time.time() if now is None else now) - self.updated_at
+        if self.state == "running" and age > STALE_AFTER_HEARTBEATS * self.heartbeat_s:
+            return "crashed (stale)"
+        return self.state
+
+
+def status_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / STATUS_FILE
+
+
+def write_status(out_dir: str | Path, status: JobStatus) -> None:
+    """Replace the status file in one step (a reader sees the old or the new file)."""
+    path = status_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp.write_text(status.model_dump_json(indent=1))
+    os.replace(tmp, path)
+
+
+def read_status(out_dir: str | Path) -> JobStatus:
+    path = status_path(out_dir)
+    try:
+        return JobStatus.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out_dir}: no {STATUS_FILE}; has a harvest run here?") from None
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def render(status: JobStatus, now: float | None = None) -> str:
+    """What ``harvest status OUT`` prints."""
+    now = time.time() if now is None else now
+    state = status.shown_state(now)
+    s = status
+    done_pct = 100.0 * s.prompts_done / s.prompts_total if s.prompts_total else 100.0
+    lines = [
+        f"job {s.job_id}: {state}" + (f" ({s.reason})" if s.reason else ""),
+        f"  driver {s.host} pid {s.pid}, started {_when(s.started_at)}, "
+        f"last update {_when(s.updated_at)} ({now - s.updated_at:.0f}s ago)",
+        f"  prompts {s.prompts_done}/{s.prompts_total} ({done_pct:.1f}%), data rows "
+        f"{s.data_rows}, failure rows {s.failure_rows}, ETA {_duration(s.eta_s)}",
+        f"  tokens {s.tokens}: {s.tokens_per_s_last_minute:,.0f} tok/s last minute, "
+        f"{s.tokens_per_s_overall:,.0f} overall",
+        f"  in flight {s.in_flight}, retries {s.retries}, worker restarts {s.worker_restarts}, "
+        f"replica restarts {s.replica_restarts}",
+    ]
+    if s.latency_s:
+        lat = ", ".join(f"{k} <= {v:g}s" for k, v in s.latency_s.items() if v is not None)
+        lines.append(f"  latency {lat or '-'}")
+    for cls, count in sorted(s.failures_by_class.items()):
+        lines.append(f"  failed prompts, {cls}: {count}")
+    for url, ep in sorted(s.endpoints.items()):
+        outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(ep.requests.items())) or "-"
+        health = ep.state if ep.state == "up" else f"{ep.state} since {_when(ep.since)}"
+        if ep.reason:
+            health += f" ({ep.reason})"
+        lines.append(f"  {url}: {health}; requests {outcomes}")
+    return "\n".join(lines)
