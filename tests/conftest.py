@@ -47,13 +47,32 @@ def tiny_teacher() -> str:
         server.stop()
 
 
+RAY_METRICS_PORT: list[int] = []  # the session cluster's Prometheus port, once it runs
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the session; harvest's scheduler reuses it."""
+    """One local Ray cluster for the session; harvest's scheduler reuses it. Its metrics are
+    exported on a port of its own (``ray_metrics_url``)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from workers.vllm_server import free_port
+
+    RAY_METRICS_PORT.append(free_port())
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=RAY_METRICS_PORT[0],
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster) -> str:
+    """Where the session cluster's node serves its Prometheus metrics."""
+    return f"http://127.0.0.1:{RAY_METRICS_PORT[0]}/metrics"
