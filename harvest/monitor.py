@@ -97,6 +97,7 @@ class Monitor:
         rate = (s.prompts_done - self.done_before) / max(1e-6, now - self.started)
         s.eta_s = (s.prompts_total - s.prompts_done) / rate if rate > 0 else None
         s.latency_s = {f"p{q}": requests.latency_percentile(q / 100) for q in (50, 90, 99)}
+        self.metrics.workers(counters, requests)
         self._follow_endpoints(down, requests)
         self._follow_events(counters, requests, replica_restarts)
         self.progress.update(

@@ -18,7 +18,6 @@ from schemas.job import JobSpec, RateLimit
 from schemas.wire import PromptRow, UnitResult, WorkUnit
 from workers.client import TeacherClient
 from workers.limiter import Limiter
-from workers.metrics import WorkerMetrics
 from workers.router import EndpointDown
 from workers.stats import RequestSnapshot
 from workers.unit import harvest_unit
@@ -49,7 +48,6 @@ class HarvestActor:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.out_dir = Path(out_dir)
         self.shard_meta = shard_meta
-        self.metrics = WorkerMetrics(job_id)
         self.client = TeacherClient(
             self.spec,
             job_id=job_id,
@@ -58,7 +56,6 @@ class HarvestActor:
             endpoints=endpoints,
             limiter=_limiter_share(self.spec),
             on_pause=self._tell_peers,
-            sink=self.metrics.observe,
         )
         self.progress: Counter[str] = Counter()
         self.peers: list[ray.actor.ActorHandle] = []
@@ -102,7 +99,6 @@ class HarvestActor:
             **self.client.counters,
             "circuit_opened": router.circuit_opened,
         }
-        self.metrics.export(counters)
         return WorkerStats(
             counters=counters,
             down=router.down(),

@@ -32,7 +32,7 @@ from workers.errors import (
 from workers.parse import parse_completions
 from workers.retry import build_retrying, parse_retry_after
 from workers.router import PauseListener, Router
-from workers.stats import RequestStats, Sink
+from workers.stats import RequestStats
 
 
 class RateLimiter(Protocol):
@@ -69,7 +69,6 @@ class TeacherClient:
         transport: httpx.AsyncBaseTransport | None = None,
         limiter: RateLimiter | None = None,
         on_pause: PauseListener | None = None,
-        sink: Sink | None = None,
     ) -> None:
         self.spec = spec
         self.k = spec.sampling.logprobs
@@ -95,7 +94,7 @@ class TeacherClient:
             transport=transport,
         )
         self.counters: Counter[str] = Counter()  # retries and error classes seen
-        self.stats = RequestStats(sink)  # every exchange with an endpoint, for status and metrics
+        self.stats = RequestStats()  # every exchange with an endpoint: status file, metrics
 
     def payload(self, row: PromptRow) -> dict[str, Any]:
         """The ``/v1/completions`` body for one input row (a chat row's prompt is added once the

@@ -1,10 +1,11 @@
 """Prometheus metrics through Ray's metrics API: they show on the Ray dashboard and in any
 Prometheus that scrapes the cluster (each node exports them on its metrics port).
 
-Worker side (``WorkerMetrics``): every exchange with an endpoint, its latency, and deltas of
-the worker's counters. Driver side (``DriverMetrics``): committed shards and rows, failures by
-class, endpoint health and replica restarts. Every name starts with ``harvest_``; Ray adds a
-``ray_`` prefix on export.
+Recorded by the driver from what it already gathers every second (the workers' request
+statistics and counters, and the units it commits), as deltas: nothing is lost when a worker
+is killed before Ray exported its own metrics, and the numbers equal the run's. Every name
+starts with ``harvest_``; Ray adds a ``ray_`` prefix on export. A driver process that exits
+right after its job may not export the last second or so.
 """
 
 from __future__ import annotations
@@ -13,52 +14,14 @@ from collections.abc import Mapping
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from workers.stats import LATENCY_BOUNDS_S
+from workers.stats import LATENCY_BOUNDS_S, RequestSnapshot
 
-# Worker counters exported as deltas (names in the actor's progress/client counters).
+# Worker counters (summed over workers) exported as deltas.
 WORKER_COUNTERS = {
     "completion_tokens": "harvest_tokens_generated_total",
     "retries": "harvest_retries_total",
     "prompts": "harvest_prompts_answered_total",
 }
-
-
-class WorkerMetrics:
-    """One per harvest actor."""
-
-    def __init__(self, job_id: str) -> None:
-        self.tags = {"job_id": job_id}
-        self.requests = Counter(
-            "harvest_requests_total",
-            description="Requests sent to teacher endpoints, by endpoint and outcome (HTTP "
-            "status, or the error class when no answer came).",
-            tag_keys=("job_id", "endpoint", "outcome"),
-        )
-        self.latency = Histogram(
-            "harvest_request_latency_seconds",
-            description="Time from sending a request to its answer or error.",
-            boundaries=list(LATENCY_BOUNDS_S),
-            tag_keys=("job_id", "endpoint"),
-        )
-        self.counters = {
-            key: Counter(name, description=f"Worker counter {key!r}.", tag_keys=("job_id",))
-            for key, name in WORKER_COUNTERS.items()
-        }
-        self._exported: dict[str, int] = {}
-
-    def observe(self, endpoint: str, outcome: str, latency_s: float) -> None:
-        tags = {**self.tags, "endpoint": endpoint}
-        self.requests.inc(1.0, tags={**tags, "outcome": outcome})
-        self.latency.observe(latency_s, tags=tags)
-
-    def export(self, counters: Mapping[str, int]) -> None:
-        """Add what the counters grew by since the last export."""
-        for key, metric in self.counters.items():
-            now = counters.get(key, 0)
-            delta = now - self._exported.get(key, 0)
-            if delta > 0:
-                metric.inc(float(delta), tags=self.tags)
-            self._exported[key] = now
 
 
 class DriverMetrics:
@@ -67,6 +30,26 @@ class DriverMetrics:
     def __init__(self, job_id: str) -> None:
         self.tags = {"job_id": job_id}
         job = ("job_id",)
+        self.requests = Counter(
+            "harvest_requests_total",
+            description="Requests sent to teacher endpoints, by endpoint and outcome (HTTP "
+            "status, or the error class when no answer came).",
+            tag_keys=("job_id", "endpoint", "outcome"),
+        )
+        self.latency = Histogram(
+            "harvest_request_latency_seconds",
+            description="Time from sending a request to its answer or error (recorded at the "
+            "upper bound of its bucket).",
+            boundaries=list(LATENCY_BOUNDS_S),
+            tag_keys=job,
+        )
+        self.counters = {
+            key: Counter(name, description=f"Worker counter {key!r}, all workers.", tag_keys=job)
+            for key, name in WORKER_COUNTERS.items()
+        }
+        self._requests: dict[tuple[str, str], int] = {}
+        self._buckets = [0] * (len(LATENCY_BOUNDS_S) + 1)
+        self._counters: dict[str, int] = {}
         self.shards = Counter(
             "harvest_shards_committed_total", description="Units committed.", tag_keys=job
         )
@@ -88,6 +71,27 @@ class DriverMetrics:
         self.replica_restarts = Gauge(
             "harvest_replica_restarts", description="Managed replica restarts.", tag_keys=job
         )
+
+    def workers(self, counters: Mapping[str, int], requests: RequestSnapshot) -> None:
+        """Add what the workers' counters and request statistics grew by since last time."""
+        for key, metric in self.counters.items():
+            delta = counters.get(key, 0) - self._counters.get(key, 0)
+            if delta > 0:
+                metric.inc(float(delta), tags=self.tags)
+                self._counters[key] = counters.get(key, 0)
+        for (endpoint, outcome), count in requests.requests.items():
+            delta = count - self._requests.get((endpoint, outcome), 0)
+            if delta > 0:
+                tags = {**self.tags, "endpoint": endpoint, "outcome": outcome}
+                self.requests.inc(float(delta), tags=tags)
+                self._requests[(endpoint, outcome)] = count
+        bounds = [*LATENCY_BOUNDS_S, 2 * LATENCY_BOUNDS_S[-1]]
+        for i, (now, before) in enumerate(
+            zip(requests.latency_buckets, self._buckets, strict=True)
+        ):
+            for _ in range(now - before):
+                self.latency.observe(bounds[i], tags=self.tags)
+        self._buckets = list(requests.latency_buckets)
 
     def committed(self, data_rows: int, failure_rows: int, error_classes: Mapping[str, int]):
         self.shards.inc(1.0, tags=self.tags)

@@ -1,7 +1,7 @@
-"""What a worker's requests did: counts by endpoint and outcome, latencies, first failures.
+"""What a worker's requests did: counts by endpoint and outcome, latencies, first errors.
 
-Plain Python, owned by the teacher client; the harvest actor hands a snapshot to the driver
-(status file, progress, logs) and forwards each observation to Ray's metrics (``sink``).
+Plain Python, owned by the teacher client; the harvest actor hands a snapshot to the driver,
+which turns the sum of all workers' snapshots into the status file, logs and metrics.
 Latencies go into fixed buckets, so snapshots from many workers add up exactly.
 """
 
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Upper bounds (seconds) of the latency buckets; the last bucket is everything above.
 LATENCY_BOUNDS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FAILURE_SAMPLES = 3  # messages kept per error class, for the log
-
-Sink = Callable[[str, str, float], None]  # (endpoint, outcome, latency_s)
 
 
 @dataclass
@@ -52,9 +49,8 @@ class RequestSnapshot:
 
 
 class RequestStats:
-    def __init__(self, sink: Sink | None = None) -> None:
+    def __init__(self) -> None:
         self.snapshot = RequestSnapshot()
-        self.sink = sink
 
     def observe(self, endpoint: str, outcome: str, latency_s: float) -> None:
         """One HTTP exchange with a teacher endpoint: ``outcome`` is the status code or the
@@ -62,8 +58,6 @@ class RequestStats:
         snap = self.snapshot
         snap.requests[(endpoint, outcome)] += 1
         snap.latency_buckets[bisect.bisect_left(LATENCY_BOUNDS_S, latency_s)] += 1
-        if self.sink is not None:
-            self.sink(endpoint, outcome, latency_s)
 
     def error(self, error_class: str, message: str) -> None:
         """An attempt failed (it may be retried): keep the first few messages of each class."""

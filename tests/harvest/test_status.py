@@ -59,8 +59,7 @@ def test_missing_status_file_is_a_clear_error(tmp_path):
 
 
 def test_request_snapshots_add_up_and_give_bucket_percentiles():
-    seen: list[tuple[str, str, float]] = []
-    a, b = RequestStats(sink=lambda *x: seen.append(x)), RequestStats()
+    a, b = RequestStats(), RequestStats()
     for latency in (0.01, 0.02, 0.3):
         a.observe("e1", "200", latency)
     b.observe("e2", "503", 7.0)
@@ -71,7 +70,6 @@ def test_request_snapshots_add_up_and_give_bucket_percentiles():
     total.merge(a.snapshot)
     total.merge(b.snapshot)
     assert total.requests == {("e1", "200"): 3, ("e2", "503"): 1}
-    assert len(seen) == 3  # every observation reached the sink
     assert (
         sum(total.latency_buckets) == 4 and len(total.latency_buckets) == len(LATENCY_BOUNDS_S) + 1
     )
