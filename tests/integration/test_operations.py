@@ -186,11 +186,17 @@ def test_metrics_from_ray_match_the_run(tmp_path, ray_cluster, ray_metrics_url):
     with FaultTeacherServer(model="fault", plan=plan) as server:
         job = make_job(tmp_path, server.url, prompts)
         assert main(["run", str(job), "--no-progress"]) == 3
-        sent = Counter(
-            r.outcome for r in server.log if r.path.endswith(("/completions", "/tokenize"))
-        )
+        log = [r for r in server.log if r.path.endswith(("/completions", "/tokenize"))]
+    sent = Counter(r.outcome for r in log)  # every request, preflight's own included
+    for_rows = Counter(r.outcome for r in log if (r.key or "").startswith("op "))
     out = tmp_path / "out"
-    job_id = read_status(out).job_id
+    status = read_status(out)
+    job_id = status.job_id
+    # What the workers sent (rows and the worker's probe), by outcome, as the run counted it.
+    counted = Counter()
+    for endpoint in status.endpoints.values():
+        counted.update(endpoint.requests)
+    assert for_rows["ok"] <= counted["200"] <= sent["ok"] and counted["503"] == sent["503"]
     table = reader.read_table(out)
     data, failed = shard_rows(out)
     units = len(reader.data_files(out, "data"))
@@ -200,17 +206,17 @@ def test_metrics_from_ray_match_the_run(tmp_path, ray_cluster, ray_metrics_url):
         "ray_harvest_rows_committed_total{kind=failed}": failed,
         "ray_harvest_failures_total{error_class=BadRequest}": bad,
         "ray_harvest_tokens_generated_total{}": sum(table["completion_tokens"].to_pylist()),
-        "ray_harvest_requests_total{outcome=200}": sent["ok"],
-        "ray_harvest_requests_total{outcome=503}": sent["503"],
-        "ray_harvest_requests_total{outcome=400}": sent["400"],
-        "ray_harvest_request_latency_seconds_count{}": sum(sent.values()),
+        "ray_harvest_requests_total{outcome=200}": counted["200"],
+        "ray_harvest_requests_total{outcome=503}": counted["503"],
+        "ray_harvest_requests_total{outcome=400}": counted["400"],
+        "ray_harvest_request_latency_seconds_count{}": sum(counted.values()),
     }
     deadline = time.monotonic() + 120  # Ray exports metrics every few seconds
     while True:
         seen = prometheus(ray_metrics_url, job_id)
         if all(seen.get(k) == v for k, v in expected.items()):
             break
-        assert time.monotonic() < deadline, {k: (seen.get(k), v) for k, v in expected.items()}
+        assert time.monotonic() < deadline, str({k: (seen.get(k), v) for k, v in expected.items()})
         time.sleep(1)
     assert sent["503"] > 0 and sent["400"] == bad  # the run did see what the metrics count
 
