@@ -1,0 +1,199 @@
+"""parse_completions on real vLLM 0.32 bodies (captured from the tiny teacher) and broken ones.
+
+The fixtures in tests/data/vllm were answered by the real server with ``return_token_ids`` and
+``return_tokens_as_token_ids``: a chat-template token-id prompt at n=2, K=3 (every token has the
+sampled token as a 4th entry), a text prompt at K=20 (21 entries), and a greedy answer at K=3
+(the sampled token is the best, 3 entries).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.errors import InvalidResponse, MissingLogprobs
+from workers.parse import parse_completions
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "vllm"
+
+
+def body(name: str) -> dict[str, Any]:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def check_against_raw(raw: dict[str, Any], k: int) -> None:
+    """Every sample holds exactly the server's tokens and its K best alternatives, best first."""
+    answer = parse_completions(raw, k)
+    assert answer.prompt_token_ids == raw["choices"][0]["prompt_token_ids"]
+    assert answer.prompt_tokens == raw["usage"]["prompt_tokens"] == len(answer.prompt_token_ids)
+    assert [s.sample_index for s in answer.samples] == list(range(len(raw["choices"])))
+    for choice, sample in zip(raw["choices"], answer.samples, strict=True):
+        lp = choice["logprobs"]
+        assert sample.token_ids == choice["token_ids"]
+        assert sample.logprobs == lp["token_logprobs"]
+        assert sample.response == choice["text"] and sample.finish_reason == "length"
+        for entry, ids, lps in zip(
+            lp["top_logprobs"], sample.top_token_ids, sample.top_logprobs, strict=True
+        ):
+            best = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
+            assert ids == [int(t.removeprefix("token_id:")) for t, _ in best]
+            assert lps == [v for _, v in best] and len(ids) == k
+
+
+def test_token_id_prompt_n2_with_k_plus_1_entries() -> None:
+    raw = body("completions_token_ids_n2_k3")
+    assert {len(e) for c in raw["choices"] for e in c["logprobs"]["top_logprobs"]} == {4}
+    check_against_raw(raw, 3)
+    answer = parse_completions(raw, 3)
+    # The sampled token (listed first by vLLM) is the one cut: it is outside the top 3.
+    first = raw["choices"][0]["logprobs"]["top_logprobs"][0]
+    sampled = int(next(iter(first)).removeprefix("token_id:"))
+    assert sampled == answer.samples[0].token_ids[0]
+    assert sampled not in answer.samples[0].top_token_ids[0]
+
+
+def test_text_prompt_at_top_20() -> None:
+    raw = body("completions_text_k20")
+    assert {len(e) for e in raw["choices"][0]["logprobs"]["top_logprobs"]} == {21}
+    check_against_raw(raw, 20)
+
+
+def test_greedy_k_entries() -> None:
+    raw = body("completions_greedy_k3")
+    check_against_raw(raw, 3)
+    sample = parse_completions(raw, 3).samples[0]
+    assert [ids[0] for ids in sample.top_token_ids] == sample.token_ids  # greedy: best = sampled
+
+
+def test_k0_keeps_only_the_sampled_logprobs() -> None:
+    answer = parse_completions(body("completions_greedy_k3"), 0)
+    assert answer.samples[0].top_token_ids == [[], [], []]
+
+
+def test_choices_out_of_order_are_sorted_by_index() -> None:
+    raw = body("completions_token_ids_n2_k3")
+    raw["choices"].reverse()
+    answer = parse_completions(raw, 3)
+    assert [s.sample_index for s in answer.samples] == [0, 1]
+    assert answer.samples[0].token_ids == raw["choices"][1]["token_ids"]
+
+
+def test_usage_missing_counts_the_prompt_ids() -> None:
+    raw = body("completions_greedy_k3")
+    del raw["usage"]
+    assert parse_completions(raw, 3).prompt_tokens == 5
+
+
+def choice0(raw: dict[str, Any]) -> dict[str, Any]:
+    return raw["choices"][0]
+
+
+# Each edit turns a real answer into a wrong-shape 200: retried, never a TypeError/KeyError.
+MALFORMED = {
+    "body not an object": lambda r: [],
+    "no choices": lambda r: r.pop("choices"),
+    "empty choices": lambda r: r.update(choices=[]),
+    "choice not an object": lambda r: r["choices"].__setitem__(0, "x"),
+    "null logprob": lambda r: choice0(r)["logprobs"]["token_logprobs"].__setitem__(1, None),
+    "string logprob": lambda r: choice0(r)["logprobs"]["token_logprobs"].__setitem__(0, "-1.5"),
+    "bool logprob": lambda r: choice0(r)["logprobs"]["token_logprobs"].__setitem__(0, True),
+    "null top logprob": lambda r: _first_top(r).update({"token_id:5": None}),
+    "top entry not a dict": lambda r: choice0(r)["logprobs"]["top_logprobs"].__setitem__(0, []),
+    "null top entry": lambda r: choice0(r)["logprobs"]["top_logprobs"].__setitem__(2, None),
+    "top_logprobs not a list": lambda r: choice0(r)["logprobs"].update(top_logprobs={}),
+    "short top_logprobs": lambda r: choice0(r)["logprobs"]["top_logprobs"].pop(),
+    "short token_logprobs": lambda r: choice0(r)["logprobs"]["token_logprobs"].pop(),
+    "no token_logprobs": lambda r: choice0(r)["logprobs"].pop("token_logprobs"),
+    "tokens not a list": lambda r: choice0(r)["logprobs"].update(tokens="token_id:1"),
+    "token not a string": lambda r: choice0(r)["logprobs"]["tokens"].__setitem__(0, 98),
+    "token id not an int": lambda r: choice0(r)["logprobs"]["tokens"].__setitem__(0, "token_id:x"),
+    "negative token id": lambda r: choice0(r)["logprobs"]["tokens"].__setitem__(0, "token_id:-1"),
+    "top key not an int": lambda r: _first_top(r).update({"token_id:1.5": -1.0}),
+    "too many alternatives": lambda r: _first_top(r).update({f"token_id:{900 + i}": -9.0
+                                                              for i in range(3)}),
+    "logprobs not an object": lambda r: choice0(r).update(logprobs=[1]),
+    "token_ids disagree": lambda r: choice0(r)["token_ids"].__setitem__(1, 7),
+    "token_ids not ints": lambda r: choice0(r).update(token_ids=["98", "98", "98"]),
+    "prompt ids not ints": lambda r: choice0(r)["prompt_token_ids"].__setitem__(0, 1.0),
+    "prompt ids not a list": lambda r: choice0(r).update(prompt_token_ids="1 2"),
+    "usage disagrees": lambda r: r["usage"].update(prompt_tokens=6),
+    "usage not an int": lambda r: r["usage"].update(prompt_tokens="5"),
+    "index not an int": lambda r: choice0(r).update(index="0"),
+    "text not a string": lambda r: choice0(r).update(text=7),
+    "finish_reason not a string": lambda r: choice0(r).update(finish_reason=1),
+}  # fmt: skip
+
+
+def _first_top(raw: dict[str, Any]) -> dict[str, Any]:
+    return choice0(raw)["logprobs"]["top_logprobs"][0]
+
+
+@pytest.mark.parametrize("edit", list(MALFORMED), ids=list(MALFORMED))
+def test_wrong_shape_is_invalid_response(edit: str) -> None:
+    raw = body("completions_greedy_k3")
+    changed = MALFORMED[edit](raw)
+    if isinstance(changed, list):  # the edit replaces the whole body
+        raw = changed
+    with pytest.raises(InvalidResponse):
+        parse_completions(raw, 3)
+
+
+def test_choices_disagreeing_on_the_prompt_or_index() -> None:
+    raw = body("completions_token_ids_n2_k3")
+    bad = copy.deepcopy(raw)
+    bad["choices"][1]["prompt_token_ids"] = bad["choices"][1]["prompt_token_ids"][1:]
+    with pytest.raises(InvalidResponse):
+        parse_completions(bad, 3)
+    twins = copy.deepcopy(raw)
+    twins["choices"][1]["index"] = 0  # two samples with one index: duplicate request ids
+    with pytest.raises(InvalidResponse):
+        parse_completions(twins, 3)
+
+
+MISSING = {
+    "no logprobs": lambda r: choice0(r).update(logprobs=None),
+    "logprobs key absent": lambda r: choice0(r).pop("logprobs"),
+    "no tokens": lambda r: choice0(r)["logprobs"].pop("tokens"),
+    "no top_logprobs": lambda r: choice0(r)["logprobs"].update(top_logprobs=None),
+    "decoded strings, not ids": lambda r: choice0(r)["logprobs"].update(tokens=["\n"] * 3),
+    "fewer than K": lambda r: _first_top(r).pop("token_id:596"),
+    "no prompt ids": lambda r: choice0(r).pop("prompt_token_ids"),
+}
+
+
+@pytest.mark.parametrize("edit", list(MISSING), ids=list(MISSING))
+def test_teacher_without_what_we_asked_for_is_missing_logprobs(edit: str) -> None:
+    raw = body("completions_greedy_k3")
+    MISSING[edit](raw)
+    with pytest.raises(MissingLogprobs):
+        parse_completions(raw, 3)
+
+
+def test_fuzzed_answers_raise_only_our_errors() -> None:
+    """Replace every leaf of a real answer, one at a time, by values of the wrong type."""
+    raw = body("completions_token_ids_n2_k3")
+    paths: list[tuple[Any, ...]] = []
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        paths.append(path)
+        if isinstance(node, dict | list):
+            for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+                walk(child, (*path, key))
+
+    walk(raw, ())
+    assert len(paths) > 100
+    for path in paths[1:]:
+        for junk in (None, "x", 1.5, -3, True, [], {}, [None], {"token_id:1": None}):
+            broken = copy.deepcopy(raw)
+            parent = broken
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = junk
+            try:
+                parse_completions(broken, 3)
+            except (InvalidResponse, MissingLogprobs):
+                pass
