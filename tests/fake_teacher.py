@@ -1,12 +1,16 @@
 """An in-process fake of vLLM's OpenAI API for fast unit tests (httpx.MockTransport).
 
-It answers in the exact shapes vLLM 0.32 sends with ``return_tokens_as_token_ids`` (checked
-against the real server in tests/integration), including the chat quirk of listing the sampled
-token first in ``top_logprobs``. Real-teacher proof lives in tests/integration.
+It answers ``/v1/completions`` in the exact shape vLLM 0.32 sends with
+``return_tokens_as_token_ids`` and ``return_token_ids`` (captured bodies in tests/data/vllm),
+including the sampled token listed first and added as a K+1st alternative when it is outside
+the top K, and ``/tokenize`` for a prompt or a conversation. Its toy tokenizer and chat template
+are invertible, so a server can tell which prompt a token-id request carries. Real-teacher proof
+lives in tests/integration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -16,6 +20,57 @@ import httpx
 import orjson
 
 Script = Callable[[dict[str, Any], int], httpx.Response | None]
+
+# The toy tokenizer: byte b is id b + OFFSET; ids below OFFSET are the chat template's markers.
+BOS, TURN, SEP, EOT = 1, 2, 3, 4
+OFFSET = 8
+MAX_MODEL_LEN = 1024
+
+
+def encode_text(text: str) -> list[int]:
+    return [b + OFFSET for b in text.encode()]
+
+
+def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    """``BOS (TURN role SEP content EOT)* [TURN "assistant" SEP]``."""
+    ids = [BOS]
+    for m in messages:
+        ids += [TURN, *encode_text(str(m.get("role"))), SEP, *encode_text(str(m.get("content")))]
+        ids.append(EOT)
+    if add_generation_prompt:
+        ids += [TURN, *encode_text("assistant"), SEP]
+    return ids
+
+
+def decode_prompt(ids: list[int]) -> str | list[dict[str, str]] | None:
+    """Invert ``encode_text`` (a str) or ``render_chat`` (messages); None for foreign ids."""
+    try:
+        if not ids or ids[0] != BOS:
+            return bytes(i - OFFSET for i in ids).decode()
+        messages, i = [], 1
+        while i < len(ids):
+            if ids[i] != TURN:
+                return None
+            sep = ids.index(SEP, i)
+            end = ids.index(EOT, sep) if EOT in ids[sep:] else len(ids)
+            role = bytes(t - OFFSET for t in ids[i + 1 : sep]).decode()
+            content = bytes(t - OFFSET for t in ids[sep + 1 : end]).decode()
+            if end < len(ids) or content:  # the generation prompt has no content and no EOT
+                messages.append({"role": role, "content": content})
+            i = end + 1
+        return messages
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def prompt_ids(body: dict[str, Any]) -> list[int]:
+    """The ids the fake teacher sees for a completions or tokenize body."""
+    if isinstance(body.get("messages"), list):
+        return render_chat(body["messages"], bool(body.get("add_generation_prompt")))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        return [int(i) for i in prompt]
+    return encode_text(str(prompt))
 
 
 class FakeTeacher:
@@ -37,68 +92,73 @@ class FakeTeacher:
             injected = self.script(body, len(self.calls))
             if injected is not None:
                 return injected
-        if request.url.path.endswith("/models"):
+        path = request.url.path
+        if path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": self.model, "root": "/m"}]})
+        if path.endswith("/health"):
+            return httpx.Response(200)
         if body.get("model") != self.model:
             return httpx.Response(404, json={"error": {"message": "no such model"}})
-        chat = request.url.path.endswith("/chat/completions")
-        return httpx.Response(200, content=orjson.dumps(self.answer(body, chat)))
+        if path.endswith("/tokenize"):
+            return httpx.Response(200, content=orjson.dumps(self.tokenize(body)))
+        if path.endswith("/completions") and not path.endswith("/chat/completions"):
+            return httpx.Response(200, content=orjson.dumps(self.answer(body)))
+        return httpx.Response(404, json={"error": {"message": f"Not Found: {path}"}})
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        ids = prompt_ids(body)
+        return {"tokens": ids, "count": len(ids), "max_model_len": MAX_MODEL_LEN}
 
     def _steps(self, body: dict[str, Any], index: int) -> list[tuple[int, float, list]]:
         """(sampled id, its logprob, [(alt id, logprob)] in vLLM's order) per token."""
-        seed = hash((str(body.get("prompt") or body.get("messages")), index)) & 0xFFFF
-        rng = random.Random(seed)
-        k = body["top_logprobs"] if "top_logprobs" in body else body["logprobs"]
+        blob = orjson.dumps([prompt_ids(body), index, body.get("seed")])
+        rng = random.Random(hashlib.blake2b(blob, digest_size=8).digest())
+        k = body.get("logprobs") or 0
         steps = []
         for _ in range(body["max_tokens"]):
             ranked = rng.sample(range(self.vocab), max(k, 1) + 1)
             lps = sorted((-rng.uniform(0.1, 8.0) for _ in ranked), reverse=True)
             pick = rng.randrange(len(ranked))  # sometimes outside the top k
             sampled, sampled_lp = ranked[pick], lps[pick]
-            alts = list(zip(ranked[:k], lps[:k], strict=True))
-            if pick >= k:
-                alts = [(sampled, sampled_lp), *alts]  # vLLM adds the sampled token first
-            steps.append((sampled, sampled_lp, alts))
+            # vLLM lists the sampled token first, then the top k (once each): k or k+1 entries.
+            alts = dict([(sampled, sampled_lp), *zip(ranked[:k], lps[:k], strict=True)])
+            steps.append((sampled, sampled_lp, list(alts.items())))
         return steps
 
-    def answer(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A 200 body for a ``/v1/completions`` request, shaped as vLLM 0.32 sends it."""
+        ids = prompt_ids(body)
+        with_ids = bool(body.get("return_token_ids"))
         choices = []
         for i in range(body.get("n", 1)):
             steps = self._steps(body, i)
-            text = "".join(f"<{t}>" for t, _, _ in steps)
-            if chat:
-                k = body["top_logprobs"]
-                content = [
-                    {
-                        "token": f"token_id:{t}",
-                        "logprob": lp,
-                        "top_logprobs": [
-                            {"token": f"token_id:{a}", "logprob": alp} for a, alp in alts[:k]
-                        ],
-                    }
-                    for t, lp, alts in steps
-                ]
-                choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": {"content": content},
-                        "finish_reason": "length",
-                    }
-                )
-            else:
-                choices.append(
-                    {
-                        "index": i,
-                        "text": text,
-                        "logprobs": {
-                            "tokens": [f"token_id:{t}" for t, _, _ in steps],
-                            "token_logprobs": [lp for _, lp, _ in steps],
-                            "top_logprobs": [
-                                {f"token_id:{a}": alp for a, alp in alts} for _, _, alts in steps
-                            ],
-                        },
-                        "finish_reason": "length",
-                    }
-                )
-        return {"choices": choices, "usage": {"prompt_tokens": 7}}
+            tokens = [f"token_id:{t}" for t, _, _ in steps]
+            logprobs = None
+            if body.get("logprobs") is not None:
+                logprobs = {
+                    "text_offset": [len(f"<{t}>") * j for j, (t, _, _) in enumerate(steps)],
+                    "token_logprobs": [lp for _, lp, _ in steps],
+                    "tokens": tokens,
+                    "top_logprobs": [
+                        {f"token_id:{a}": alp for a, alp in alts} for _, _, alts in steps
+                    ],
+                }
+            choices.append(
+                {
+                    "index": i,
+                    "text": "".join(f"<{t}>" for t, _, _ in steps),
+                    "logprobs": logprobs,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "token_ids": [t for t, _, _ in steps] if with_ids else None,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": ids if with_ids else None,
+                }
+            )
+        usage = {"prompt_tokens": len(ids), "completion_tokens": body["max_tokens"] * len(choices)}
+        return {
+            "object": "text_completion",
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }

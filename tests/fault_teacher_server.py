@@ -6,10 +6,13 @@ loop and a minimal HTTP/1.1 implementation, so every fault is exact at the byte 
 is an RST with no response bytes, a *truncated* answer is a valid 200 whose Content-Length
 matches a cut JSON body. Success bodies come from ``FakeTeacher.answer`` (vLLM 0.32 shapes).
 
-Faults are deterministic and always recoverable: each request is keyed by its prompt (or the last
-user message for chat) and the server's own attempt count for that key; one seeded hash per
+Faults are deterministic and always recoverable: each ``/v1/completions`` request is keyed by its
+prompt (or the last user message for chat; a token-id prompt is decoded with the fake teacher's
+invertible toy tokenizer) and the server's own attempt count for that key; one seeded hash per
 (key, attempt) picks at most one fault, and only the first ``faulty_attempts`` (2) attempts of a
-key can be faulted, so a client with >= 4 attempts completes every prompt (except ``always_400``).
+key can be faulted, so a client with >= 4 attempts completes every prompt (except the
+``always_400`` / ``always_503`` ones). ``/tokenize`` is counted apart and never faulted, except
+by a storm (every request 429 for a while) or ``go_down`` (connections refused).
 """
 
 from __future__ import annotations
@@ -17,90 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import hashlib
 import math
 import socket
 import struct
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from fake_teacher import FakeTeacher
+from fault_plan import FAULTS, FaultPlan, Record, prompt_key
 
-FAULTS = ("429", "500", "503", "reset", "stall", "truncated")
+__all__ = ["FAULTS", "FaultPlan", "FaultTeacherServer", "Record", "prompt_key"]
+
 _ERROR_TYPES = {"400": "BadRequestError", "404": "NotFoundError", "429": "TooManyRequestsError"}
 _ERROR_TYPES |= {"500": "InternalServerError", "503": "ServiceUnavailableError"}
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Per-attempt fault probabilities (mutually exclusive, sum <= 1) and service behaviour."""
-
-    rate_429: float = 0.0
-    retry_after_s: float = 0.0  # sent with every 429 (delta-seconds, e.g. "1" or "0.05")
-    retry_after_http_date: bool = False  # send an IMF-fixdate instead, rounded up to whole s
-    rate_500: float = 0.0
-    rate_503: float = 0.0
-    rate_reset: float = 0.0  # RST after reading the request, no response bytes
-    rate_stall: float = 0.0
-    stall_s: float = 0.0  # sleep this long, then answer (the client should time out first)
-    rate_truncated: float = 0.0  # 200, Content-Length of the first half of the real body
-    always_400: frozenset[str] | set[str] = frozenset()
-    latency_s: float = 0.0  # fixed service time of every real answer
-    capacity: int | None = None  # answers served at once; the rest queue
-    seed: int = 0
-    faulty_attempts: int = 2  # only attempts 1..faulty_attempts of a key may be faulted
-
-    def __post_init__(self) -> None:
-        rates = [getattr(self, f"rate_{f}") for f in FAULTS]
-        if min(rates) < 0 or sum(rates) > 1.0 + 1e-9:
-            raise ValueError(f"fault rates must be >= 0 and sum to <= 1, got {rates}")
-
-    def decide(self, key: str, attempt: int) -> str:
-        """The outcome for this key's ``attempt``-th request: "ok", "400" or a fault name."""
-        if key in self.always_400:
-            return "400"
-        if attempt > self.faulty_attempts:
-            return "ok"
-        digest = hashlib.blake2b(f"{self.seed}\0{attempt}\0{key}".encode(), digest_size=8)
-        u = int.from_bytes(digest.digest(), "big") / 2**64
-        for fault in FAULTS:
-            u -= getattr(self, f"rate_{fault}")
-            if u < 0:
-                return fault
-        return "ok"
-
-
-@dataclass
-class Record:
-    """One request as the server saw it (times from ``time.monotonic`` unless ``wall``)."""
-
-    t: float  # arrival (request fully read)
-    wall: float
-    path: str
-    key: str | None  # prompt text / last user message; None for GET and unparseable bodies
-    attempt: int  # 1-based per key; 0 when there is no key
-    outcome: str  # "ok" | "400" | "404" | a FAULTS name
-    retry_after: str | None
-    user_agent: str | None
-    job_id: str | None
-    authorization: str | None
-    t_served: float | None = None  # service began (after the capacity queue)
-    busy: int = 0  # answers in service when this one began, itself included
-    t_done: float | None = None  # response written, connection reset, or handler cancelled
-
-
-def prompt_key(body: dict[str, Any]) -> str | None:
-    """What identifies a request for attempts and ``always_400``."""
-    if isinstance(body.get("messages"), list):
-        users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-        return str(users[-1].get("content")) if users else ""
-    prompt = body.get("prompt")
-    return None if prompt is None else str(prompt)
 
 
 class FaultTeacherServer:
@@ -113,11 +50,14 @@ class FaultTeacherServer:
         self.port = 0
         self._lock = threading.Lock()
         self._log: list[Record] = []
-        self._attempts: defaultdict[str, int] = defaultdict(int)
+        self._attempts: defaultdict[tuple[str, str], int] = defaultdict(int)  # (path, key)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self._storm_until: float | None = None  # set by the first request a storm plan sees
         self._sem: asyncio.Semaphore | None = None
         self._sem_size: int | None = None
         self._busy = 0
@@ -129,6 +69,7 @@ class FaultTeacherServer:
 
     def set_plan(self, plan: FaultPlan) -> None:
         self.plan = plan  # read once per request by the loop thread
+        self._storm_until = None  # a new plan's storm starts with its first request
 
     @property
     def log(self) -> list[Record]:
@@ -161,6 +102,18 @@ class FaultTeacherServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def go_down(self) -> None:
+        """Close the listening socket (new connections are refused) and reset every open one."""
+        self._call(self._go_down(reset=True))
+
+    def come_back(self) -> None:
+        """Listen again on the same port; the log and attempt counts carry on."""
+        self._call(self._listen(self.port))
+
+    def _call(self, coro: Any) -> None:
+        assert self._loop is not None, "server not started"
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
     # ---- the loop thread ----
     def _run(self) -> None:
         asyncio.run(self._main())
@@ -168,22 +121,38 @@ class FaultTeacherServer:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=1024)
-        self.port = server.sockets[0].getsockname()[1]
+        await self._listen(0)
         self._ready.set()
         try:
             await self._stopping.wait()
         finally:
+            await self._go_down()
+
+    async def _listen(self, port: int) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(
+                self._connection, "127.0.0.1", port, backlog=1024, reuse_address=True
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _go_down(self, reset: bool = False) -> None:
+        """Stop listening and end every connection: with RST if ``reset``, else with FIN."""
+        server, self._server = self._server, None
+        if server is not None:
             server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in list(self._writers) if reset else ():
+            _linger_zero(writer)  # the handler's abort() then sends RST
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
             await server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         try:
             while True:  # HTTP/1.1 keep-alive; bodies by Content-Length only (httpx sends it)
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
@@ -201,36 +170,51 @@ class FaultTeacherServer:
             return  # shutdown; 3.11's start_server callback chokes on a cancelled handler
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
             writer.transport.abort()
 
     async def _respond(
         self, w: asyncio.StreamWriter, method: str, path: str, headers: dict[str, str], raw: bytes
     ) -> bool:
         """Log and answer one request; False when the connection must not be reused."""
-        plan, chat = self.plan, path == "/v1/chat/completions"
+        plan = self.plan
         body: Any = {}
         with contextlib.suppress(orjson.JSONDecodeError):
             body = orjson.loads(raw) if raw else {}
         body = body if isinstance(body, dict) else {}
         key = prompt_key(body) if method == "POST" else None
         if key is not None:
-            self._attempts[key] += 1
-        attempt = self._attempts[key] if key is not None else 0
-        msg = ""
-        if method == "GET" and path in ("/health", "/v1/models"):
+            self._attempts[path, key] += 1
+        attempt = self._attempts[path, key] if key is not None else 0
+        now, msg = time.monotonic(), ""
+        if plan.storm_s > 0 and method == "POST" and path in _POST_PATHS:
+            if self._storm_until is None:
+                self._storm_until = now + plan.storm_s
+            storm = now < self._storm_until
+        else:
+            storm = False
+        if storm:
+            outcome, msg = "429", "injected 429 (storm)"
+        elif method == "GET" and path in ("/health", "/v1/models"):
             outcome = "ok"
         elif method != "POST" or path not in _POST_PATHS:
             outcome, msg = "404", f"Not Found: {method} {path}"
         elif body.get("model") != self.model:
             outcome, msg = "404", f"The model `{body.get('model')}` does not exist."
-        elif key is None or {"max_tokens", "top_logprobs" if chat else "logprobs"} - set(body):
-            outcome, msg = "400", "prompt/messages, max_tokens and logprobs are required here"
+        elif path == "/tokenize":
+            outcome = "ok" if key is not None else "400"
+            msg = "prompt or messages is required"
+        elif key is None or {"max_tokens", "logprobs"} - set(body):
+            outcome, msg = "400", "prompt, max_tokens and logprobs are required here"
         else:
             outcome = plan.decide(key, attempt)
-            msg = f"injected {outcome}" + (" (always_400 prompt)" if outcome == "400" else "")
+            always = key in plan.always_400 or key in plan.always_503
+            msg = f"injected {outcome}" + (f" (always_{outcome} prompt)" if always else "")
+        retry_after = None
+        if outcome == "429":
+            retry_after = _retry_after(plan) or ("0" if storm else None)
         rec = Record(
-            time.monotonic(), time.time(), path, key, attempt, outcome,
-            _retry_after(plan) if outcome == "429" else None,
+            now, time.time(), path, key, attempt, outcome, retry_after,
             headers.get("user-agent"), headers.get("x-harvest-job-id"),
             headers.get("authorization"),
         )  # fmt: skip
@@ -247,8 +231,7 @@ class FaultTeacherServer:
         body: dict[str, Any], msg: str,
     ) -> bool:  # fmt: skip
         if rec.outcome == "reset":
-            sock = w.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _linger_zero(w)
             w.transport.abort()  # linger 0: the kernel sends RST, no response bytes at all
             return False
         if rec.outcome in _ERROR_TYPES:
@@ -266,6 +249,11 @@ class FaultTeacherServer:
             models = {"object": "list", "data": [{"id": self.model, "root": "/fault"}]}
             await _write(w, 200, orjson.dumps(models))
             return True
+        if path == "/tokenize":  # cheap on a real server too: no capacity slot, no latency
+            with self._lock:
+                rec.t_served, rec.busy = rec.t, 0
+            await _write(w, 200, orjson.dumps(self.fake.tokenize(body)))
+            return True
         async with self._capacity(plan):
             self._busy += 1
             with self._lock:
@@ -273,9 +261,13 @@ class FaultTeacherServer:
             try:
                 if plan.latency_s:
                     await asyncio.sleep(plan.latency_s)
-                data = orjson.dumps(self.fake.answer(body, path == "/v1/chat/completions"))
+                answer = self.fake.answer(body)
             finally:
                 self._busy -= 1
+        if rec.outcome == "malformed":  # one null logprob, mid-answer: the wrong shape
+            lps = answer["choices"][0]["logprobs"]["token_logprobs"]
+            lps[len(lps) // 2] = None
+        data = orjson.dumps(answer)
         if rec.outcome == "truncated":
             data = data[: len(data) // 2]
         await _write(w, 200, data)
@@ -289,7 +281,15 @@ class FaultTeacherServer:
         return self._sem
 
 
-_POST_PATHS = ("/v1/completions", "/v1/chat/completions")
+_POST_PATHS = ("/v1/completions", "/tokenize")
+
+
+def _linger_zero(writer: asyncio.StreamWriter) -> None:
+    """Make closing this connection send RST (no FIN, no pending bytes)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def _retry_after(plan: FaultPlan) -> str | None:
