@@ -31,7 +31,7 @@ def record_schema(k: int) -> pa.Schema:
             pa.field("completion_tokens", pa.int32(), nullable=False),
             # The exact ids the teacher saw (chat template applied): prompt_token_ids + token_ids
             # is the sequence a student trains on, with no re-tokenisation.
-            pa.field("prompt_token_ids", pa.list_(pa.int32())),
+            pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
             pa.field("top_token_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),

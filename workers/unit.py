@@ -15,7 +15,7 @@ from typing import Any
 from schemas.job import JobSpec
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
 from workers.client import TeacherClient, sampling_for
-from workers.errors import FatalError, HarvestError
+from workers.errors import FatalError, HarvestError, MissingLogprobs
 from workers.writer import data_columns, failure_columns, write_shard
 
 Outcome = Completion | HarvestError | RowProblem
@@ -86,6 +86,8 @@ async def harvest_unit(
                 )  # fmt: skip
             continue
         sampling = sampling_for(spec, row)
+        if isinstance(outcome, Completion) and outcome.prompt_token_ids is None:
+            outcome = _without_prompt_ids(outcome)
         if isinstance(outcome, HarvestError):
             errors[type(outcome).__name__] += 1
             retries += outcome.attempts - 1
@@ -109,7 +111,8 @@ async def harvest_unit(
                 prompt_id=row.prompt_id, sample_index=sample.sample_index, api=row.api,
                 prompt=row.prompt, messages=row.messages, response=sample.response,
                 finish_reason=sample.finish_reason, prompt_tokens=outcome.prompt_tokens,
-                completion_tokens=len(sample.token_ids), token_ids=sample.token_ids,
+                completion_tokens=len(sample.token_ids),
+                prompt_token_ids=outcome.prompt_token_ids, token_ids=sample.token_ids,
                 logprobs=sample.logprobs, top_token_ids=sample.top_token_ids,
                 top_logprobs=sample.top_logprobs, teacher=teacher, endpoint=outcome.endpoint,
                 attempts=outcome.attempts, latency_ms=outcome.latency_ms,
@@ -140,3 +143,12 @@ async def harvest_unit(
         retries=retries,
         error_classes=dict(errors),
     )
+
+
+def _without_prompt_ids(done: Completion) -> MissingLogprobs:
+    """A record must carry the ids the teacher saw; an answer without them is a failure row."""
+    err = MissingLogprobs(
+        "teacher returned no prompt_token_ids (return_token_ids)", endpoint=done.endpoint
+    )
+    err.attempts = done.attempts
+    return err

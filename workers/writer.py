@@ -38,7 +38,14 @@ class Columns:
         return len(self.data[self.schema.names[0]])
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pydict(self.data, schema=self.schema)
+        """The accumulated rows; a null in a non-nullable column is a bug, not a record.
+
+        pyarrow would write such a null as an empty list without a word; refuse it instead."""
+        table = pa.Table.from_pydict(self.data, schema=self.schema)
+        for f in self.schema:
+            if not f.nullable and table.column(f.name).null_count:
+                raise ValueError(f"shard column {f.name!r} is not nullable but holds nulls")
+        return table
 
 
 def data_columns(k: int) -> Columns:
@@ -65,9 +72,24 @@ def write_shard(
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         tmp.unlink(missing_ok=True)
     return digest
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (POSIX); where folders cannot be opened, there is nothing to do."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

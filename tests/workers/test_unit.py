@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from fake_teacher import FakeTeacher
+from fake_teacher import FakeTeacher, decode_prompt, encode_text, render_chat
 from test_client import make_spec
 
-from schemas.wire import PromptRow, RowProblem, WorkUnit
-from workers.client import TeacherClient
+from schemas.wire import Completion, PromptRow, RowProblem, Sample, WorkUnit, request_id
+from workers.client import TeacherClient, sampling_for
 from workers.errors import AuthError
 from workers.unit import harvest_unit, shard_paths
 from workers.writer import read_metadata
@@ -73,14 +76,65 @@ def test_each_row_lands_once_per_sample(tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+# request_id of prompt "a", sample 0, teacher "fake" under make_spec()'s sampling, as computed
+# when resume was built. A resumed run, in another process or another harvest version, must
+# derive the same ids, or it would harvest committed rows again under new ids.
+GOLDEN_A0 = "8c514a02217709a2faa65beb8553f4ac"
+
+
 def test_request_ids_are_stable_across_runs(tmp_path):
-    harvest(tmp_path / "one", FakeTeacher(script=reject_too_long))
-    harvest(tmp_path / "two", FakeTeacher(script=reject_too_long))
-    first, second = (
-        sorted(pq.read_table(shard_paths(tmp_path / d, "u-000000")[0])["request_id"].to_pylist())
-        for d in ("one", "two")
+    harvest(tmp_path, FakeTeacher(script=reject_too_long))
+    data = pq.read_table(shard_paths(tmp_path, "u-000000")[0]).to_pylist()
+    by_key = {(r["prompt_id"], r["sample_index"]): r["request_id"] for r in data}
+    assert by_key["a", 0] == GOLDEN_A0
+    spec = make_spec()
+    for row in rows():
+        if isinstance(row, PromptRow) and row.prompt_id != "bad":
+            for s in range(sampling_for(spec, row)["n"]):
+                want = request_id(row.prompt_id, s, "fake", sampling_for(spec, row))
+                assert by_key[row.prompt_id, s] == want
+    # The row's own sampling is part of the id: "one" (n=1 override) differs from the job's n=2.
+    assert by_key["one", 0] != request_id("one", 0, "fake", sampling_for(spec, PromptRow("", "")))
+    # Another interpreter, with another hash seed, derives the same id.
+    code = (
+        "from schemas.wire import request_id; print(request_id('a', 0, 'fake', {'max_tokens': 6,"
+        " 'temperature': 1.0, 'top_p': 1.0, 'n': 2, 'seed': 3, 'stop': []}))"
     )
-    assert first == second
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == GOLDEN_A0, out.stderr
+
+
+def test_records_carry_the_prompt_ids_the_teacher_saw(tmp_path):
+    fake = FakeTeacher(script=reject_too_long)
+    harvest(tmp_path, fake)
+    data = pq.read_table(shard_paths(tmp_path, "u-000000")[0])
+    assert data.schema.field("prompt_token_ids").nullable is False
+    ids = {r["prompt_id"]: r["prompt_token_ids"] for r in data.to_pylist()}
+    assert ids["a"] == encode_text("first") and ids["one"] == encode_text("single")
+    assert ids["c"] == render_chat([{"role": "user", "content": "hi"}], True)
+    assert decode_prompt(ids["c"]) == [{"role": "user", "content": "hi"}]
+
+
+class NoPromptIds:
+    """A client whose answers lack prompt ids: they cannot become records."""
+
+    async def complete(self, row):
+        sample = Sample(0, "x", "length", [5], [-1.0], [[5, 6, 7]], [[-1.0, -2.0, -3.0]])
+        return Completion([sample], 1, "http://t", attempts=2, latency_ms=1.0)
+
+
+def test_an_answer_without_prompt_ids_is_a_failure_row(tmp_path):
+    spec = make_spec()
+    unit = WorkUnit("u-000000", [PromptRow("a", "in:1", prompt="x", overrides={"n": 1})])
+    result = asyncio.run(harvest_unit(unit, NoPromptIds(), spec, tmp_path, {}))
+    (fail,) = pq.read_table(shard_paths(tmp_path, "u-000000")[1]).to_pylist()
+    assert (fail["error_class"], fail["attempts"], fail["endpoint"]) == (
+        "MissingLogprobs",
+        2,
+        "http://t",
+    )
+    assert (result.data_rows, result.failure_rows) == (0, 1)
 
 
 def test_rerun_without_failures_removes_a_stale_failure_shard(tmp_path):
