@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from harvest.errors import JobAborted
 from harvest.monitor import Monitor
-from harvest.preflight import PreflightError
+from harvest.preflight import PreflightError, classify_logprob_mode
 from schemas.job import JobSpec
 from schemas.wire import UnitResult, WorkUnit
 from workers.actor import HarvestActor
@@ -209,9 +209,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def probe_teacher(worker: ray.actor.ActorHandle) -> None:
-    """One tiny real request from a harvest worker; a teacher that cannot serve it stops the job."""
+def probe_teacher(worker: ray.actor.ActorHandle, kinds: list[str], k: int) -> tuple[str, str]:
+    """Tiny real requests from a harvest worker, one per kind of row the input holds, at the
+    job's K; a teacher that cannot serve one stops the job. Returns the server's logprob mode
+    and how it was told (``harvest.preflight.classify_logprob_mode``)."""
     try:
-        ray.get(worker.probe.remote())
+        result = ray.get(worker.probe.remote(kinds))
     except RayTaskError as err:
         raise PreflightError(f"teacher probe request failed: {err.cause}") from None
+    for kind, why in result.failed.items():
+        raise PreflightError(f"teacher cannot serve {kind} rows at logprobs={k}: {why}")
+    if result.mode_error:
+        return "unknown", f"the second mode probe failed: {result.mode_error}"
+    return classify_logprob_mode(result.tops)

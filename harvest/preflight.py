@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -139,9 +140,50 @@ def check_teacher(
         )
     first_endpoint, first = next(iter(infos.items()))
     for endpoint, info in infos.items():
-        if info.tokenizer_hash != first.tokenizer_hash:
-            raise PreflightError(
-                f"teachers {first_endpoint} and {endpoint} serve different tokenizers under the "
-                f"name {spec.teacher.model!r}; one job must use one teacher"
-            )
+        for attr, what in (
+            ("tokenizer_hash", "tokenizers"),
+            ("chat_template_hash", "chat templates"),
+        ):
+            if getattr(info, attr) != getattr(first, attr):
+                raise PreflightError(
+                    f"teachers {first_endpoint} and {endpoint} serve different {what} under the "
+                    f"name {spec.teacher.model!r}; one job must use one teacher"
+                )
     return first
+
+
+# vLLM's --logprobs-mode values, and what a record's logprobs then are.
+LOGPROB_MODES = {
+    "raw_logprobs": "the model's log-probabilities before temperature, top-p and penalties "
+    "(vLLM's default)",
+    "processed_logprobs": "log-probabilities after temperature, top-p and penalties (the "
+    "distribution actually sampled from)",
+    "raw_logits": "the model's logits (not log-probabilities) before any processing",
+    "processed_logits": "logits after temperature, top-p and penalties (not log-probabilities)",
+}
+
+
+def classify_logprob_mode(tops: dict[float, list[float]]) -> tuple[str, str]:
+    """vLLM's name for what the server returns, and why we think so.
+
+    ``tops`` maps a temperature to the first generated token's top-K values for the same
+    prompt. Raw values ignore temperature, processed ones are rescaled by it. Log-probabilities
+    are never positive and their top-K probability mass is at most 1; logits need be neither.
+    Logits that happen to look like log-probabilities (all negative, small mass) are read as
+    log-probabilities: top-K values alone cannot tell them apart.
+    """
+    if len(tops) < 2 or not all(tops.values()):
+        return "unknown", "no top logprobs to compare (logprobs: 0, or the mode probe failed)"
+    (t_a, a), (t_b, b) = sorted(tops.items(), reverse=True)[:2]
+    values = [*a, *b]
+    mass = max(sum(math.exp(min(v, 700.0)) for v in a), sum(math.exp(min(v, 700.0)) for v in b))
+    logits = max(values) > 1e-6 or mass > 1.0 + 1e-3
+    same = len(a) == len(b) and all(
+        abs(x - y) <= 1e-3 * max(1.0, abs(x)) for x, y in zip(a, b, strict=True)
+    )
+    mode = f"{'raw' if same else 'processed'}_{'logits' if logits else 'logprobs'}"
+    how = (
+        f"top-{len(a)} values {'identical' if same else 'rescaled'} at temperature {t_a:g} and "
+        f"{t_b:g}; max {max(values):.3g}, top-K probability mass {min(mass, 1e9):.3g}"
+    )
+    return mode, how

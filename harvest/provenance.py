@@ -64,7 +64,7 @@ def report(out_dir: str | Path) -> tuple[str, bool]:
         lines.append(f"provider agreement: {auth['provider_agreement']}")
     lines += [
         f"sampling:        {meta.get('sampling')}",
-        f"logprobs:        {meta.get('logprob_mode')}",
+        f"logprobs:        {meta.get('logprob_mode')} ({meta.get('logprob_mode_how')})",
         f"shards:          {kinds.count('data')} data, {kinds.count('failed')} failed",
         f"harvested:       {started} .. {written}",
     ]

@@ -31,7 +31,7 @@ from harvest.sources import iter_units, scan
 from harvest.status import JobStatus
 from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
-from schemas.wire import UnitResult, WorkUnit
+from schemas.wire import PromptRow, UnitResult, WorkUnit
 from workers import __version__
 
 __all__ = ["ClusterUnavailable", "JobAborted", "ReplicaError", "Summary", "retry_failed", "run_job"]
@@ -109,7 +109,9 @@ def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, A
         "teacher": teacher.identity(),
         "authorization": spec.teacher.authorization.model_dump(),
         "sampling": spec.sampling.model_dump(),
-        "logprob_mode": "raw: the model's logprobs before temperature and top-p (vLLM default)",
+        # Replaced by what the preflight probe finds the server runs (vLLM's --logprobs-mode).
+        "logprob_mode": "unknown",
+        "logprob_mode_how": "not probed yet",
         "spec": spec.model_dump(mode="json"),
         "run_started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -159,10 +161,14 @@ def _start(spec: JobSpec, manifest: Manifest, out_dir: Path, ray_address: str | 
     return _Started(kwargs, replicas)
 
 
-def _probed_pool(spec: JobSpec, started: _Started) -> Pool:
+def _probed_pool(spec: JobSpec, started: _Started, kinds: frozenset[str]) -> Pool:
+    """Workers whose teacher answered a tiny request of each kind of row, at the job's K."""
     pool = Pool(spec, started.actor_kwargs)
     try:
-        probe_teacher(pool.actors[0])
+        mode, how = probe_teacher(pool.actors[0], sorted(kinds), spec.sampling.logprobs)
+        # The pool builds replacement workers from these same kwargs: they stamp it too.
+        started.actor_kwargs["shard_meta"].update(logprob_mode=mode, logprob_mode_how=how)
+        ray.get([actor.set_logprob_mode.remote(mode, how) for actor in pool.actors])
     except BaseException:
         pool.shutdown()
         raise
@@ -181,6 +187,7 @@ def _harvest(
     commit: Callable[[UnitResult], None],
     summary: Summary,
     *,
+    kinds: frozenset[str],
     total: int,
     done_before: int,
     ray_address: str | None,
@@ -191,7 +198,7 @@ def _harvest(
     """Start workers (and replicas), run ``units`` through them, always stop what was started."""
     started = _start(spec, manifest, out_dir, ray_address)
     try:
-        pool = _probed_pool(spec, started)
+        pool = _probed_pool(spec, started, kinds)
         status = JobStatus(
             job_id=manifest.job_id,
             prompts_total=total,
@@ -261,7 +268,7 @@ def run_job(
         if u.unit_id not in manifest.units
     )
     _harvest(
-        spec, manifest, out_dir, units, commit, summary,
+        spec, manifest, out_dir, units, commit, summary, kinds=inputs.kinds,
         total=inputs.rows, done_before=done_before, ray_address=ray_address,
         show_progress=show_progress, status_every_s=status_every_s,
         stop_deadline_s=stop_deadline_s,
@@ -310,6 +317,8 @@ def retry_failed(
 
         _harvest(
             spec, manifest, out_dir, iter(retry_units), commit, summary,
+            kinds=frozenset(row.api for u in retry_units for row in u.rows
+                            if isinstance(row, PromptRow)),
             total=total, done_before=0, ray_address=ray_address,
             show_progress=show_progress, status_every_s=status_every_s,
         stop_deadline_s=stop_deadline_s,

@@ -49,6 +49,7 @@ class InputScan:
     rows: int
     problems: int
     fingerprint: str
+    kinds: frozenset[str] = frozenset()  # "chat" / "completions": what the valid rows are
 
 
 def resolve_files(pattern: str) -> list[InputFile]:
@@ -186,6 +187,7 @@ def scan(spec: JobSpec) -> InputScan:
     seen: dict[str, str] = {}
     dups: list[str] = []
     rows = problems = 0
+    kinds: set[str] = set()
     digest = hashlib.sha256()
     for f in files:
         try:
@@ -196,6 +198,8 @@ def scan(spec: JobSpec) -> InputScan:
         for row in iter_rows(f, spec):
             rows += 1
             problems += isinstance(row, RowProblem)
+            if isinstance(row, PromptRow):
+                kinds.add(row.api)
             first = seen.setdefault(row.prompt_id, row.source)
             if first != row.source and len(dups) < 5:
                 dups.append(f"{row.prompt_id!r} at {first} and {row.source}")
@@ -203,7 +207,7 @@ def scan(spec: JobSpec) -> InputScan:
         raise InputError(f"input: duplicate ids: {'; '.join(dups)}")
     if rows == 0:
         raise InputError(f"input: no rows in {spec.input.path!r}")
-    return InputScan(files, rows, problems, digest.hexdigest()[:16])
+    return InputScan(files, rows, problems, digest.hexdigest()[:16], frozenset(kinds))
 
 
 def _slug(name: str) -> str:

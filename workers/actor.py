@@ -15,9 +15,10 @@ from typing import Any
 import ray
 
 from schemas.job import JobSpec, RateLimit
-from schemas.wire import PromptRow, UnitResult, WorkUnit
+from schemas.wire import UnitResult, WorkUnit
 from workers.client import TeacherClient
 from workers.limiter import Limiter
+from workers.probe import ProbeResult, probe
 from workers.router import EndpointDown
 from workers.stats import RequestSnapshot
 from workers.unit import harvest_unit
@@ -80,11 +81,13 @@ class HarvestActor:
         result.node_id = ray.get_runtime_context().get_node_id()
         return result
 
-    async def probe(self) -> None:
-        """One tiny real request: the teacher must answer with token ids and logprobs."""
-        await self.client.complete(
-            PromptRow("preflight", "preflight", prompt="Hello", overrides={"max_tokens": 2, "n": 1})
-        )
+    async def probe(self, kinds: list[str]) -> ProbeResult:
+        """Tiny real requests of each kind of row (see ``workers.probe``)."""
+        return await probe(self.client, kinds)
+
+    async def set_logprob_mode(self, mode: str, explained: str) -> None:
+        """Stamp the mode the probe found on every shard this worker writes from now on."""
+        self.shard_meta = {**self.shard_meta, "logprob_mode": mode, "logprob_mode_how": explained}
 
     async def set_endpoints(self, endpoints: list[str]) -> None:
         """A managed replica moved (restarted on a new port): route to the new set."""

@@ -342,6 +342,16 @@ def test_scan_counts_rows_and_problems(tmp_path: Path) -> None:
     assert [f.name for f in result.files] == ["p.jsonl"]
 
 
+def test_scan_records_the_kinds_of_valid_rows(tmp_path: Path) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    both = write_jsonl(tmp_path / "both.jsonl", {"prompt": "a"}, chat, "not json")
+    assert scan(make_spec(both)).kinds == {"chat", "completions"}
+    only_chat = write_jsonl(tmp_path / "chat.jsonl", chat, {"prompt": 5})  # a bad prompt row
+    assert scan(make_spec(only_chat)).kinds == {"chat"}
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", {"prompt": 5}, {"messages": []})
+    assert scan(make_spec(only_bad)).kinds == frozenset()  # nothing to probe: all failure rows
+
+
 def test_duplicate_ids_within_a_file(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", {"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"})
     with pytest.raises(InputError, match="duplicate ids") as exc:

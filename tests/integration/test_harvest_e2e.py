@@ -134,6 +134,9 @@ def test_shards_carry_provenance_metadata(harvested):
         assert meta["authorization"]["license"] == "apache-2.0"
         assert meta["spec"]["sampling"]["logprobs"] == K
         assert meta["kind"] == "data"
+        # Found by the preflight probe: the shared server runs vLLM's default mode.
+        assert meta["logprob_mode"] == "raw_logprobs", meta["logprob_mode_how"]
+        assert "identical at temperature 1 and 0.5" in meta["logprob_mode_how"]
     assert not list(out.rglob(".tmp-*"))
 
 
