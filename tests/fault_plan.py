@@ -31,6 +31,7 @@ class FaultPlan:
     rate_malformed: float = 0.0  # 200 of the right shape but one token's logprob is null
     always_400: frozenset[str] | set[str] = frozenset()
     always_503: frozenset[str] | set[str] = frozenset()
+    always_malformed: frozenset[str] | set[str] = frozenset()  # a wrong-shape 200 every time
     storm_s: float = 0.0  # from the first request on, answer everything 429 for this long
     latency_s: float = 0.0  # fixed service time of every real answer
     capacity: int | None = None  # answers served at once; the rest queue
@@ -48,6 +49,8 @@ class FaultPlan:
             return "400"
         if key in self.always_503:
             return "503"
+        if key in self.always_malformed:
+            return "malformed"
         if attempt > self.faulty_attempts:
             return "ok"
         digest = hashlib.blake2b(f"{self.seed}\0{attempt}\0{key}".encode(), digest_size=8)

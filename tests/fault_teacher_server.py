@@ -11,7 +11,7 @@ prompt (or the last user message for chat; a token-id prompt is decoded with the
 invertible toy tokenizer) and the server's own attempt count for that key; one seeded hash per
 (key, attempt) picks at most one fault, and only the first ``faulty_attempts`` (2) attempts of a
 key can be faulted, so a client with >= 4 attempts completes every prompt (except the
-``always_400`` / ``always_503`` ones). ``/tokenize`` is counted apart and never faulted, except
+``always_*`` ones). ``/tokenize`` is counted apart and never faulted, except
 by a storm (every request 429 for a while) or ``go_down`` (connections refused).
 """
 

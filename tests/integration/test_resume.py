@@ -75,6 +75,29 @@ def request_ids(out: Path) -> list[str]:
     return reader.read_table(out)["request_id"].to_pylist()
 
 
+CONTENT = ("response", "prompt_token_ids", "token_ids", "logprobs", "top_token_ids", "top_logprobs")
+
+
+def contents(out: Path) -> dict[str, dict]:
+    """request_id -> what the teacher answered (seeded: a resumed run must get the same)."""
+    table = reader.read_table(out).select(["request_id", *CONTENT]).to_pylist()
+    return {row.pop("request_id"): row for row in table}
+
+
+def assert_same_content(out: Path, reference: dict[str, dict]) -> None:
+    """Same rows as the clean run, each with the same tokens, logprobs and top-K."""
+    got = contents(out)
+    assert set(got) == set(reference)
+    for rid, row in got.items():
+        want = reference[rid]
+        for col in ("response", "prompt_token_ids", "token_ids", "top_token_ids"):
+            assert row[col] == want[col], (rid, col)
+        # float32 in the shard; allow only the last bits a different batch could move
+        assert row["logprobs"] == pytest.approx(want["logprobs"], abs=1e-5), rid
+        flat = [v for top in row["top_logprobs"] for v in top]
+        assert flat == pytest.approx([v for top in want["top_logprobs"] for v in top], abs=1e-5)
+
+
 def all_shard_ids(out: Path) -> list[str]:
     """Every data file on disk, committed or not: what a glob-reading trainer would see."""
     return [
@@ -85,14 +108,15 @@ def all_shard_ids(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_teacher, ray_cluster) -> set[str]:
+def reference(tmp_path_factory, tiny_teacher, ray_cluster) -> dict[str, dict]:
+    """The clean, uninterrupted run: request_id -> the teacher's answer."""
     job = make_job(tmp_path_factory.mktemp("clean"), tiny_teacher)
     proc = start(job, ray_cluster)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     ids = request_ids(job.parent / "out")
     assert len(ids) == len(set(ids)) == PROMPTS * 2
-    return set(ids)
+    return contents(job.parent / "out")
 
 
 @pytest.mark.parametrize("kill_point", [0, 1, 2])
@@ -113,8 +137,9 @@ def test_driver_sigkill_then_resume_gives_the_clean_row_set(
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     ids = request_ids(out)
-    assert len(ids) == len(set(ids)) and set(ids) == reference
+    assert len(ids) == len(set(ids)) and set(ids) == set(reference)
     assert Counter(all_shard_ids(out)) == Counter(reference)  # no stale or partial shard
+    assert_same_content(out, reference)
     assert not list(out.rglob(".tmp-*"))
 
 
@@ -143,7 +168,8 @@ def test_worker_sigkill_mid_job_reruns_its_unit(reference, tmp_path, tiny_teache
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["worker_restarts"] >= 1
     ids = request_ids(out)
-    assert len(ids) == len(set(ids)) and set(ids) == reference
+    assert len(ids) == len(set(ids)) and set(ids) == set(reference)
+    assert_same_content(out, reference)
     units = [json.loads(x) for x in (out / MANIFEST).read_text().splitlines()]
     unit_ids = [u["unit_id"] for u in units if u["kind"] == "unit"]
     assert len(unit_ids) == len(set(unit_ids))  # each unit committed exactly once
@@ -166,4 +192,5 @@ def test_sigterm_stops_gracefully_and_resumes(reference, tmp_path, tiny_teacher,
     resumed.communicate(timeout=600)
     assert resumed.returncode == 0
     ids = request_ids(out)
-    assert len(ids) == len(set(ids)) and set(ids) == reference
+    assert len(ids) == len(set(ids)) and set(ids) == set(reference)
+    assert_same_content(out, reference)

@@ -38,6 +38,7 @@ def guard_pids(pgid: int, timeout: float = 10) -> list[int]:
 
 
 def wait_gone(pids: list[int], timeout: float = 15) -> bool:
+    assert pids, "no process to wait for: that would prove nothing"
     deadline = time.monotonic() + timeout
     while any(alive(p) for p in pids):
         if time.monotonic() > deadline:
@@ -59,7 +60,8 @@ def test_guard_kills_the_server_group_when_the_launcher_dies():
     start_guard(launcher.pid, server.pid)
     try:
         assert server.poll() is None and alive(child_pid)
-        assert guard_pids(server.pid)  # running, and not a child of ours
+        guards = guard_pids(server.pid)
+        assert guards  # running, and not a child of ours
         launcher.kill()
         launcher.wait()
         assert server.wait(timeout=15) != 0  # terminated by a signal
@@ -67,7 +69,9 @@ def test_guard_kills_the_server_group_when_the_launcher_dies():
         while alive(child_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not alive(child_pid)
-        assert wait_gone(guard_pids(server.pid))
+        # The guard found before the kill must exit (searching again after the fact would find
+        # nothing, and waiting for nothing always succeeds).
+        assert wait_gone(guards)
     finally:
         for p in (server, launcher):
             if p.poll() is None:

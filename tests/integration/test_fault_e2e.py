@@ -1,0 +1,87 @@
+"""Faults that do not go away, and wrong-shape 200s, end to end on the real Ray cluster.
+
+The teacher is tests/fault_teacher_server.py; the harvest is `harvest run` as a user runs it.
+Every prompt must still end in exactly one place, and the job must not be aborted by any of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from fault_teacher_server import FaultPlan, FaultTeacherServer
+from test_fault_matrix import N, write
+
+from harvest import reader
+from harvest.cli import main
+
+pytestmark = pytest.mark.integration
+
+MAX_ATTEMPTS = 6  # what test_fault_matrix.write puts in the job
+
+
+def completions_by_key(log) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in sorted((r for r in log if r.path == "/v1/completions"), key=lambda r: r.t):
+        out.setdefault(r.key, []).append(r)
+    return out
+
+
+def test_retries_that_run_out_end_as_failure_rows(tmp_path, ray_cluster, capsys):
+    prompts = [f"unreachable {i}" for i in range(40)]
+    down = set(prompts[5::10])  # 4 prompts the teacher answers 503 forever
+    plan = FaultPlan(always_503=down, rate_503=0.1, seed=3)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = write(tmp_path, server.url, prompts)
+        code = main(["run", str(job), "--no-progress"])
+        by_key = completions_by_key(server.log)
+    assert code == 3 and "completed with failures" in capsys.readouterr().out
+    out = tmp_path / "out"
+    data, failed = reader.read_table(out), reader.read_table(out, "failed").to_pylist()
+    down_ids = {f"p{i}" for i, text in enumerate(prompts) if text in down}
+    assert Counter((r["prompt_id"], r["sample_index"]) for r in failed) == {
+        (pid, s): 1 for pid in down_ids for s in range(N)
+    }  # exactly one failure row per sample
+    for row in failed:
+        assert (row["error_class"], row["http_status"]) == ("ServerError", 503)
+        assert row["attempts"] == MAX_ATTEMPTS and "always_503" in row["message"]
+    for text in down:  # the server saw every attempt, and no more
+        assert [r.outcome for r in by_key[text]] == ["503"] * MAX_ATTEMPTS
+    assert data.num_rows == (len(prompts) - len(down)) * N
+    assert not down_ids & set(data["prompt_id"].to_pylist())
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["error_classes"] == {"ServerError": len(down)}
+
+
+def test_wrong_shape_200s_are_retried_and_never_abort_the_job(tmp_path, ray_cluster, capsys):
+    prompts = [f"shape {i}" for i in range(80)]
+    broken = set(prompts[::20])  # 4 prompts the teacher always answers with a null logprob
+    plan = FaultPlan(rate_malformed=0.3, always_malformed=broken, seed=5)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = write(tmp_path, server.url, prompts)
+        code = main(["run", str(job), "--no-progress"])
+        by_key = completions_by_key(server.log)
+    assert code == 3 and "completed with failures" in capsys.readouterr().out
+    out = tmp_path / "out"
+    data, failed = reader.read_table(out).to_pylist(), reader.read_table(out, "failed").to_pylist()
+    assert len(data) + len(failed) == len(prompts) * N
+    broken_ids = {f"p{i}" for i, text in enumerate(prompts) if text in broken}
+    assert {r["prompt_id"] for r in failed} == broken_ids and len(failed) == len(broken) * N
+    for row in failed:
+        assert (row["error_class"], row["http_status"]) == ("InvalidResponse", None)
+        assert row["attempts"] == MAX_ATTEMPTS
+    for text in broken:
+        assert [r.outcome for r in by_key[text]] == ["malformed"] * MAX_ATTEMPTS
+    retried = 0
+    attempts = {r["prompt_id"]: r["attempts"] for r in data}
+    for i, text in enumerate(prompts):
+        if text in broken:
+            continue
+        outcomes = [r.outcome for r in by_key[text]]
+        assert outcomes[-1] == "ok" and set(outcomes[:-1]) <= {"malformed"}
+        assert attempts[f"p{i}"] == len(outcomes)
+        retried += len(outcomes) > 1
+    assert retried >= 10  # the random wrong-shape answers were recovered by retrying
+    for row in data:  # and what was kept is whole: no null slipped into a record
+        assert None not in row["logprobs"] and len(row["logprobs"]) == len(row["token_ids"])
