@@ -32,6 +32,7 @@ class FaultPlan:
     always_400: frozenset[str] | set[str] = frozenset()
     always_503: frozenset[str] | set[str] = frozenset()
     always_malformed: frozenset[str] | set[str] = frozenset()  # a wrong-shape 200 every time
+    no_chat_template: bool = False  # /tokenize with messages: 400, as vLLM for a base model
     storm_s: float = 0.0  # from the first request on, answer everything 429 for this long
     latency_s: float = 0.0  # fixed service time of every real answer
     capacity: int | None = None  # answers served at once; the rest queue
@@ -99,3 +100,26 @@ def prompt_key(body: dict[str, Any]) -> str | None:
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         return str(users[-1].get("content")) if users else ""
     return None if prompt is None else str(prompt)
+
+
+ALWAYS_CHARGED = frozenset({"truncated", "malformed"})  # a wrong-shape 200 is the row's attempt
+NEVER_CHARGED = frozenset({"429"})  # a 429 pauses the endpoint; it is no attempt of the row
+
+
+def check_attempts(outcomes: list[str], charged: int, *, also_sent: int = 0, exact: bool) -> None:
+    """What a client that recovered a row after ``charged`` attempts must have sent.
+
+    ``outcomes``: the row's ``/v1/completions`` requests as the server saw them, in order;
+    ``also_sent``: its other requests (``/tokenize`` for a chat row, which can time out too).
+    A 429 is never an attempt; a wrong-shape 200 always is; an endpoint failure (5xx, reset,
+    timeout) is unless the endpoint was out of rotation, which the server cannot see. Under
+    load a request can also time out in the client and still be answered "ok" by the server,
+    so only ``exact`` (no timeouts expected) asks for nothing but faults before the last "ok",
+    and for the exact count when every fault was a charged one."""
+    assert outcomes and outcomes[-1] == "ok", outcomes
+    sent = sum(o not in NEVER_CHARGED for o in outcomes) + also_sent
+    assert 1 + sum(o in ALWAYS_CHARGED for o in outcomes) <= charged <= sent, (outcomes, charged)
+    if exact:
+        assert "ok" not in outcomes[:-1], outcomes
+        if set(outcomes) <= NEVER_CHARGED | ALWAYS_CHARGED | {"ok"}:
+            assert charged == sent, (outcomes, charged)

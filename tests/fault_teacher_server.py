@@ -204,6 +204,8 @@ class FaultTeacherServer:
         elif path == "/tokenize":
             outcome = "ok" if key is not None else "400"
             msg = "prompt or messages is required"
+            if plan.no_chat_template and "messages" in body:
+                outcome, msg = "400", NO_TEMPLATE
         elif key is None or {"max_tokens", "logprobs"} - set(body):
             outcome, msg = "400", "prompt, max_tokens and logprobs are required here"
         else:
@@ -282,6 +284,10 @@ class FaultTeacherServer:
 
 
 _POST_PATHS = ("/v1/completions", "/tokenize")
+NO_TEMPLATE = (
+    "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
+    "a chat template if the tokenizer does not define one."
+)
 
 
 def _linger_zero(writer: asyncio.StreamWriter) -> None:

@@ -15,6 +15,7 @@ import httpx
 import orjson
 import pytest
 from fake_teacher import FakeTeacher, decode_prompt, encode_text
+from fault_plan import check_attempts
 from fault_teacher_server import FAULTS, FaultPlan, FaultTeacherServer, Record
 
 from schemas.job import JobSpec, parse_job
@@ -230,11 +231,13 @@ def test_client_completes_every_prompt_under_mixed_faults() -> None:
     assert all(len(c.samples) == 2 for c in done)
     for row, comp in zip(batch, done, strict=True):
         recs = [r for r in by_key[key_of(row)] if r.path == "/v1/completions"]
-        assert [r.attempt for r in recs] == list(range(1, comp.attempts + 1))
-        assert recs[-1].outcome == "ok" and all(r.outcome != "ok" for r in recs[:-1])
+        assert [r.attempt for r in recs] == list(range(1, len(recs) + 1))
+        tokenized = sum(r.path == "/tokenize" for r in by_key[key_of(row)])
+        check_attempts([r.outcome for r in recs], comp.attempts, also_sent=tokenized, exact=False)
     faults = [r for recs in by_key.values() for r in recs if r.outcome != "ok"]
     assert {r.outcome for r in faults} == set(FAULTS)
     assert sum(c.attempts > 1 for c in done) >= 20
+    assert sum(len(recs) > 2 for recs in by_key.values()) > 0  # some rows faulted twice
     rec: Record = faults[0]
     assert (rec.user_agent, rec.job_id, rec.authorization) == (USER_AGENT, "job-f", "Bearer sekrit")
 
@@ -245,7 +248,7 @@ def test_client_waits_for_retry_after_between_attempts() -> None:
     with FaultTeacherServer(plan=plan) as server:
         done = asyncio.run(complete_all(make_spec(server.url), batch))
         by_key = server.by_key()
-    assert [c.attempts for c in done] == [2] * len(batch)
+    assert [c.attempts for c in done] == [1] * len(batch)  # a 429 is no attempt of the row
     for row in batch:
         first, second = (r for r in by_key[key_of(row)] if r.path == "/v1/completions")
         assert (first.outcome, first.retry_after, second.outcome) == ("429", "1", "ok")

@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 import yaml
+from fault_plan import check_attempts
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from windows import max_in_window
 
@@ -89,25 +90,28 @@ def test_fault_matrix(tmp_path, ray_cluster, capsys):
     by_key: dict[str, list] = {}
     for r in sorted((r for r in log if r.path == "/v1/completions"), key=lambda r: r.t):
         by_key.setdefault(r.key, []).append(r)
+    tokenized = Counter(r.key for r in log if r.path == "/tokenize")
     for records in by_key.values():
         for prev, nxt in itertools.pairwise(records):
             if prev.outcome == "429":
                 waits += 1
                 assert nxt.t - prev.t >= float(prev.retry_after), (prev, nxt)
     assert waits == outcomes["429"]  # every 429 was followed by a retry, and each one waited
-    # Every fault was retried exactly once more, the first good answer ended it, and the record
-    # says how many attempts the server saw: no retry skipped, none extra, none unrecorded.
+    # Every fault was retried until an answer came, and each record's attempts agree with what
+    # the server saw (a 429 is never an attempt, a wrong-shape 200 always is): no retry
+    # skipped, no 429 charged, no attempt unrecorded. Timeouts make exact counts load-dependent
+    # here (timeout_s is 1 s for the stalls); test_fault_e2e checks them exactly.
     attempts = dict(zip(data["prompt_id"].to_pylist(), data["attempts"].to_pylist(), strict=True))
-    depth = Counter()
+    depth: Counter[int] = Counter()
     for i, text in enumerate(prompts):
         records = by_key[text]
-        outcomes_of = [r.outcome for r in records]
         if text in bad:
-            assert outcomes_of == ["400"]  # a row error is never retried
+            assert [r.outcome for r in records] == ["400"]  # a row error is never retried
             continue
         assert [r.attempt for r in records] == list(range(1, len(records) + 1))
-        assert outcomes_of[-1] == "ok" and "ok" not in outcomes_of[:-1], (text, outcomes_of)
-        assert attempts[f"p{i}"] == len(records)
+        check_attempts(
+            [r.outcome for r in records], attempts[f"p{i}"], also_sent=tokenized[text], exact=False
+        )
         depth[len(records)] += 1
     assert depth[3] > 0  # some prompts were faulted twice and still made it
 
