@@ -321,7 +321,7 @@ def retry_failed(
                             if isinstance(row, PromptRow)),
             total=total, done_before=0, ray_address=ray_address,
             show_progress=show_progress, status_every_s=status_every_s,
-        stop_deadline_s=stop_deadline_s,
+            stop_deadline_s=stop_deadline_s,
         )  # fmt: skip
     summary.elapsed_s = time.monotonic() - t0
     return summary
