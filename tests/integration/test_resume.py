@@ -138,7 +138,7 @@ def test_driver_sigkill_then_resume_gives_the_clean_row_set(
     assert resumed.returncode == 0, stderr
     ids = request_ids(out)
     assert len(ids) == len(set(ids)) and set(ids) == set(reference)
-    assert Counter(all_shard_ids(out)) == Counter(reference)  # no stale or partial shard
+    assert Counter(all_shard_ids(out)) == Counter(list(reference))  # no stale or partial shard
     assert_same_content(out, reference)
     assert not list(out.rglob(".tmp-*"))
 
