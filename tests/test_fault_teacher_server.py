@@ -386,7 +386,9 @@ def test_go_down_refuses_and_resets_then_comes_back_on_the_same_port() -> None:
 
         thread = threading.Thread(target=stall)
         thread.start()
-        while not server.log:  # the stalled request has arrived (bounded by stall_s)
+        for _ in range(2000):  # until the stalled request has arrived (20 s at most)
+            if server.log:
+                break
             time.sleep(0.01)
         server.go_down()
         thread.join(10)
