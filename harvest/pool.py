@@ -217,7 +217,8 @@ def probe_teacher(worker: ray.actor.ActorHandle, kinds: list[str], k: int) -> tu
         result = ray.get(worker.probe.remote(kinds))
     except RayTaskError as err:
         raise PreflightError(f"teacher probe request failed: {err.cause}") from None
-    for kind, why in result.failed.items():
+    if result.failed:  # one line, for the first kind (chat is probed first)
+        kind, why = next(iter(result.failed.items()))
         raise PreflightError(f"teacher cannot serve {kind} rows at logprobs={k}: {why}")
     if result.mode_error:
         return "unknown", f"the second mode probe failed: {result.mode_error}"
