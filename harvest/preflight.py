@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import httpx
 
 from schemas.job import JobSpec
 from workers import USER_AGENT
+from workers.retry import parse_retry_after
 
 
 class PreflightError(RuntimeError):
@@ -69,9 +71,28 @@ def read_api_key(spec: JobSpec) -> str | None:
     return None
 
 
-def _models(http: httpx.Client, endpoint: str) -> list[dict[str, Any]]:
+def _request(
+    http: httpx.Client, method: str, url: str, deadline: float, **kw: Any
+) -> httpx.Response:
+    """One check, honouring 429 like the harvest does: wait out Retry-After (or a growing
+    backoff) and ask again, until ``deadline`` (the outage timeout) has passed."""
+    backoff = 0.5
+    while True:
+        resp = http.request(method, url, **kw)
+        if resp.status_code != 429:
+            return resp
+        wait = parse_retry_after(resp.headers.get("retry-after"))
+        wait, backoff = (backoff if wait is None else wait), min(2 * backoff, 30.0)
+        if time.monotonic() + wait > deadline:
+            raise PreflightError(
+                f"teacher {url} kept answering HTTP 429 past teacher.outage_timeout_s"
+            )
+        time.sleep(wait)
+
+
+def _models(http: httpx.Client, endpoint: str, deadline: float) -> list[dict[str, Any]]:
     try:
-        resp = http.get(f"{endpoint}/models", timeout=10.0)
+        resp = _request(http, "GET", f"{endpoint}/models", deadline, timeout=10.0)
     except httpx.HTTPError as err:
         raise PreflightError(f"teacher {endpoint} unreachable: {type(err).__name__}") from None
     if resp.status_code in (401, 403):
@@ -84,11 +105,13 @@ def _models(http: httpx.Client, endpoint: str) -> list[dict[str, Any]]:
         raise PreflightError(f"teacher {endpoint}/models is not an OpenAI model list") from None
 
 
-def _tokenize_hash(http: httpx.Client, endpoint: str, model: str, **what: Any) -> str | None:
+def _tokenize_hash(
+    http: httpx.Client, endpoint: str, model: str, deadline: float, **what: Any
+) -> str | None:
     """Hash of the server's own tokenization (vLLM's /tokenize); None where unsupported."""
     root = endpoint.removesuffix("/v1")
     try:
-        resp = http.post(f"{root}/tokenize", json={"model": model, **what})
+        resp = _request(http, "POST", f"{root}/tokenize", deadline, json={"model": model, **what})
         tokens = resp.json()["tokens"] if resp.status_code == 200 else None
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None
@@ -98,7 +121,8 @@ def _tokenize_hash(http: httpx.Client, endpoint: str, model: str, **what: Any) -
 
 
 def _identify(http: httpx.Client, endpoint: str, spec: JobSpec) -> TeacherInfo:
-    models = {m.get("id"): m for m in _models(http, endpoint)}
+    deadline = time.monotonic() + spec.teacher.outage_timeout_s
+    models = {m.get("id"): m for m in _models(http, endpoint, deadline)}
     model = spec.teacher.model
     if model not in models:
         raise PreflightError(
@@ -109,9 +133,9 @@ def _identify(http: httpx.Client, endpoint: str, spec: JobSpec) -> TeacherInfo:
         model=model,
         model_root=models[model].get("root"),
         max_model_len=models[model].get("max_model_len"),
-        tokenizer_hash=_tokenize_hash(http, endpoint, model, prompt=TOKENIZER_PROBE),
+        tokenizer_hash=_tokenize_hash(http, endpoint, model, deadline, prompt=TOKENIZER_PROBE),
         chat_template_hash=_tokenize_hash(
-            http, endpoint, model, messages=CHAT_PROBE, add_generation_prompt=True
+            http, endpoint, model, deadline, messages=CHAT_PROBE, add_generation_prompt=True
         ),
     )
 

@@ -120,14 +120,30 @@ def test_dead_teacher_stops_the_job_after_the_outage_timeout(tmp_path, ray_clust
     assert failures == 0 and len(ids) == len(set(ids)) and set(ids) == reference
 
 
-def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> list[str]:
-    """The driver's stderr lines up to the first that holds ``marker``."""
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
-    seen = []
-    while not seen or marker not in seen[-1]:
-        seen.append(lines.get(timeout=timeout))
-    return seen
+class StderrLines:
+    """The driver's stderr, line by line, read by one thread (a second reader would race)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+
+        def pump() -> None:
+            for line in proc.stderr:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def until(self, marker: str | None, timeout: float = 180) -> str:
+        """Read up to the first line holding ``marker`` (None: to the end); all lines so far."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                assert marker is None, f"{marker!r} never came: {''.join(self.seen)}"
+                return "".join(self.seen)
+            self.seen.append(line)
+            if marker is not None and marker in line:
+                return "".join(self.seen)
 
 
 def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, ray_cluster):
@@ -138,12 +154,12 @@ def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, ray_cluster)
         wait_for_units(proc, job.parent / "out", 1)
         server.go_down()
         # Down until the driver reports it (the circuit opened and rows wait), then back.
-        before = read_until(proc, "teacher unavailable, rows wait")
+        stderr = StderrLines(proc)
+        stderr.until("teacher unavailable, rows wait")
         server.come_back()
-        _, rest = proc.communicate(timeout=180)
-    stderr = "".join(before) + rest
-    assert proc.returncode == 0, stderr
-    assert "teacher unavailable, rows wait" in stderr and "teacher answers again" in stderr
+        text = stderr.until(None)
+        assert proc.wait(timeout=60) == 0, text
+    assert "teacher answers again" in text
     ids, failures = ids_and_failures(job.parent / "out")
     assert failures == 0 and len(set(ids)) == len(ids) == prompts * N
 
@@ -152,7 +168,11 @@ def test_429_storm_pauses_the_endpoint_and_fails_no_row(tmp_path, ray_cluster):
     prompts = 60
     plan = FaultPlan(storm_s=10, retry_after_s=3)
     with FaultTeacherServer(model="fault", plan=plan) as server:
-        job = fault_job(tmp_path, server.url, prompts, max_attempts=2, max_request_time_s=2)
+        # Two attempts and 2 s per row, less than one Retry-After: a storm that counted against
+        # the rows would fail them. A long timeout keeps a loaded machine from doing so.
+        job = fault_job(
+            tmp_path, server.url, prompts, max_attempts=2, max_request_time_s=2, timeout_s=60
+        )
         assert main(["run", str(job), "--no-progress"]) == 0
         log = [r for r in server.log if r.path.endswith(("/completions", "/tokenize"))]
     ids, failures = ids_and_failures(tmp_path / "out")
