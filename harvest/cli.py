@@ -11,14 +11,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harvest import logs
+from harvest.lease import OutputBusy
 from harvest.manifest import ResumeRefused
 from harvest.preflight import PreflightError
 from harvest.sources import InputError
 from schemas.job import JobSpec, SpecError, load_job
+from workers.storage import StorageError, Store
 
 if TYPE_CHECKING:
     from harvest.scheduler import Summary
@@ -36,7 +37,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from harvest.scheduler import retry_failed
 
-    out_dir = Path(args.output)
+    out_dir = args.output
     return _harvest(
         lambda: retry_failed(
             out_dir,
@@ -66,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harvest.scheduler import run_job  # Ray loads only for the commands that use it
 
     spec = load_job(args.job)
-    out_dir = Path(args.output or spec.output.dir)
+    out_dir = args.output or spec.output.dir
     return _harvest(
         lambda: run_job(
             spec,
@@ -81,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
-def _harvest(run: Callable[[], Summary], out_dir: Path, resume: str) -> int:
+def _harvest(run: Callable[[], Summary], out_dir: str, resume: str) -> int:
     """Run a harvest, turn early stops into one-line errors, then report and pick the exit code."""
     from harvest.scheduler import ClusterUnavailable, JobAborted, ReplicaError
 
@@ -96,9 +97,9 @@ def _harvest(run: Callable[[], Summary], out_dir: Path, resume: str) -> int:
     return _finish(summary, out_dir, resume)
 
 
-def _finish(summary: Summary, out_dir: Path, resume: str) -> int:
+def _finish(summary: Summary, out_dir: str, resume: str) -> int:
     print(format_summary(summary))
-    _write_summary(out_dir, summary)
+    _write_summary(summary)
     if summary.interrupted:
         print(f"stopped early; resume with: {resume}")
         return EXIT_INTERRUPTED
@@ -126,8 +127,8 @@ def format_summary(s: Summary) -> str:
     return "\n".join(lines)
 
 
-def _write_summary(out_dir: Path, s: Summary) -> None:
-    (out_dir / "_summary.json").write_text(json.dumps(s.to_dict(), indent=2))
+def _write_summary(s: Summary) -> None:
+    Store(s.out_dir).write_bytes("_summary.json", json.dumps(s.to_dict(), indent=2).encode())
 
 
 def _error(message: str) -> None:
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="harvest a job (resumes an existing output folder)", parents=[logging_opts]
     )
     run.add_argument("job", help="job file (YAML or JSON)")
-    run.add_argument("--output", help="output folder (overrides output.dir)")
+    run.add_argument("--output", help="output folder or s3:// / gs:// URI (overrides output.dir)")
     run.add_argument("--force-new", action="store_true", help="discard a different job's output")
     run.add_argument(
         "--ray-address",
@@ -187,12 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-send the prompts in an output's failure shards",
         parents=[logging_opts],
     )
-    retry.add_argument("output", help="output folder of a harvest")
+    retry.add_argument("output", help="output folder or URI of a harvest")
     retry.add_argument("--ray-address", help="Ray cluster to join")
     retry.add_argument("--no-progress", action="store_true", help="no progress bar")
     retry.set_defaults(func=cmd_retry_failed)
     prov = sub.add_parser("provenance", help="print an output's provenance; check shards agree")
-    prov.add_argument("output", help="output folder of a harvest")
+    prov.add_argument("output", help="output folder or URI of a harvest")
     prov.set_defaults(func=cmd_provenance)
     stat = sub.add_parser("status", help="how a running or finished harvest stands")
     stat.add_argument("output", help="output folder of a harvest")
@@ -207,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
         return args.func(args)
-    except (SpecError, InputError, ResumeRefused, PreflightError, FileNotFoundError) as err:
+    except (
+        SpecError, InputError, ResumeRefused, PreflightError, FileNotFoundError, StorageError,
+        OutputBusy,
+    ) as err:  # fmt: skip
         _error(str(err))
         return EXIT_BAD_JOB
     except KeyboardInterrupt:

@@ -17,9 +17,11 @@ from workers.writer import read_metadata
 AGREED = ("job_id", "schema_version", "teacher", "authorization", "sampling", "logprob_mode")
 
 
-def shard_metadata(out_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    m = manifest.load(Path(out_dir))
-    return [(p, read_metadata(p)) for kind in ("data", "failed") for p in m.shard_paths(kind)]
+def shard_metadata(out_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, metadata) of every committed shard of a folder or URI."""
+    m = manifest.load(str(out_dir))
+    locations = [m.store.child_uri(p) for kind in ("data", "failed") for p in m.shard_paths(kind)]
+    return [(loc, read_metadata(loc)) for loc in locations]
 
 
 def teacher_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +29,11 @@ def teacher_identity(meta: dict[str, Any]) -> dict[str, Any]:
     return {"teacher": meta.get("teacher"), "schema_version": meta.get("schema_version")}
 
 
-def disagreements(shards: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+def _name(location: str) -> str:
+    return location.rsplit("/", 1)[-1]
+
+
+def disagreements(shards: list[tuple[str, dict[str, Any]]]) -> list[str]:
     if not shards:
         return []
     first_path, first = shards[0]
@@ -35,7 +41,7 @@ def disagreements(shards: list[tuple[Path, dict[str, Any]]]) -> list[str]:
     for path, meta in shards[1:]:
         for key in AGREED:
             if meta.get(key) != first.get(key):
-                out.append(f"{path.name}: {key} differs from {first_path.name}")
+                out.append(f"{_name(path)}: {key} differs from {_name(first_path)}")
     return out
 
 

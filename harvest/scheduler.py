@@ -1,8 +1,9 @@
 """The driver's scheduler: fan work units out to harvest actors and commit their shards.
 
 Units are generated lazily from the input files (``harvest.pool`` bounds how many are in
-flight). The driver alone writes the manifest, after a unit's shards are on disk, so a crash at
-any point leaves a folder that ``harvest run`` resumes without duplicates.
+flight). The driver holds the output's lease (``harvest.lease``) and alone commits units
+(``harvest.manifest``), after their shards are stored, so a crash at any point leaves an output
+that ``harvest run`` resumes without duplicates, on a local folder or an object store alike.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
+from harvest.lease import Lease
 from harvest.logs import ray_logging_level
-from harvest.manifest import RETRY_SEP, Manifest
+from harvest.manifest import RETRY_SEP, Manifest, UnitCommit, UnitState
 from harvest.manifest import load as load_manifest
 from harvest.monitor import watched_run
 from harvest.pool import JobAborted, Pool, dispatch, probe_teacher
@@ -33,6 +35,7 @@ from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import PromptRow, UnitResult, WorkUnit
 from workers import __version__
+from workers.storage import Store
 
 __all__ = ["ClusterUnavailable", "JobAborted", "ReplicaError", "Summary", "retry_failed", "run_job"]
 
@@ -66,16 +69,22 @@ class Summary:
         out["units_by_node"] = dict(self.units_by_node)
         return out
 
-    def add(self, r: UnitResult | dict[str, Any]) -> None:
-        get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
-        self.data_rows += get("data_rows")
-        self.failure_rows += get("failure_rows")
-        self.completion_tokens += get("completion_tokens")
-        self.endpoint_requests.update(get("endpoint_requests"))
-        self.error_classes.update(get("error_classes"))
-        self.retries += get("retries")
-        if get("node_id"):
-            self.units_by_node[get("node_id")] += 1
+    def add(self, c: UnitCommit) -> None:
+        """Count a commit made by this run (a unit's first harvest, or a retry of it)."""
+        self.data_rows += c.data_rows
+        self.failure_rows += c.failure_rows
+        self.completion_tokens += c.completion_tokens
+        self.endpoint_requests.update(c.endpoint_requests)
+        self.error_classes.update(c.error_classes)
+        self.retries += c.retries
+        if c.node_id:
+            self.units_by_node[c.node_id] += 1
+
+    def resume(self, units: list[UnitState]) -> None:
+        """Start from what earlier runs committed (rows and tokens are cumulative)."""
+        self.data_rows = sum(u.data_rows for u in units)
+        self.failure_rows = sum(u.failure_rows for u in units)
+        self.completion_tokens = sum(u.completion_tokens for u in units)
 
 
 def init_ray(address: str | None) -> None:
@@ -133,14 +142,14 @@ class _Started:
             self.replicas.stop()
 
 
-def _start(spec: JobSpec, manifest: Manifest, out_dir: Path, ray_address: str | None) -> _Started:
+def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Started:
     """Join Ray, launch managed replicas, check the teacher, build the workers' arguments."""
     api_key = read_api_key(spec)
     init_ray(ray_address)
     replicas = None
     endpoints = spec.teacher.endpoints
     if spec.teacher.replicas is not None:
-        replicas = ReplicaSet(spec.teacher.replicas, spec.teacher.model, out_dir / "_replicas")
+        replicas = ReplicaSet(spec.teacher.replicas, spec.teacher.model, _replica_logs(manifest))
         endpoints = replicas.wait_ready()
     try:
         teacher = check_teacher(spec, api_key, manifest.job_id, endpoints)
@@ -152,7 +161,8 @@ def _start(spec: JobSpec, manifest: Manifest, out_dir: Path, ray_address: str | 
     workers = spec.concurrency.workers
     kwargs = {
         "job_id": manifest.job_id,
-        "out_dir": str(out_dir.resolve()),
+        "out_uri": manifest.store.uri,
+        "storage": manifest.store.options.to_dict(),  # endpoint and region; no credentials
         "shard_meta": _shard_meta(spec, manifest.job_id, teacher),
         "cap_per_endpoint": -(-spec.concurrency.in_flight_per_endpoint // workers),
         "api_key": api_key,
@@ -175,14 +185,39 @@ def _probed_pool(spec: JobSpec, started: _Started, kinds: frozenset[str]) -> Poo
     return pool
 
 
+def _replica_logs(manifest: Manifest) -> Path:
+    """Replica server logs stay on the driver's disk (beside a local output)."""
+    if manifest.store.is_local:
+        return Path(manifest.store.root) / "_replicas"
+    return Path.home() / ".cache" / "teacher-harvest" / "replicas" / manifest.job_id
+
+
 def _units_per_shard(spec: JobSpec) -> int:
     return max(1, spec.output.rows_per_shard // spec.sampling.n)
+
+
+def _open_store(out: str) -> Store:
+    """The output store, checked before anything else runs (bad credentials, missing bucket
+    and unreachable endpoints fail here, in one line naming the URI)."""
+    store = Store(out)
+    store.check()
+    return store
+
+
+def _guarded(lease: Lease, commit: Callable[[UnitResult], UnitCommit | None], summary: Summary):
+    def run(result: UnitResult) -> None:
+        if lease.lost:
+            raise JobAborted(f"another driver took {lease.store.uri} over; this run stops")
+        record = commit(result)
+        if record is not None:
+            summary.add(record)
+
+    return run
 
 
 def _harvest(
     spec: JobSpec,
     manifest: Manifest,
-    out_dir: Path,
     units: Iterator[WorkUnit],
     commit: Callable[[UnitResult], None],
     summary: Summary,
@@ -196,7 +231,7 @@ def _harvest(
     stop_deadline_s: float,
 ) -> None:
     """Start workers (and replicas), run ``units`` through them, always stop what was started."""
-    started = _start(spec, manifest, out_dir, ray_address)
+    started = _start(spec, manifest, ray_address)
     try:
         pool = _probed_pool(spec, started, kinds)
         status = JobStatus(
@@ -215,7 +250,8 @@ def _harvest(
             every_s=status_every_s,
         )
         endpoints = started.actor_kwargs["endpoints"]
-        with watched_run(out_dir, status, progress, endpoints, spec, status_every_s) as monitor:
+        out = manifest.store.uri
+        with watched_run(out, status, progress, endpoints, spec, status_every_s) as monitor:
             summary.prompts_this_run, summary.interrupted = dispatch(
                 pool,
                 units,
@@ -236,7 +272,7 @@ def _harvest(
 
 def run_job(
     spec: JobSpec,
-    out_dir: Path,
+    out: str | Path,
     *,
     force_new: bool = False,
     ray_address: str | None = None,
@@ -244,84 +280,76 @@ def run_job(
     status_every_s: float = 5.0,
     stop_deadline_s: float = 60.0,
 ) -> Summary:
-    """Harvest ``spec`` into ``out_dir``, resuming whatever it already holds."""
+    """Harvest ``spec`` into ``out`` (a folder or URI), resuming whatever it already holds."""
     t0 = time.monotonic()
     inputs = scan(spec)
-    manifest = Manifest.open(out_dir, spec=spec, input_fp=inputs.fingerprint, force_new=force_new)
-    summary = Summary(str(out_dir), manifest.job_id, prompts=inputs.rows)
-    done_before = 0
-    for unit in manifest.units.values():
-        summary.add(unit)
-        done_before += unit["prompts"]
-    summary.endpoint_requests.clear()
-    summary.error_classes.clear()
-    summary.units_by_node.clear()
-    summary.retries = 0  # per-run counters; rows and tokens above are cumulative
-
-    def commit(result: UnitResult) -> None:
-        manifest.commit(result)
-        summary.add(result)
-
-    units = (
-        u
-        for u in iter_units(inputs.files, spec, _units_per_shard(spec))
-        if u.unit_id not in manifest.units
-    )
-    _harvest(
-        spec, manifest, out_dir, units, commit, summary, kinds=inputs.kinds,
-        total=inputs.rows, done_before=done_before, ray_address=ray_address,
-        show_progress=show_progress, status_every_s=status_every_s,
-        stop_deadline_s=stop_deadline_s,
-    )  # fmt: skip
+    store = _open_store(str(out))
+    with Lease.acquire(store) as lease:
+        manifest = Manifest.open(store, spec=spec, input_fp=inputs.fingerprint, force_new=force_new)
+        summary = Summary(store.uri, manifest.job_id, prompts=inputs.rows)
+        summary.resume(list(manifest.units.values()))
+        done_before = sum(u.base.prompts for u in manifest.units.values())
+        units = (
+            u
+            for u in iter_units(inputs.files, spec, _units_per_shard(spec))
+            if u.unit_id not in manifest.units
+        )
+        _harvest(
+            spec, manifest, units, _guarded(lease, manifest.commit, summary), summary,
+            kinds=inputs.kinds, total=inputs.rows, done_before=done_before, ray_address=ray_address,
+            show_progress=show_progress, status_every_s=status_every_s,
+            stop_deadline_s=stop_deadline_s,
+        )  # fmt: skip
+        manifest.sweep()  # shards of attempts that crashed or lost a race during this run
     summary.elapsed_s = time.monotonic() - t0
     return summary
 
 
-def _failed_prompt_ids(path: Path) -> set[str]:
-    return set(pq.read_table(path, columns=["prompt_id"])["prompt_id"].to_pylist())
+def _failed_prompt_ids(store: Store, rel: str) -> set[str]:
+    with store.open_input_file(rel) as fh:
+        return set(pq.read_table(fh, columns=["prompt_id"])["prompt_id"].to_pylist())
 
 
 def retry_failed(
-    out_dir: Path,
+    out: str | Path,
     *,
     ray_address: str | None = None,
     show_progress: bool = True,
     status_every_s: float = 5.0,
     stop_deadline_s: float = 60.0,
 ) -> Summary:
-    """Re-send the prompts of ``out_dir``'s failure shards; recovered rows join the data."""
+    """Re-send the prompts of ``out``'s failure shards; recovered rows join the data."""
     t0 = time.monotonic()
-    spec = JobSpec.model_validate(load_manifest(out_dir).header["spec"])
+    store = _open_store(str(out))
+    spec = JobSpec.model_validate(load_manifest(store).header.spec)
     inputs = scan(spec)
-    manifest = Manifest.open(out_dir, spec=spec, input_fp=inputs.fingerprint)
-    failed = {
-        uid: _failed_prompt_ids(out_dir / u["failed_path"])
-        for uid, u in manifest.units.items()
-        if u.get("failed_path")
-    }
-    retry_units = [
-        WorkUnit(
-            f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
-            [row for row in u.rows if row.prompt_id in failed[u.unit_id]],
-        )
-        for u in iter_units(inputs.files, spec, _units_per_shard(spec))
-        if u.unit_id in failed
-    ]
-    total = sum(len(u.rows) for u in retry_units)
-    summary = Summary(str(out_dir), manifest.job_id, prompts=total)
-    if retry_units:
-
-        def commit(result: UnitResult) -> None:
-            manifest.commit_retry(result)
-            summary.add(result)
-
-        _harvest(
-            spec, manifest, out_dir, iter(retry_units), commit, summary,
-            kinds=frozenset(row.api for u in retry_units for row in u.rows
-                            if isinstance(row, PromptRow)),
-            total=total, done_before=0, ray_address=ray_address,
-            show_progress=show_progress, status_every_s=status_every_s,
-            stop_deadline_s=stop_deadline_s,
-        )  # fmt: skip
+    with Lease.acquire(store) as lease:
+        manifest = Manifest.open(store, spec=spec, input_fp=inputs.fingerprint)
+        failed = {
+            uid: _failed_prompt_ids(store, u.failed_path)
+            for uid, u in manifest.units.items()
+            if u.failed_path
+        }
+        retry_units = [
+            WorkUnit(
+                f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
+                [row for row in u.rows if row.prompt_id in failed[u.unit_id]],
+            )
+            for u in iter_units(inputs.files, spec, _units_per_shard(spec))
+            if u.unit_id in failed
+        ]
+        total = sum(len(u.rows) for u in retry_units)
+        summary = Summary(store.uri, manifest.job_id, prompts=total)
+        if retry_units:
+            _harvest(
+                spec, manifest, iter(retry_units),
+                _guarded(lease, manifest.commit_retry, summary), summary,
+                kinds=frozenset(row.api for u in retry_units for row in u.rows
+                                if isinstance(row, PromptRow)),
+                total=total, done_before=0, ray_address=ray_address,
+                show_progress=show_progress, status_every_s=status_every_s,
+                stop_deadline_s=stop_deadline_s,
+            )  # fmt: skip
+            manifest.sweep()
     summary.elapsed_s = time.monotonic() - t0
     return summary

@@ -7,6 +7,8 @@ worker records as failure rows: the job goes on, and nothing is dropped silently
 
 Row ids are the ``id`` column when present, else ``<file>:<line>`` (JSONL) or ``<file>#<row>``
 (Parquet), with ``<file>`` relative to the input glob's folder, so reruns give the same ids.
+Inputs may be local paths or ``s3://`` / ``gs://`` URIs, globs included; files are read through
+``workers.storage`` and streamed, never copied to local disk.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from pydantic import ValidationError
 
 from schemas.job import OVERRIDABLE, JobSpec
 from schemas.wire import PromptRow, RowProblem, WorkUnit
+from workers.storage import StorageError, Store, is_uri, split_location
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -39,7 +43,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputFile:
-    path: Path
+    path: str  # a local path or a URI
     name: str  # relative to the glob's base folder: used in ids and unit ids
 
 
@@ -54,6 +58,8 @@ class InputScan:
 
 def resolve_files(pattern: str) -> list[InputFile]:
     """Expand a path or glob into sorted input files, each named relative to the glob's base."""
+    if is_uri(pattern):
+        return _resolve_uri(pattern)
     if Path(pattern).is_file():  # a real file whose name happens to contain [ ] * ?
         matches = [Path(pattern)]
         base = Path(pattern).parent
@@ -66,8 +72,66 @@ def resolve_files(pattern: str) -> list[InputFile]:
     for path in matches:
         if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
             raise InputError(f"{path}: unsupported input type (use .jsonl or .parquet)")
-        files.append(InputFile(path, str(path.relative_to(base))))
+        files.append(InputFile(str(path), str(path.relative_to(base))))
     return files
+
+
+def _resolve_uri(pattern: str) -> list[InputFile]:
+    """The same for object storage: list below the glob's fixed prefix, match the rest."""
+    try:
+        if not glob.has_magic(pattern):
+            store, name = split_location(pattern)
+            found = [(pattern, name)] if store.exists(name) else []
+        else:
+            parts = pattern.split("/")
+            fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+            store = Store("/".join(parts[:fixed]))
+            regex = _glob_regex("/".join(parts[fixed:]))
+            found = [(store.child_uri(n), n) for n in store.list() if regex.fullmatch(n)]
+    except StorageError as err:
+        raise InputError(f"input: {err}") from None
+    if not found:
+        raise InputError(f"input: no file matches {pattern!r}")
+    for uri, _ in found:
+        if not uri.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+            raise InputError(f"{uri}: unsupported input type (use .jsonl or .parquet)")
+    return [InputFile(uri, name) for uri, name in found]
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Shell-glob semantics over '/'-separated names: ``*`` and ``?`` stay within one level,
+    a ``**`` level matches any number of levels."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+            continue
+        c = pattern[i]
+        if c == "*":
+            out.append(".*" if pattern.startswith("**", i) else "[^/]*")
+            i += 2 if pattern.startswith("**", i) else 1
+            continue
+        if c == "?":
+            out.append("[^/]")
+        elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+@cache
+def _store_of(location: str) -> tuple[Store, str]:
+    return split_location(location)
+
+
+def _read_lines(f: InputFile) -> Iterator[bytes]:
+    store, name = _store_of(f.path)
+    return store.iter_lines(name)
 
 
 def _glob_base(pattern: str) -> Path:
@@ -144,26 +208,26 @@ def _check_overrides(overrides: Any, spec: JobSpec, field: str) -> dict[str, Any
 
 
 def _jsonl_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]:
-    with open(f.path, "rb") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue  # blank lines are not rows
-            source = f"{f.path}:{line_no}"
-            default_id = f"{f.name}:{line_no}"
-            if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]  # a UTF-8 byte-order mark is not part of the first row
-            raw = line[:RAW_LIMIT].decode("utf-8", errors="replace").rstrip("\n")
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as err:
-                yield RowProblem(default_id, source, f"malformed JSON line: {err}", raw)
-                continue
-            yield _row(obj, default_id, source, spec, raw)
+    for line_no, line in enumerate(_read_lines(f), start=1):
+        if not line.strip():
+            continue  # blank lines are not rows
+        source = f"{f.path}:{line_no}"
+        default_id = f"{f.name}:{line_no}"
+        if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark is not part of the first row
+        raw = line[:RAW_LIMIT].decode("utf-8", errors="replace").rstrip("\n")
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as err:
+            yield RowProblem(default_id, source, f"malformed JSON line: {err}", raw)
+            continue
+        yield _row(obj, default_id, source, spec, raw)
 
 
 def _parquet_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]:
     try:
-        reader = pq.ParquetFile(f.path)
+        store, name = _store_of(f.path)
+        reader = pq.ParquetFile(store.open_input_file(name))
         index = 0
         for batch in reader.iter_batches(batch_size=1024):
             for obj in batch.to_pylist():
@@ -176,7 +240,7 @@ def _parquet_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProble
 
 
 def iter_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]:
-    if f.path.name.endswith(PARQUET_SUFFIXES):
+    if f.path.endswith(PARQUET_SUFFIXES):
         return _parquet_rows(f, spec)
     return _jsonl_rows(f, spec)
 
@@ -191,10 +255,14 @@ def scan(spec: JobSpec) -> InputScan:
     digest = hashlib.sha256()
     for f in files:
         try:
-            with open(f.path, "rb") as fh:
-                digest.update(f.name.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+            content = hashlib.sha256()
+            for chunk in _store_of(f.path)[0].iter_chunks(_store_of(f.path)[1]):
+                content.update(chunk)
+            digest.update(f.name.encode() + b"\0" + content.digest())
+        except StorageError as err:
+            raise InputError(f"input: {err}") from None
         except OSError as err:
-            raise InputError(f"{f.path}: cannot read ({err.strerror})") from None
+            raise InputError(f"{f.path}: cannot read ({err.strerror or err})") from None
         for row in iter_rows(f, spec):
             rows += 1
             problems += isinstance(row, RowProblem)

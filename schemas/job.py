@@ -30,8 +30,9 @@ class _Strict(BaseModel):
 
 class InputSpec(_Strict):
     path: str = Field(
-        description="A JSONL or Parquet file, or a glob of them (e.g. 'data/*.jsonl'). Relative "
-        "paths are resolved against the job file's folder."
+        description="A JSONL or Parquet file, or a glob of them (e.g. 'data/*.jsonl' or "
+        "'s3://bucket/prompts/*.parquet'). Relative paths are resolved against the job file's "
+        "folder. Object-store settings and credentials come from the environment."
     )
     prompt_field: str = Field("prompt", description="Column holding plain prompt text.")
     messages_field: str = Field(
@@ -261,7 +262,9 @@ OVERRIDABLE = ("max_tokens", "temperature", "top_p", "n", "seed", "stop")
 
 class OutputSpec(_Strict):
     dir: str = Field(
-        "out", description="Output folder (relative to the job file); `--output` overrides it."
+        "out",
+        description="Output folder (relative to the job file) or an s3:// or gs:// URI; "
+        "`--output` overrides it. Credentials come from the environment, never from here.",
     )
     rows_per_shard: int = Field(
         2000, ge=1, description="Target records per data shard (a work unit's size)."
@@ -366,4 +369,5 @@ def load_job(path: str | Path) -> JobSpec:
 
 
 def _under(base: Path, p: str) -> str:
-    return p if Path(p).is_absolute() else str(base / p)
+    """``p`` resolved against the job file's folder; URIs (``s3://...``) are left as they are."""
+    return p if "://" in p or Path(p).is_absolute() else str(base / p)

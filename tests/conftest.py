@@ -1,7 +1,9 @@
-"""Session fixtures: one real vLLM CPU server (tiny model) and one local Ray cluster.
+"""Session fixtures: a real vLLM CPU server (tiny model), a real S3 server, a local Ray cluster.
 
-Both are started once per test session and stopped at the end (by PID / ray.shutdown), as the
-vLLM and Ray test suites do. Set HARVEST_TEST_TEACHER_URL to reuse a tiny-model server you
+Each is started once per test session and stopped at the end (by PID / ray.shutdown), as the
+vLLM and Ray test suites do. The S3 server (SeaweedFS, ``tests/object_store.py``) puts its
+endpoint and credentials in this process's environment before Ray starts, as a cluster's nodes
+would have them, so harvest workers find them the same way. Set HARVEST_TEST_TEACHER_URL to reuse a tiny-model server you
 already run (served as "tiny"), e.g. while iterating on tests.
 """
 
@@ -51,9 +53,33 @@ RAY_METRICS_PORT: list[int] = []  # the session cluster's Prometheus port, once 
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the session; harvest's scheduler reuses it. Its metrics are
-    exported on a port of its own (``ray_metrics_url``)."""
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1 with a fresh data folder and bucket."""
+    from object_store import set_env, start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        set_env(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh ``s3://bucket/prefix`` for one test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
+    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session; harvest's scheduler reuses it. Started after the
+    S3 server, so its workers inherit the object store's environment. Its metrics are exported
+    on a port of its own (``ray_metrics_url``)."""
     import ray
 
     from workers.vllm_server import free_port

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -21,6 +20,7 @@ from workers.limiter import Limiter
 from workers.probe import ProbeResult, probe
 from workers.router import EndpointDown
 from workers.stats import RequestSnapshot
+from workers.storage import StorageOptions, Store
 from workers.unit import harvest_unit
 
 
@@ -40,14 +40,16 @@ class HarvestActor:
         spec_json: str,
         *,
         job_id: str,
-        out_dir: str,
+        out_uri: str,
+        storage: dict[str, Any],
         shard_meta: dict[str, Any],
         cap_per_endpoint: int,
         api_key: str | None,
         endpoints: list[str],
     ) -> None:
         self.spec = JobSpec.model_validate_json(spec_json)
-        self.out_dir = Path(out_dir)
+        # Credentials come from this node's environment / credential chain, never from here.
+        self.store = Store(out_uri, StorageOptions(**storage))
         self.shard_meta = shard_meta
         self.client = TeacherClient(
             self.spec,
@@ -76,7 +78,7 @@ class HarvestActor:
 
     async def run_unit(self, unit: WorkUnit) -> UnitResult:
         result = await harvest_unit(
-            unit, self.client, self.spec, self.out_dir, self.shard_meta, self.progress
+            unit, self.client, self.spec, self.store, self.shard_meta, self.progress
         )
         result.node_id = ray.get_runtime_context().get_node_id()
         return result

@@ -8,24 +8,24 @@ request failed for good becomes ``n`` failure records, never a silent gap.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from schemas.job import JobSpec
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
 from workers.client import TeacherClient, sampling_for
 from workers.errors import FatalError, HarvestError, MissingLogprobs
+from workers.storage import Store
 from workers.writer import data_columns, failure_columns, write_shard
 
 Outcome = Completion | HarvestError | RowProblem
 
 
-def shard_paths(out_dir: Path, unit_id: str) -> tuple[Path, Path]:
-    return (
-        out_dir / "data" / f"part-{unit_id}.parquet",
-        out_dir / "failed" / f"part-{unit_id}.parquet",
-    )
+def shard_paths(unit_id: str, attempt: str) -> tuple[str, str]:
+    """Where one attempt at a unit writes (relative to the output root): names no other
+    attempt uses, so a late or duplicate attempt never overwrites a committed shard."""
+    return f"data/part-{unit_id}-{attempt}.parquet", f"failed/part-{unit_id}-{attempt}.parquet"
 
 
 async def _send_all(
@@ -62,11 +62,11 @@ async def harvest_unit(
     unit: WorkUnit,
     client: TeacherClient,
     spec: JobSpec,
-    out_dir: Path,
+    store: Store,
     shard_meta: dict[str, Any],
     progress: Counter[str] | None = None,
 ) -> UnitResult:
-    """Run every row of ``unit`` through ``client`` and commit its shards atomically."""
+    """Run every row of ``unit`` through ``client`` and write its shards (the driver commits)."""
     progress = progress if progress is not None else Counter()
     outcomes = await _send_all(unit.rows, client, progress)
     teacher = spec.teacher.model
@@ -118,26 +118,24 @@ async def harvest_unit(
                 attempts=outcome.attempts, latency_ms=outcome.latency_ms,
             )  # fmt: skip
 
-    data_path, failed_path = shard_paths(out_dir, unit.unit_id)
+    data_path, failed_path = shard_paths(unit.unit_id, uuid.uuid4().hex[:10])
     meta = {**shard_meta, "unit_id": unit.unit_id}
     compression = spec.output.compression
-    data_sha = write_shard(data.table(), data_path, {**meta, "kind": "data"}, compression)
+    data_sha = write_shard(data.table(), store, data_path, {**meta, "kind": "data"}, compression)
     failed_sha = None
     if len(fails):
         failed_sha = write_shard(
-            fails.table(), failed_path, {**meta, "kind": "failed"}, compression
+            fails.table(), store, failed_path, {**meta, "kind": "failed"}, compression
         )
-    else:
-        failed_path.unlink(missing_ok=True)  # a stale one from an earlier, interrupted attempt
     return UnitResult(
         unit_id=unit.unit_id,
         prompts=len(unit.rows),
         data_rows=len(data),
         failure_rows=len(fails),
         completion_tokens=tokens,
-        data_path=str(data_path),
+        data_path=data_path,
         data_sha256=data_sha,
-        failed_path=str(failed_path) if failed_sha else None,
+        failed_path=failed_path if failed_sha else None,
         failed_sha256=failed_sha,
         endpoint_requests=dict(endpoints),
         retries=retries,

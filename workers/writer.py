@@ -1,17 +1,13 @@
-"""Build Arrow tables from harvested records and write them as atomic Parquet shards.
+"""Build Arrow tables from harvested records and write them as Parquet shards on any store.
 
-A shard is written to a hidden temporary name in its final folder, flushed, then renamed over the
-final name: a reader (or a resumed run) sees a whole file or no file, never a partial one.
-Shard names derive from the unit id, so re-running a unit overwrites rather than duplicates.
+Each attempt at a unit writes its shards under names of its own (``part-<unit>-<attempt>``),
+in one whole-object write; whether a shard is part of the output is decided by the driver's
+commit alone, so a partial or duplicate attempt is never read (see ``harvest.manifest``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.records import FAILURE_SCHEMA, METADATA_KEY, record_schema
-
-TMP_PREFIX = ".tmp-"
+from workers.storage import Store, split_location
 
 
 class Columns:
@@ -57,42 +52,21 @@ def failure_columns() -> Columns:
 
 
 def write_shard(
-    table: pa.Table, path: Path, metadata: dict[str, Any], compression: str = "zstd"
+    table: pa.Table, store: Store, rel: str, metadata: dict[str, Any], compression: str = "zstd"
 ) -> str:
-    """Write ``table`` atomically to ``path`` with our key-value metadata; return its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``table`` with our key-value metadata as the object ``rel``; return its sha256.
+
+    One whole-object write under a name unique to this attempt: nothing is renamed, and the
+    shard counts only once the driver commits it (``harvest.manifest``)."""
     meta = dict(table.schema.metadata or {})
     metadata = {**metadata, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     meta[METADATA_KEY] = orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
-    table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression=None if compression == "none" else compression)
-        with open(tmp, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power loss
-    finally:
-        tmp.unlink(missing_ok=True)
-    return digest
+    return store.write_table(table.replace_schema_metadata(meta), rel, compression)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (POSIX); where folders cannot be opened, there is nothing to do."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Our key-value metadata of one shard (the resolved spec, teacher, schema version...)."""
-    meta = pq.read_schema(path).metadata or {}
+def read_metadata(location: str) -> dict[str, Any]:
+    """Our key-value metadata of one shard (a path or URI): the spec, teacher, schema version."""
+    store, name = split_location(str(location))
+    with store.open_input_file(name) as fh:
+        meta = pq.read_schema(fh).metadata or {}
     return orjson.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}

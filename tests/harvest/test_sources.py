@@ -287,9 +287,9 @@ def test_glob_names_files_relative_to_glob_base(tmp_path: Path) -> None:
     files = resolve_files(str(tmp_path / "in" / "**" / "*.*json*"))
     assert [f.name for f in files] == ["a.jsonl", "sub/b.jsonl", "sub/deeper/c.ndjson"]
     assert [f.path for f in files] == [
-        tmp_path / "in" / "a.jsonl",
-        tmp_path / "in" / "sub" / "b.jsonl",
-        tmp_path / "in" / "sub" / "deeper" / "c.ndjson",
+        str(tmp_path / "in" / "a.jsonl"),
+        str(tmp_path / "in" / "sub" / "b.jsonl"),
+        str(tmp_path / "in" / "sub" / "deeper" / "c.ndjson"),
     ]
     spec = make_spec(tmp_path / "in" / "**" / "*.*json*")
     ids = [r.prompt_id for u in iter_units(files, spec, 10) for r in u.rows]
@@ -299,7 +299,7 @@ def test_glob_names_files_relative_to_glob_base(tmp_path: Path) -> None:
 def test_plain_path_is_named_by_its_file_name(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d" / "p.jsonl", {"prompt": "a"})
     [f] = resolve_files(str(path))
-    assert (f.path, f.name) == (path, "p.jsonl")
+    assert (f.path, f.name) == (str(path), "p.jsonl")
 
 
 def test_literal_path_with_glob_characters(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""harvest_unit: every row lands in exactly one shard, once per sample; shards are atomic."""
+"""harvest_unit: every row lands in exactly one shard, once per sample; one name per attempt."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from test_client import make_spec
 from schemas.wire import Completion, PromptRow, RowProblem, Sample, WorkUnit, request_id
 from workers.client import TeacherClient, sampling_for
 from workers.errors import AuthError
-from workers.unit import harvest_unit, shard_paths
+from workers.storage import Store
+from workers.unit import harvest_unit
 from workers.writer import read_metadata
 
 
@@ -43,7 +44,7 @@ def harvest(tmp_path, fake, unit_rows=None):
         client = TeacherClient(spec, job_id="j", transport=fake.transport())
         try:
             unit = WorkUnit("u-000000", unit_rows or rows())
-            return await harvest_unit(unit, client, spec, tmp_path, {"job_id": "j"})
+            return await harvest_unit(unit, client, spec, Store(str(tmp_path)), {"job_id": "j"})
         finally:
             await client.aclose()
 
@@ -52,7 +53,8 @@ def harvest(tmp_path, fake, unit_rows=None):
 
 def test_each_row_lands_once_per_sample(tmp_path):
     result = harvest(tmp_path, FakeTeacher(script=reject_too_long))
-    data_path, failed_path = shard_paths(tmp_path, "u-000000")
+    assert result.data_path.startswith("data/part-u-000000-")  # relative to the output root
+    data_path, failed_path = tmp_path / result.data_path, tmp_path / result.failed_path
     data = pq.read_table(data_path).to_pylist()
     failed = pq.read_table(failed_path).to_pylist()
     assert sorted((r["prompt_id"], r["sample_index"]) for r in data) == [
@@ -70,10 +72,12 @@ def test_each_row_lands_once_per_sample(tmp_path):
     assert len(set(ids)) == len(ids) == 9
     assert (result.data_rows, result.failure_rows, result.prompts) == (5, 4, 5)
     assert result.error_classes == {"BadRequest": 1, "InvalidInput": 1}
-    meta = read_metadata(data_path)
+    meta = read_metadata(str(data_path))
     assert meta.pop("written_at").endswith("+00:00")
     assert meta == {"job_id": "j", "unit_id": "u-000000", "kind": "data"}
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        [data_path.name, failed_path.name]
+    )  # no temporary left behind
 
 
 # request_id of prompt "a", sample 0, teacher "fake" under make_spec()'s sampling, as computed
@@ -83,8 +87,8 @@ GOLDEN_A0 = "8c514a02217709a2faa65beb8553f4ac"
 
 
 def test_request_ids_are_stable_across_runs(tmp_path):
-    harvest(tmp_path, FakeTeacher(script=reject_too_long))
-    data = pq.read_table(shard_paths(tmp_path, "u-000000")[0]).to_pylist()
+    result = harvest(tmp_path, FakeTeacher(script=reject_too_long))
+    data = pq.read_table(tmp_path / result.data_path).to_pylist()
     by_key = {(r["prompt_id"], r["sample_index"]): r["request_id"] for r in data}
     assert by_key["a", 0] == GOLDEN_A0
     spec = make_spec()
@@ -107,8 +111,8 @@ def test_request_ids_are_stable_across_runs(tmp_path):
 
 def test_records_carry_the_prompt_ids_the_teacher_saw(tmp_path):
     fake = FakeTeacher(script=reject_too_long)
-    harvest(tmp_path, fake)
-    data = pq.read_table(shard_paths(tmp_path, "u-000000")[0])
+    result = harvest(tmp_path, fake)
+    data = pq.read_table(tmp_path / result.data_path)
     assert data.schema.field("prompt_token_ids").nullable is False
     ids = {r["prompt_id"]: r["prompt_token_ids"] for r in data.to_pylist()}
     assert ids["a"] == encode_text("first") and ids["one"] == encode_text("single")
@@ -127,8 +131,8 @@ class NoPromptIds:
 def test_an_answer_without_prompt_ids_is_a_failure_row(tmp_path):
     spec = make_spec()
     unit = WorkUnit("u-000000", [PromptRow("a", "in:1", prompt="x", overrides={"n": 1})])
-    result = asyncio.run(harvest_unit(unit, NoPromptIds(), spec, tmp_path, {}))
-    (fail,) = pq.read_table(shard_paths(tmp_path, "u-000000")[1]).to_pylist()
+    result = asyncio.run(harvest_unit(unit, NoPromptIds(), spec, Store(str(tmp_path)), {}))
+    (fail,) = pq.read_table(tmp_path / result.failed_path).to_pylist()
     assert (fail["error_class"], fail["attempts"], fail["endpoint"]) == (
         "MissingLogprobs",
         2,
@@ -137,12 +141,15 @@ def test_an_answer_without_prompt_ids_is_a_failure_row(tmp_path):
     assert (result.data_rows, result.failure_rows) == (0, 1)
 
 
-def test_rerun_without_failures_removes_a_stale_failure_shard(tmp_path):
-    harvest(tmp_path, FakeTeacher(script=reject_too_long))
-    assert shard_paths(tmp_path, "u-000000")[1].exists()
+def test_each_attempt_writes_under_its_own_names(tmp_path):
+    """A second attempt at a unit never overwrites the first (which may be committed)."""
+    first = harvest(tmp_path, FakeTeacher(script=reject_too_long))
     good = [r for r in rows() if isinstance(r, PromptRow) and r.prompt_id != "bad"]
-    result = harvest(tmp_path, FakeTeacher(), good)
-    assert result.failure_rows == 0 and not shard_paths(tmp_path, "u-000000")[1].exists()
+    second = harvest(tmp_path, FakeTeacher(), good)
+    assert second.failure_rows == 0 and second.failed_path is None
+    assert first.data_path != second.data_path
+    assert (tmp_path / first.data_path).exists() and (tmp_path / first.failed_path).exists()
+    assert len(list((tmp_path / "failed").iterdir())) == 1  # none written for the clean attempt
 
 
 def test_fatal_error_stops_the_unit_without_writing(tmp_path):
