@@ -3,8 +3,8 @@
 Each is started once per test session and stopped at the end (by PID / ray.shutdown), as the
 vLLM and Ray test suites do. The S3 server (SeaweedFS, ``tests/object_store.py``) puts its
 endpoint and credentials in this process's environment before Ray starts, as a cluster's nodes
-would have them, so harvest workers find them the same way. Set HARVEST_TEST_TEACHER_URL to reuse a tiny-model server you
-already run (served as "tiny"), e.g. while iterating on tests.
+would have them, so harvest workers find them the same way. Set HARVEST_TEST_TEACHER_URL to
+reuse a tiny-model server you already run (served as "tiny"), e.g. while iterating on tests.
 """
 
 from __future__ import annotations

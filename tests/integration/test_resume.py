@@ -1,7 +1,8 @@
 """Nothing lost, nothing duplicated: kill the driver, kill a worker, stop gracefully, resume.
 
 Each run is the real `harvest` console script joined to the session's Ray cluster, against the
-real vLLM server; the reference is an uninterrupted run of the same job.
+real vLLM server; the reference is an uninterrupted run of the same job. The driver-kill test
+runs on a local folder and on a real S3 server through the same commit protocol.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 from test_harvest_e2e import write_job
 
 from harvest import reader
-from harvest.manifest import MANIFEST
+from harvest.manifest import COMMITS, load, parse_record
+from workers.storage import Store
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +31,7 @@ PROMPTS = 160
 SHARD_ROWS = 10  # 5 prompts per unit at n=2: 32 units
 
 
-def make_job(folder: Path, url: str) -> Path:
+def make_job(folder: Path, url: str, out: str = "out") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "prompts.jsonl", "w") as fh:
         for i in range(PROMPTS):
@@ -43,27 +45,29 @@ def make_job(folder: Path, url: str) -> Path:
         folder,
         url,
         sampling={"max_tokens": 32, "n": 2, "logprobs": 5, "seed": 5},
-        output={"dir": "out", "rows_per_shard": SHARD_ROWS},
+        output={"dir": out, "rows_per_shard": SHARD_ROWS},
         concurrency={"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
     )
 
 
+LEASE_TTL_S = "3"  # a killed driver's lease may be taken over 3 s after its last renewal
+
+
 def start(job: Path, ray_address: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "HARVEST_LEASE_TTL_S": LEASE_TTL_S}
     return subprocess.Popen(
         [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
 
 
-def committed_units(out: Path) -> int:
-    path = out / MANIFEST
-    if not path.exists():
-        return 0
-    return sum(b'"kind":"unit"' in line for line in path.read_bytes().splitlines())
+def committed_units(out: str | Path) -> int:
+    return len(Store(str(out)).list(COMMITS))
 
 
-def wait_for_units(proc: subprocess.Popen, out: Path, count: int, timeout: float = 300) -> None:
+def wait_for_units(
+    proc: subprocess.Popen, out: str | Path, count: int, timeout: float = 300
+) -> None:
     deadline = time.monotonic() + timeout
     while committed_units(out) < count:
         assert proc.poll() is None, f"harvest ended early: {proc.communicate()}"
@@ -71,20 +75,34 @@ def wait_for_units(proc: subprocess.Popen, out: Path, count: int, timeout: float
         time.sleep(0.05)
 
 
-def request_ids(out: Path) -> list[str]:
+def run_after_lease_expires(job: Path, ray_address: str, dead_pid: int) -> str:
+    """Rerun until the killed driver's lease has expired: every refusal must name that driver,
+    and the run that starts must finish. Returns its stderr."""
+    while True:
+        proc = start(job, ray_address)
+        _, stderr = proc.communicate(timeout=600)
+        if proc.returncode == 2 and "is in use by another harvest driver" in stderr:
+            assert f"pid {dead_pid} on " in stderr and len(stderr.strip().splitlines()) == 1
+            time.sleep(0.5)
+            continue
+        assert proc.returncode == 0, stderr
+        return stderr
+
+
+def request_ids(out: str | Path) -> list[str]:
     return reader.read_table(out)["request_id"].to_pylist()
 
 
 CONTENT = ("response", "prompt_token_ids", "token_ids", "logprobs", "top_token_ids", "top_logprobs")
 
 
-def contents(out: Path) -> dict[str, dict]:
+def contents(out: str | Path) -> dict[str, dict]:
     """request_id -> what the teacher answered (seeded: a resumed run must get the same)."""
     table = reader.read_table(out).select(["request_id", *CONTENT]).to_pylist()
     return {row.pop("request_id"): row for row in table}
 
 
-def assert_same_content(out: Path, reference: dict[str, dict]) -> None:
+def assert_same_content(out: str | Path, reference: dict[str, dict]) -> None:
     """Same rows as the clean run, each with the same tokens, logprobs and top-K."""
     got = contents(out)
     assert set(got) == set(reference)
@@ -98,13 +116,24 @@ def assert_same_content(out: Path, reference: dict[str, dict]) -> None:
         assert flat == pytest.approx([v for top in want["top_logprobs"] for v in top], abs=1e-5)
 
 
-def all_shard_ids(out: Path) -> list[str]:
-    """Every data file on disk, committed or not: what a glob-reading trainer would see."""
-    return [
-        i
-        for p in sorted((out / "data").glob("*.parquet"))
-        for i in pq.read_table(p)["request_id"].to_pylist()
-    ]
+def all_shard_ids(out: str | Path) -> list[str]:
+    """Every data object stored, committed or not: what a glob-reading trainer would see."""
+    store = Store(str(out))
+    ids = []
+    for name in store.list("data"):
+        with store.open_input_file(name) as fh:
+            ids += pq.read_table(fh)["request_id"].to_pylist()
+    return ids
+
+
+def plant_orphan(out: str) -> str:
+    """A well-formed shard no commit names (a copy of a committed one): must never be read."""
+    store = Store(out)
+    with store.open_input_file(load(store).shard_paths()[0]) as fh:
+        table = pq.read_table(fh)
+    name = "data/part-planted-orphan-0000.parquet"
+    store.write_table(table, name, "zstd")
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -119,28 +148,34 @@ def reference(tmp_path_factory, tiny_teacher, ray_cluster) -> dict[str, dict]:
     return contents(job.parent / "out")
 
 
-@pytest.mark.parametrize("kill_point", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("storage", "kill_point"), [("local", 0), ("local", 1), ("local", 2), ("s3", 1)]
+)
 def test_driver_sigkill_then_resume_gives_the_clean_row_set(
-    kill_point, reference, tmp_path, tiny_teacher, ray_cluster
+    storage, kill_point, reference, tmp_path, tiny_teacher, ray_cluster, request
 ):
     rng = random.Random(1000 + kill_point)
-    job = make_job(tmp_path, tiny_teacher)
-    out = tmp_path / "out"
+    out = str(tmp_path / "out") if storage == "local" else request.getfixturevalue("s3_prefix")
+    job = make_job(tmp_path, tiny_teacher, out)
     proc = start(job, ray_cluster)
     wait_for_units(proc, out, rng.choice([[1, 3], [8, 12], [18, 24]][kill_point]))
-    time.sleep(rng.uniform(0, 0.3))  # land anywhere inside a unit, or a manifest write
+    time.sleep(rng.uniform(0, 0.3))  # land anywhere inside a unit, or a commit write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < committed_units(out) < PROMPTS * 2 // SHARD_ROWS
+    orphan = plant_orphan(out)
+    before = request_ids(out)
+    assert len(before) == len(set(before))  # the planted copy is not read
 
-    resumed = start(job, ray_cluster)
-    _, stderr = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, stderr
+    run_after_lease_expires(job, ray_cluster, proc.pid)
     ids = request_ids(out)
     assert len(ids) == len(set(ids)) and set(ids) == set(reference)
-    assert Counter(all_shard_ids(out)) == Counter(list(reference))  # no stale or partial shard
-    assert_same_content(out, reference)
-    assert not list(out.rglob(".tmp-*"))
+    assert_same_content(out, reference)  # seeded sampling: the very same tokens
+    assert Counter(all_shard_ids(out)) == Counter(list(reference))  # nothing stale or planted
+    store = Store(out)
+    assert not store.exists(orphan)
+    assert not [n for n in store.list() if n.rsplit("/", 1)[-1].startswith(".tmp-")]
+    assert not store.exists("_harvest/lease.json")  # released at the end
 
 
 def harvest_actor_pids() -> list[int]:
@@ -170,9 +205,10 @@ def test_worker_sigkill_mid_job_reruns_its_unit(reference, tmp_path, tiny_teache
     ids = request_ids(out)
     assert len(ids) == len(set(ids)) and set(ids) == set(reference)
     assert_same_content(out, reference)
-    units = [json.loads(x) for x in (out / MANIFEST).read_text().splitlines()]
-    unit_ids = [u["unit_id"] for u in units if u["kind"] == "unit"]
-    assert len(unit_ids) == len(set(unit_ids))  # each unit committed exactly once
+    store = Store(str(out))
+    unit_ids = [parse_record(store.read_bytes(n)).unit_id for n in store.list(COMMITS)]
+    assert len(unit_ids) == len(set(unit_ids)) == PROMPTS * 2 // SHARD_ROWS  # each unit once
+    assert Counter(all_shard_ids(out)) == Counter(list(reference))  # dead attempt: swept
 
 
 def test_sigterm_stops_gracefully_and_resumes(reference, tmp_path, tiny_teacher, ray_cluster):

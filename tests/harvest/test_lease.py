@@ -1,0 +1,80 @@
+"""One driver per output: the lease on a local folder and on a real S3 server.
+
+Staleness is made by state, not by waiting: a lease is aged by rewriting it with a past mtime
+(local) or by the holder's TTL being 0 (S3), and heartbeats are observed by their count.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from harvest.lease import LEASE, Lease, LeaseRecord, OutputBusy
+from workers.storage import Store
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Store:
+    if request.param == "local":
+        return Store(str(tmp_path / "out"))
+    return Store(request.getfixturevalue("s3_prefix"))
+
+
+def holder(store: Store) -> LeaseRecord:
+    return LeaseRecord.model_validate_json(store.read_bytes(LEASE))
+
+
+def wait_until(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_second_driver_refused_with_one_line_naming_the_holder(store: Store) -> None:
+    with Lease.acquire(store, ttl_s=600) as lease:
+        assert holder(store).run_id == lease.record.run_id
+        with pytest.raises(OutputBusy) as exc:
+            Lease.acquire(store, ttl_s=600)
+        msg = str(exc.value)
+        assert "\n" not in msg and store.uri in msg
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in msg
+        assert f"since {lease.record.since}" in msg
+    assert not store.exists(LEASE)  # released
+    Lease.acquire(store, ttl_s=600).release()  # and free again
+
+
+def test_stale_lease_is_taken_over_once(store: Store) -> None:
+    dead = Lease.acquire(store, ttl_s=0)  # a driver whose TTL has already run out...
+    dead._stop.set()  # ...and whose heartbeat died with it (SIGKILL)
+    dead._thread.join()
+    if store.is_local:  # age it by state: an mtime in the past
+        path = store.path(LEASE)
+        os.utime(path, (os.stat(path).st_atime, os.stat(path).st_mtime - 5))
+    wait_until(lambda: store.read_versioned(LEASE).age_s > 0, "lease never aged")
+    taker = Lease.acquire(store, ttl_s=600)
+    try:
+        assert holder(store).run_id == taker.record.run_id != dead.record.run_id
+        with pytest.raises(OutputBusy):
+            Lease.acquire(store, ttl_s=600)  # the new holder is fresh
+    finally:
+        taker.release()
+    dead.release()  # no longer ours: must not delete anything
+    assert not store.exists(LEASE)
+
+
+def test_heartbeat_renews_and_notices_a_takeover(store: Store) -> None:
+    lease = Lease.acquire(store, ttl_s=0.3)
+    try:
+        wait_until(lambda: holder(store).beat >= 2, "no heartbeat")
+        assert holder(store).run_id == lease.record.run_id
+        current = store.read_versioned(LEASE)
+        intruder = holder(store).model_copy(update={"run_id": "intruder", "beat": 0})
+        assert store.replace(LEASE, intruder.model_dump_json().encode(), current.token)
+        wait_until(lambda: lease.lost, "takeover not noticed")
+    finally:
+        lease.release()
+    assert holder(store).run_id == "intruder"  # a lost lease is not deleted by its old holder
