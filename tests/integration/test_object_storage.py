@@ -1,0 +1,162 @@
+"""Harvests whose input and output live on a real S3 server (SeaweedFS on 127.0.0.1).
+
+- input read from ``s3://`` (JSONL and Parquet, through a glob);
+- a wrong credential, a missing bucket or an unreachable endpoint fail before any teacher
+  request, in one line naming the URI, and the secret is nowhere in what the run printed or
+  wrote;
+- one driver per output: a second driver is refused while the first runs; once the first is
+  SIGKILLed and its lease has expired, a new driver takes over and completes the job once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from object_store import free_ports
+from test_harvest_e2e import write_job
+from test_resume import (
+    PROMPTS,
+    SHARD_ROWS,
+    all_shard_ids,
+    committed_units,
+    make_job,
+    run_after_lease_expires,
+    start,
+    wait_for_units,
+)
+
+from harvest import reader
+from harvest.cli import main
+from harvest.manifest import COMMITS, load
+from workers.storage import Store
+
+pytestmark = pytest.mark.integration
+
+
+def test_input_globbed_from_s3_jsonl_and_parquet(s3_prefix, tiny_teacher, ray_cluster, tmp_path):
+    store = Store(f"{s3_prefix}/in")
+    store.write_bytes("a/one.jsonl", b'{"prompt": "Alpha is"}\n{"id": "b1", "prompt": "Beta"}\n')
+    store.write_bytes("a/notes.md", b"not an input: the glob leaves it out")
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": ["p0", "p1", "p2"], "prompt": ["x", "y", "z"]}), sink)
+    store.write_bytes("b/two.parquet", sink.getvalue().to_pybytes())
+    job = write_job(
+        tmp_path,
+        tiny_teacher,
+        input=f"{s3_prefix}/in/*/*.*[lt]",  # one.jsonl and two.parquet
+        sampling={"max_tokens": 4, "n": 1, "logprobs": 2, "seed": 1},
+        output={"dir": f"{s3_prefix}/out", "rows_per_shard": 2},
+    )
+    assert main(["run", str(job), "--no-progress"]) == 0
+    table = reader.read_table(f"{s3_prefix}/out")
+    assert sorted(table["prompt_id"].to_pylist()) == ["a/one.jsonl:1", "b1", "p0", "p1", "p2"]
+    assert all(f.startswith(f"{s3_prefix}/out/data/part-") for f in reader.data_files(
+        f"{s3_prefix}/out"
+    ))  # fmt: skip
+    assert not list(tmp_path.rglob("*.parquet"))  # nothing went to local disk
+
+
+class CountingListener:
+    """A TCP listener standing in for the teacher: counts every connection made to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+WRONG_SECRET = "wrong-secret-5c1e8a7b9d0f4e2a-never-shown"
+
+
+@pytest.mark.parametrize("fault", ["wrong credential", "missing bucket", "unreachable endpoint"])
+def test_unusable_output_fails_before_any_teacher_request(fault, s3_server, s3_prefix, tmp_path):
+    teacher = CountingListener()
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello"}\n')
+    out = {"missing bucket": "s3://no-such-bucket-th/out"}.get(fault, s3_prefix)
+    job = write_job(tmp_path, teacher.url, output={"dir": out})
+    env = {**os.environ}
+    if fault == "wrong credential":
+        env["AWS_SECRET_ACCESS_KEY"] = WRONG_SECRET
+    if fault == "unreachable endpoint":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_ports(1)[0]}"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+    finally:
+        teacher.close()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"harvest: error: {out}"), proc.stderr
+    expected = {
+        "wrong credential": "access denied",
+        "missing bucket": "does not exist",
+        "unreachable endpoint": "cannot reach",
+    }[fault]
+    assert expected in lines[0]
+    assert teacher.connections == 0
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    for secret in (WRONG_SECRET, s3_server.secret_key):
+        assert secret not in proc.stdout + proc.stderr and secret.encode() not in written
+
+
+def test_one_driver_per_output_and_takeover_after_sigkill(
+    s3_server, s3_prefix, tmp_path, tiny_teacher, ray_cluster
+):
+    out = s3_prefix
+    job_a = make_job(tmp_path / "a", tiny_teacher, out)
+    job_b = make_job(tmp_path / "b", tiny_teacher, out)  # the same job, from another folder
+    first = start(job_a, ray_cluster, lease_ttl_s="10")
+    wait_for_units(first, out, 1)
+    second = start(job_b, ray_cluster)
+    _, stderr = second.communicate(timeout=300)
+    assert first.poll() is None, "the first driver must still be running for this check"
+    assert second.returncode == 2
+    [line] = stderr.strip().splitlines()
+    assert f"{out} is in use by another harvest driver: pid {first.pid} on " in line
+
+    first.kill()
+    first.wait()
+    done_by_first = committed_units(out)
+    assert 0 < done_by_first < PROMPTS * 2 // SHARD_ROWS
+    run_after_lease_expires(job_b, ray_cluster, first.pid)
+
+    table = reader.read_table(out)
+    keys = Counter(
+        zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
+    )
+    assert len(keys) == PROMPTS * 2 and set(keys.values()) == {1}  # complete, each row once
+    manifest = load(Store(out))
+    assert len(manifest.units) == PROMPTS * 2 // SHARD_ROWS == committed_units(out)
+    assert Counter(all_shard_ids(out)) == Counter(table["request_id"].to_pylist())
+    keys_left = s3_server.keys(out.split("/", 3)[3] + "/")
+    assert sum(k.endswith(".parquet") for k in keys_left) == len(manifest.shard_paths())
+    assert not any(k.endswith("_harvest/lease.json") for k in keys_left)
+    summary = json.loads(Store(out).read_bytes("_summary.json"))
+    assert summary["prompts_this_run"] == PROMPTS - done_by_first * SHARD_ROWS // 2
+    assert len(Store(out).list(COMMITS)) == len(manifest.units)
+    assert not list(Path(tmp_path).rglob("*.parquet"))
