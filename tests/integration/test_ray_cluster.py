@@ -4,7 +4,9 @@ One cluster for the module: a head from ``ray start --head --block`` (custom res
 ``node_a``, dashboard and job API on loopback) and a second node joining it with the custom
 resource ``node_b``. The first test runs ``harvest run --ray-address`` and checks that the
 harvest actors ran on both nodes; the second submits ``harvest run`` with ``ray job submit
---working-dir`` and checks the job and its output.
+--working-dir`` and checks the job and its output. Both write to ``s3://`` on the session's S3
+server (whose endpoint and credentials are in the nodes' environment, as on a real cluster):
+every node's shards are read back through the reader, and no shard lands on local disk.
 
 Ray 2.60 on one host, as measured here:
 - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is what keeps Ray on 127.0.0.1 (without it Ray swaps
@@ -44,6 +46,8 @@ import pytest
 from test_harvest_e2e import write_inputs, write_job
 
 from harvest import reader
+from workers.storage import Store
+from workers.writer import read_metadata
 
 pytestmark = pytest.mark.integration
 
@@ -74,6 +78,7 @@ class Cluster:
     dashboard: str
     env: dict[str, str]
     nodes: dict[str, str]  # node id -> its custom resource (node_a on the head, node_b)
+    temp_dir: str
 
 
 def free_ports(count: int) -> list[int]:
@@ -151,7 +156,7 @@ def stop_cluster(nodes: list[subprocess.Popen], temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Cluster:
+def cluster(s3_server) -> Cluster:
     temp_dir = tempfile.mkdtemp(prefix="th-ray-", dir="/tmp")  # sockets: paths < 108 bytes
     gcs, dash, client, *ports = free_ports(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
@@ -219,13 +224,13 @@ def cluster() -> Cluster:
             for n in alive
         }
         assert sorted(names.values()) == ["node_a", "node_b"]
-        yield Cluster(f"127.0.0.1:{gcs}", dashboard, env, names)
+        yield Cluster(f"127.0.0.1:{gcs}", dashboard, env, names, temp_dir)
     finally:
         stop_cluster(nodes, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def harvest_job(folder: Path, url: str, out: Path) -> Path:
+def harvest_job(folder: Path, url: str, out: str) -> Path:
     return write_job(
         folder,
         url,
@@ -237,21 +242,27 @@ def harvest_job(folder: Path, url: str, out: Path) -> Path:
     )
 
 
-def check_output(out: Path, ids: list[str]) -> dict:
+def check_output(out: str, ids: list[str], local_dirs: list[Path]) -> dict:
+    """The whole output, read back from the object store; no shard on any local disk."""
+    assert out.startswith("s3://")
+    files = reader.data_files(out)
+    assert files and all(f.startswith(f"{out}/data/part-") for f in files)
+    for folder in local_dirs:
+        assert not list(folder.rglob("*.parquet")), f"a shard on local disk under {folder}"
     table = reader.read_table(out)
     keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
     assert sorted(keys) == sorted((i, s) for i in ids for s in range(N))  # complete, no duplicate
     assert len(set(table["request_id"].to_pylist())) == table.num_rows == len(ids) * N
     assert reader.data_files(out, "failed") == []
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads(Store(out).read_bytes("_summary.json"))
     assert summary["data_rows"] == len(ids) * N and summary["failure_rows"] == 0
     assert summary["prompts_this_run"] == len(ids)
     return summary
 
 
-def test_harvest_actors_run_on_both_nodes(cluster, tiny_teacher, tmp_path):
+def test_harvest_actors_run_on_both_nodes(cluster, tiny_teacher, tmp_path, s3_prefix):
     ids = write_inputs(tmp_path, PROMPTS)
-    out = tmp_path / "out"
+    out = s3_prefix
     job = harvest_job(tmp_path, tiny_teacher, out)
     proc = subprocess.run(
         [str(BIN / "harvest"), "run", str(job), "--ray-address", cluster.gcs_address,
@@ -259,18 +270,20 @@ def test_harvest_actors_run_on_both_nodes(cluster, tiny_teacher, tmp_path):
         env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    summary = check_output(out, ids)
+    summary = check_output(out, ids, [tmp_path, Path(cluster.temp_dir)])
     by_node = summary["units_by_node"]
+    units = {read_metadata(f)["unit_id"] for f in reader.data_files(out)}
+    assert len(units) == sum(by_node.values())  # every node's shards read back
     assert {cluster.nodes[node] for node in by_node} == {"node_a", "node_b"}, by_node
     assert all(units > 0 for units in by_node.values())
     assert sum(by_node.values()) == PROMPTS // (ROWS_PER_SHARD // N)
 
 
-def test_ray_job_submit_runs_harvest_on_the_cluster(cluster, tiny_teacher, tmp_path):
+def test_ray_job_submit_runs_harvest_on_the_cluster(cluster, tiny_teacher, tmp_path, s3_prefix):
     workdir = tmp_path / "job"
     workdir.mkdir()
     ids = write_inputs(workdir, PROMPTS)
-    out = tmp_path / "out"  # absolute: the job runs in a copy of workdir inside Ray's temp dir
+    out = s3_prefix
     harvest_job(workdir, tiny_teacher, out)
     submission = f"harvest-test-{uuid.uuid4().hex[:8]}"
     job_api = ("--address", cluster.dashboard)
@@ -290,7 +303,7 @@ def test_ray_job_submit_runs_harvest_on_the_cluster(cluster, tiny_teacher, tmp_p
     assert f"Job '{submission}' succeeded" in status.stdout + status.stderr
     logs = ray_cli(cluster.env, "job", "logs", *job_api, submission).stdout
     assert f"data rows: {PROMPTS * N}" in logs and "Traceback" not in logs
-    summary = check_output(out, ids)
+    summary = check_output(out, ids, [tmp_path, Path(cluster.temp_dir)])
     assert not (workdir / "out").exists()
     # The driver joined this cluster (Ray sets RAY_ADDRESS for it), not a private one.
     assert summary["units_by_node"] and set(summary["units_by_node"]) <= set(cluster.nodes)
