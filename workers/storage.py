@@ -31,6 +31,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,9 +97,9 @@ def _gcs_fs(opts: StorageOptions) -> pafs.GcsFileSystem:
             anonymous=True,
             endpoint_override=host,
             scheme=parts.scheme or "http",
-            retry_time_limit=10,
+            retry_time_limit=timedelta(seconds=10),
         )
-    return pafs.GcsFileSystem(retry_time_limit=60)
+    return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=60))
 
 
 class Store:

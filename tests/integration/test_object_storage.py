@@ -160,3 +160,28 @@ def test_one_driver_per_output_and_takeover_after_sigkill(
     assert summary["prompts_this_run"] == PROMPTS - done_by_first * SHARD_ROWS // 2
     assert len(Store(out).list(COMMITS)) == len(manifest.units)
     assert not list(Path(tmp_path).rglob("*.parquet"))
+
+
+def test_gs_output_through_the_same_layer(gs_prefix, tiny_teacher, ray_cluster, tmp_path, capsys):
+    """gs:// against fake-gcs-server: harvest, read back, provenance, rerun is a no-op."""
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Number {i} is"}) + "\n" for i in range(6))
+    )
+    job = write_job(
+        tmp_path,
+        tiny_teacher,
+        sampling={"max_tokens": 4, "n": 2, "logprobs": 2, "seed": 2},
+        output={"dir": gs_prefix, "rows_per_shard": 4},
+    )
+    assert main(["run", str(job), "--no-progress"]) == 0
+    first = reader.read_table(gs_prefix)
+    assert first.num_rows == 12 and len(set(first["request_id"].to_pylist())) == 12
+    assert all(f.startswith(f"{gs_prefix}/data/part-") for f in reader.data_files(gs_prefix))
+    assert main(["provenance", gs_prefix]) == 0
+    assert "all shards agree" in capsys.readouterr().out
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert sorted(reader.read_table(gs_prefix)["request_id"].to_pylist()) == sorted(
+        first["request_id"].to_pylist()
+    )
+    assert not Store(gs_prefix).exists("_harvest/lease.json")
+    assert not list(tmp_path.rglob("*.parquet"))

@@ -1,4 +1,7 @@
-"""The storage layer, on a local folder and on a real S3 server: the same assertions for both."""
+"""The storage layer on a local folder, a real S3 server and a GCS emulator: same assertions.
+
+(On gs:// the conditional operations are check-then-write; these single-client assertions hold
+there too, and the output lease is what keeps a second driver away.)"""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ import pytest
 from workers.storage import StorageError, Store, split_location
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def store(request, tmp_path) -> Store:
     if request.param == "local":
         return Store(str(tmp_path / "root"))
-    return Store(request.getfixturevalue("s3_prefix"))
+    return Store(request.getfixturevalue(f"{request.param}_prefix"))
 
 
 def test_whole_objects_list_and_delete(store: Store) -> None:
