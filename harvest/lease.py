@@ -117,6 +117,18 @@ class Lease:
                 self.lost = True
                 return
 
+    def confirm(self) -> bool:
+        """Renew now; False if another driver holds the output (then delete nothing)."""
+        if self.lost:
+            return False
+        beat = self.record.model_copy(update={"beat": self.record.beat + 1})
+        token = self.store.replace(LEASE, beat.model_dump_json().encode(), self.token)
+        if token is None:
+            self.lost = True
+            return False
+        self.record, self.token, self._renewed = beat, token, time.monotonic()
+        return True
+
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)

@@ -300,7 +300,8 @@ def run_job(
             show_progress=show_progress, status_every_s=status_every_s,
             stop_deadline_s=stop_deadline_s,
         )  # fmt: skip
-        manifest.sweep()  # shards of attempts that crashed or lost a race during this run
+        if lease.confirm():  # never delete what a driver that took over may be writing
+            manifest.sweep()  # shards of attempts that crashed or lost a race in this run
     summary.elapsed_s = time.monotonic() - t0
     return summary
 
@@ -350,6 +351,7 @@ def retry_failed(
                 show_progress=show_progress, status_every_s=status_every_s,
                 stop_deadline_s=stop_deadline_s,
             )  # fmt: skip
-            manifest.sweep()
+            if lease.confirm():
+                manifest.sweep()
     summary.elapsed_s = time.monotonic() - t0
     return summary

@@ -28,6 +28,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_credentials(location: str) -> str:
+    """Reject ``s3://KEY:SECRET@bucket`` and the like: credentials live in the environment."""
+    if "://" in location:
+        parts = urlsplit(location)
+        if parts.username or parts.password:
+            raise ValueError(
+                "credentials do not belong in a location; use the environment (e.g. "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the standard credential chain"
+            )
+    return location
+
+
 class InputSpec(_Strict):
     path: str = Field(
         description="A JSONL or Parquet file, or a glob of them (e.g. 'data/*.jsonl' or "
@@ -48,6 +60,11 @@ class InputSpec(_Strict):
         description="Column holding per-row sampling overrides (a dict with any of max_tokens, "
         "temperature, top_p, n, seed, stop).",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        return _no_credentials(path)
 
 
 class Authorization(_Strict):
@@ -272,6 +289,11 @@ class OutputSpec(_Strict):
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = Field(
         "zstd", description="Parquet compression codec."
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, location: str) -> str:
+        return _no_credentials(location)
 
 
 class ConcurrencySpec(_Strict):

@@ -115,6 +115,11 @@ class Store:
             self.fs: pafs.FileSystem = pafs.LocalFileSystem()
             self.ops: ObjectOps = LocalOps(root)
             return
+        if parts and (parts.username or parts.password):
+            raise StorageError(
+                f"{scheme}://{parts.hostname}/...: credentials do not belong in a location; "
+                "use the environment or the standard credential chain"
+            )
         if scheme not in REMOTE_SCHEMES or not parts or not parts.netloc:
             raise StorageError(f"{uri}: unsupported location (use a path, s3:// or gs://)")
         bucket, prefix = parts.netloc, parts.path.strip("/")

@@ -80,6 +80,21 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     assert (spec.input.path, spec.output.dir) == ("/data/p.jsonl", "/srv/out")
 
 
+def test_uris_are_not_turned_into_local_paths(tmp_path: Path) -> None:
+    doc = job(input={"path": "s3://bkt/in/*.parquet"}, output={"dir": "gs://bkt/out/run-1"})
+    spec = load_job(write_yaml(tmp_path / "job.yaml", doc))
+    assert (spec.input.path, spec.output.dir) == ("s3://bkt/in/*.parquet", "gs://bkt/out/run-1")
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_credentials_in_a_uri_are_rejected_without_echoing_them(where: str) -> None:
+    uri = "s3://AKIAEXAMPLE:verysecretvalue@bkt/x.jsonl"
+    doc = job(input={"path": uri}) if where == "input" else job(output={"dir": uri})
+    msg = spec_error(doc)
+    assert "credentials do not belong in a location" in msg
+    assert "verysecretvalue" not in msg
+
+
 def test_input_string_shorthand(tmp_path: Path) -> None:
     spec = load_job(write_yaml(tmp_path / "job.yaml", job(input="x.jsonl")))
     assert spec.input.path == str(tmp_path.resolve() / "x.jsonl")
