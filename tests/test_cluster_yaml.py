@@ -28,3 +28,14 @@ def test_schema_catches_a_typo():
     config["max_worker"] = 3
     with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         jsonschema.validate(config, schema)
+
+
+def test_storage_credentials_come_from_the_nodes_environment():
+    """The bucket is named only by URIs; keys reach the nodes as environment, never as config."""
+    text = (ROOT / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert "AWS_SECRET_ACCESS_KEY=" not in "".join(config["head_start_ray_commands"])
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert start.startswith("set -a; [ ! -f ~/.teacher-harvest/storage.env ] || . ~/.t")
+    assert list(config["file_mounts"].values()) == ["~/.teacher-harvest/storage.env"]
