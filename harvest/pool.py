@@ -2,8 +2,8 @@
 
 At most ``2 x workers`` units are in flight, so driver memory stays flat however large the input.
 A worker that dies or becomes unreachable mid-unit is killed (so it can no longer write), then
-replaced, and its unit re-run by the new actor; the shard names are the unit's, so a re-run
-overwrites and the manifest still commits the unit once.
+replaced, and its unit re-run by the new actor; each attempt writes under its own shard names
+and only the one the driver commits counts (``harvest.manifest``).
 """
 
 from __future__ import annotations
