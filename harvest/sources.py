@@ -81,11 +81,13 @@ def _resolve_uri(pattern: str) -> list[InputFile]:
     try:
         if not glob.has_magic(pattern):
             store, name = split_location(pattern)
+            store.check()
             found = [(pattern, name)] if store.exists(name) else []
         else:
             parts = pattern.split("/")
             fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
             store = Store("/".join(parts[:fixed]))
+            store.check()  # a missing bucket or a bad credential, said as such
             regex = _glob_regex("/".join(parts[fixed:]))
             found = [(store.child_uri(n), n) for n in store.list() if regex.fullmatch(n)]
     except StorageError as err:

@@ -37,6 +37,7 @@ def _reason(err: BaseException) -> str:
     text = str(err)
     codes = (
         (("ACCESS_DENIED", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+          "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID",
           "403", "Forbidden", "InvalidToken", "ExpiredToken"),
          "access denied: check the credentials in the environment"),
         (("NoSuchBucket", "NO_SUCH_BUCKET", "bucket does not exist"), "the bucket does not exist"),

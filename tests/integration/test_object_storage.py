@@ -124,6 +124,28 @@ def test_unusable_output_fails_before_any_teacher_request(fault, s3_server, s3_p
         assert secret not in proc.stdout + proc.stderr and secret.encode() not in written
 
 
+def test_input_behind_a_wrong_credential_fails_before_any_teacher_request(
+    s3_server, s3_prefix, tmp_path
+):
+    Store(s3_prefix).write_bytes("in/p.jsonl", b'{"prompt": "hello"}\n')
+    teacher = CountingListener()
+    job = write_job(tmp_path, teacher.url, input=f"{s3_prefix}/in/*.jsonl")
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": WRONG_SECRET}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+    finally:
+        teacher.close()
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"harvest: error: input: {s3_prefix}/in: access denied: check the credentials in the "
+        "environment (HTTP 403)"
+    )
+    assert teacher.connections == 0 and WRONG_SECRET not in proc.stdout + proc.stderr
+
+
 def test_one_driver_per_output_and_takeover_after_sigkill(
     s3_server, s3_prefix, tmp_path, tiny_teacher, ray_cluster
 ):
