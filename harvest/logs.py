@@ -12,7 +12,6 @@ Ray's own start-up chatter stays out of the terminal unless ``--log-level debug`
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from workers.storage import store_for
 
 LOGGER = "harvest"
 RUN_LOG = "_harvest/log.jsonl"
@@ -84,9 +85,9 @@ class RunLogHandler(logging.Handler):
 
     def __init__(self, out_dir: str | Path) -> None:
         super().__init__(logging.INFO)
-        self.path = Path(out_dir) / RUN_LOG
+        self.store = store_for(str(out_dir))  # object stores cannot append: rewrite it whole
         try:
-            self.lines = self.path.read_bytes().splitlines(keepends=True)  # earlier runs
+            self.lines = self.store.read_bytes(RUN_LOG).splitlines(keepends=True)  # earlier runs
         except FileNotFoundError:
             self.lines = []
         self._flushed = 0.0
@@ -97,10 +98,7 @@ class RunLogHandler(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".tmp-{self.path.name}.{os.getpid()}")
-        tmp.write_bytes(b"".join(self.lines))
-        os.replace(tmp, self.path)
+        self.store.write_bytes(RUN_LOG, b"".join(self.lines))
         self._flushed = time.monotonic()
 
     def close(self) -> None:

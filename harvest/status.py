@@ -18,6 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from workers.storage import store_for
+
 STATUS_FILE = "_harvest/status.json"
 STALE_AFTER_HEARTBEATS = 3
 
@@ -66,23 +68,15 @@ class JobStatus(BaseModel):
         return self.state
 
 
-def status_path(out_dir: str | Path) -> Path:
-    return Path(out_dir) / STATUS_FILE
-
-
 def write_status(out_dir: str | Path, status: JobStatus) -> None:
-    """Replace the status file in one step (a reader sees the old or the new file)."""
-    path = status_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    tmp.write_text(status.model_dump_json(indent=1))
-    os.replace(tmp, path)
+    """Replace the status file in one whole-object write (a reader sees the old or the new
+    one), on a local folder or an object store."""
+    store_for(str(out_dir)).write_bytes(STATUS_FILE, status.model_dump_json(indent=1).encode())
 
 
 def read_status(out_dir: str | Path) -> JobStatus:
-    path = status_path(out_dir)
     try:
-        return JobStatus.model_validate_json(path.read_bytes())
+        return JobStatus.model_validate_json(store_for(str(out_dir)).read_bytes(STATUS_FILE))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out_dir}: no {STATUS_FILE}; has a harvest run here?") from None
 

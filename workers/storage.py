@@ -27,6 +27,7 @@ instance roles; ``GOOGLE_APPLICATION_CREDENTIALS``), an S3-compatible endpoint f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -227,6 +228,12 @@ class Store:
                 yield line + b"\n"
         if rest:
             yield rest
+
+
+@functools.lru_cache(maxsize=64)
+def store_for(location: str) -> Store:
+    """A shared ``Store`` for a location written to again and again (status file, run log)."""
+    return Store(location)
 
 
 def split_location(location: str) -> tuple[Store, str]:

@@ -166,14 +166,15 @@ class LocalOps(ObjectOps):
             os.close(fd)
 
     def put(self, rel: str, data: bytes) -> None:
-        """Written in place under its final (attempt-unique) name, then fsynced with its folder."""
-        path = self.path(rel)
+        """Like an object store's PUT: readers see the old object or the whole new one (a
+        fsynced temporary moved over the name), and it is durable when this returns."""
         with self.errors(rel):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            tmp = self._write_tmp(rel, data)
+            try:
+                os.replace(tmp, self.path(rel))
+            except BaseException:
+                os.unlink(tmp)
+                raise
             self._sync_dir(rel)
 
     def create(self, rel: str, data: bytes) -> bool:
