@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("output", help="output folder or URI of a harvest")
     prov.set_defaults(func=cmd_provenance)
     stat = sub.add_parser("status", help="how a running or finished harvest stands")
-    stat.add_argument("output", help="output folder of a harvest")
+    stat.add_argument("output", help="output folder or URI of a harvest")
     stat.set_defaults(func=cmd_status)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
