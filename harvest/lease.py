@@ -6,8 +6,11 @@ TTL) for as long as they run:
 - **Acquire**: create the object with a conditional create (S3 ``If-None-Match: *``; on disk a
   hard link, which fails if the name exists). If it exists and its holder renewed it within
   the TTL it recorded, refuse with one line naming the holder. If it is older than that TTL
-  (its driver was killed), replace it with a compare-and-swap on the version read (S3
-  ``If-Match: <etag>``; on disk under ``flock``): of two drivers taking over at once, one wins.
+  (its driver was killed, or is frozen or cut off), replace it with a compare-and-swap on the
+  version read (S3 ``If-Match: <etag>``; on disk under ``flock``): of two drivers taking over
+  at once, one wins. A holder that ran in this very process namespace (same boot id and PID
+  namespace) and whose pid no longer exists is known dead at once: no need to wait for the TTL.
+  (A reused pid only makes us wait for the TTL; other hosts and containers always wait.)
 - **Heartbeat**: a daemon thread rewrites the lease every TTL/3 with the same compare-and-swap.
   Age is measured by the store's clock (S3 ``Date`` - ``Last-Modified``; file mtime), so client
   clocks need not agree. A failed swap means someone took the output over: the driver stops
@@ -54,6 +57,30 @@ class LeaseRecord(BaseModel):
     since: str
     ttl_s: float
     beat: int = 0
+    pid_space: str = ""  # boot id + PID namespace: where ``pid`` means something
+
+
+def pid_space() -> str:
+    """This machine boot and PID namespace; empty where it cannot be told."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _known_dead(holder: LeaseRecord) -> bool:
+    """The holder ran in our PID space and its process is gone (SIGKILL, crash)."""
+    if not holder.pid_space or holder.pid_space != pid_space():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 def ttl_from_env() -> float:
@@ -80,6 +107,7 @@ class Lease:
             run_id=uuid.uuid4().hex[:12],
             since=datetime.now(UTC).isoformat(timespec="seconds"),
             ttl_s=ttl_s if ttl_s is not None else ttl_from_env(),
+            pid_space=pid_space(),
         )
         data = record.model_dump_json().encode()
         if store.create(LEASE, data):
@@ -92,7 +120,7 @@ class Lease:
                 return cls(store, record, now.token)
             raise OutputBusy(f"{store.uri} is being taken by another harvest driver; retry")
         holder = _parse(current.data)
-        if holder is not None and current.age_s <= holder.ttl_s:
+        if holder is not None and current.age_s <= holder.ttl_s and not _known_dead(holder):
             raise OutputBusy(_busy(store, holder, current.age_s))
         token = store.replace(LEASE, data, current.token)
         if token is None:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harvest.lease import LEASE, Lease, LeaseRecord, OutputBusy
+from harvest.lease import LEASE, Lease, LeaseRecord, OutputBusy, pid_space
 from workers.storage import Store
 
 
@@ -78,3 +78,34 @@ def test_heartbeat_renews_and_notices_a_takeover(store: Store) -> None:
     finally:
         lease.release()
     assert holder(store).run_id == "intruder"  # a lost lease is not deleted by its old holder
+
+
+def _planted(store: Store, pid: int, space: str) -> None:
+    record = LeaseRecord(host="h", pid=pid, run_id="old", since="then", ttl_s=600, pid_space=space)
+    assert store.create(LEASE, record.model_dump_json().encode())
+
+
+def test_a_killed_holder_in_our_pid_space_is_known_dead_at_once(store: Store) -> None:
+    """No waiting for the TTL when the holder's process is gone from this very PID space."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid now names no process
+    _planted(store, child.pid, pid_space())
+    lease = Lease.acquire(store, ttl_s=600)
+    try:
+        assert holder(store).run_id == lease.record.run_id
+    finally:
+        lease.release()
+
+
+@pytest.mark.parametrize("space", ["another-boot/pid:[1]", ""])
+def test_a_holder_elsewhere_is_waited_for(store: Store, space: str) -> None:
+    """Another host or container (or one that could not tell): its pid means nothing here."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    _planted(store, child.pid, space)
+    with pytest.raises(OutputBusy, match=f"pid {child.pid} on h since then"):
+        Lease.acquire(store, ttl_s=600)

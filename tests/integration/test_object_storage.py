@@ -5,13 +5,16 @@
   request, in one line naming the URI, and the secret is nowhere in what the run printed or
   wrote;
 - one driver per output: a second driver is refused while the first runs; once the first is
-  SIGKILLed and its lease has expired, a new driver takes over and completes the job once.
+  SIGKILLed, a new driver takes over and completes the job once; a driver that is frozen (as
+  if cut off) is taken over once its lease expires, and when it wakes it stops, committing
+  nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,3 +210,28 @@ def test_gs_output_through_the_same_layer(gs_prefix, tiny_teacher, ray_cluster, 
     )
     assert not Store(gs_prefix).exists("_harvest/lease.json")
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_a_frozen_driver_is_taken_over_once_its_lease_expires_and_then_stops(
+    s3_prefix, tmp_path, tiny_teacher, ray_cluster
+):
+    """SIGSTOP keeps the first driver's pid alive, so only its lease's age can free the output."""
+    out = s3_prefix
+    first = start(make_job(tmp_path / "a", tiny_teacher, out), ray_cluster, lease_ttl_s="4")
+    job_b = make_job(tmp_path / "b", tiny_teacher, out)
+    wait_for_units(first, out, 1)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        run_after_lease_expires(job_b, ray_cluster, first.pid)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 1, stderr
+    assert f"another driver took {out} over" in stderr
+
+    table = reader.read_table(out)
+    ids = zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
+    keys = Counter(ids)
+    assert len(keys) == PROMPTS * 2 and set(keys.values()) == {1}
+    assert len(load(Store(out)).units) == PROMPTS * 2 // SHARD_ROWS == committed_units(out)
+    assert not Store(out).exists("_harvest/lease.json")
