@@ -235,3 +235,77 @@ def test_a_frozen_driver_is_taken_over_once_its_lease_expires_and_then_stops(
     assert len(keys) == PROMPTS * 2 and set(keys.values()) == {1}
     assert len(load(Store(out)).units) == PROMPTS * 2 // SHARD_ROWS == committed_units(out)
     assert not Store(out).exists("_harvest/lease.json")
+
+
+class RejectingProxy:
+    """Forwards to the real teacher, except that it answers HTTP 400 to completions whose
+    prompt contains ``marker`` while ``rejecting`` is set (a teacher that was later fixed)."""
+
+    def __init__(self, upstream: str, marker: str) -> None:
+        import http.server
+
+        import httpx
+
+        proxy = self
+        self.rejecting, self.rejected = True, 0
+        root = upstream.removesuffix("/v1")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self, body: bytes | None) -> None:
+                if body and proxy.rejecting and marker in json.loads(body).get("prompt", ""):
+                    proxy.rejected += 1
+                    self._reply(400, b'{"error": {"message": "rejected by the test proxy"}}')
+                    return
+                resp = httpx.request(self.command, root + self.path, content=body, timeout=300,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+                self._reply(resp.status_code, resp.content)
+
+            def _reply(self, status: int, content: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def do_GET(self) -> None:
+                self._forward(None)
+
+            def do_POST(self) -> None:
+                self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_retry_failed_on_s3(s3_prefix, tiny_teacher, ray_cluster, tmp_path, capsys):
+    """Rows the teacher rejected join the data on S3 once it accepts them; superseded failure
+    shards go."""
+    prompts = [f"{'flaky ' if i % 4 == 0 else ''}Story {i}:" for i in range(16)]
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    )
+    proxy = RejectingProxy(tiny_teacher, "flaky")
+    try:
+        job = write_job(tmp_path, proxy.url, sampling={"max_tokens": 4, "n": 2, "logprobs": 2,
+                        "seed": 4}, output={"dir": s3_prefix, "rows_per_shard": 8})  # fmt: skip
+        assert main(["run", str(job), "--no-progress"]) == 3
+        assert reader.read_table(s3_prefix, "failed").num_rows == 4 * 2 and proxy.rejected == 4
+        failed_before = reader.data_files(s3_prefix, "failed")
+        proxy.rejecting = False
+        assert main(["retry-failed", s3_prefix, "--no-progress"]) == 0
+    finally:
+        proxy.close()
+    capsys.readouterr()
+    data = reader.read_table(s3_prefix)
+    assert data.num_rows == len(set(data["request_id"].to_pylist())) == len(prompts) * 2
+    assert reader.data_files(s3_prefix, "failed") == []
+    assert Store(s3_prefix).list("failed") == []  # superseded failure shards deleted
+    assert all(not Store(s3_prefix).exists(f.split(s3_prefix + "/")[1]) for f in failed_before)

@@ -30,7 +30,8 @@ def test_a_worker_reported_lost_is_killed_before_its_unit_runs_again(tmp_path, r
     )
     kwargs = {
         "job_id": "j",
-        "out_dir": str(tmp_path),
+        "out_uri": str(tmp_path),
+        "storage": {},
         "shard_meta": {},
         "cap_per_endpoint": 1,
         "api_key": None,
