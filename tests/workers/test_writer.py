@@ -1,4 +1,4 @@
-"""Shard writing: atomic rename made durable, and no silent nulls in non-nullable columns."""
+"""Shard writing: a durable whole-object write, and no silent nulls in non-nullable columns."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import stat
 
 import pytest
 
-from workers import writer
-from workers.writer import data_columns, write_shard
+from workers import storage_backends
+from workers.storage import Store
+from workers.writer import data_columns, read_metadata, write_shard
 
 
 def one_record(**over):
@@ -22,7 +23,9 @@ def one_record(**over):
     return rec
 
 
-def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+def test_a_local_shard_is_durable_before_it_can_be_committed(tmp_path, monkeypatch):
+    """On disk a shard write is the storage layer's whole-object write: bytes fsynced, moved
+    into place, then the folder fsynced, so a commit never names a shard a crash could lose."""
     synced = []
     real_fsync = os.fsync
 
@@ -30,11 +33,13 @@ def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
         synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
         real_fsync(fd)
 
-    monkeypatch.setattr(writer.os, "fsync", spy)
+    monkeypatch.setattr(storage_backends.os, "fsync", spy)
     cols = data_columns(2)
     cols.append(**one_record())
-    write_shard(cols.table(), tmp_path / "data" / "part-u.parquet", {"kind": "data"})
+    write_shard(cols.table(), Store(str(tmp_path)), "data/part-u-a1.parquet", {"kind": "data"})
     assert synced == [False, True]  # the file's bytes first, then the folder's new entry
+    assert read_metadata(str(tmp_path / "data" / "part-u-a1.parquet"))["kind"] == "data"
+    assert os.listdir(tmp_path / "data") == ["part-u-a1.parquet"]  # no temporary left
 
 
 def test_a_null_in_a_non_nullable_column_is_refused():
