@@ -82,11 +82,10 @@ def examples_from_batch(
     names = batch.schema.names
     prompts = batch.column("prompt_token_ids") if "prompt_token_ids" in names else None
     if prompts is None or prompts.null_count:
-        missing = len(batch) if prompts is None else prompts.null_count
         raise MissingPromptIds(
-            f"{shard}: {missing} record(s) have no prompt_token_ids (harvested before the "
-            "teacher's prompt ids were recorded); training on them would need re-tokenising the "
-            "prompts, so re-harvest them with this version"
+            f"{shard}: records without prompt_token_ids (harvested before the teacher's prompt "
+            "ids were recorded); training on them would need re-tokenising the prompts, so "
+            "re-harvest them with this version"
         )
     p_off, p_val = _lists(prompts)
     p_val = _flat(p_val).astype(np.int64)
