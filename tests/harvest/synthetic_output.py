@@ -13,7 +13,7 @@ from harvest.manifest import Manifest
 from schemas.job import parse_job
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult
-from workers.writer import data_columns, write_shard
+from workers.writer import data_columns, failure_columns, write_shard
 
 VOCAB = 1024
 AUTH = {"owner": "tests", "license": "apache-2.0", "attestation": "synthetic records"}
@@ -77,8 +77,10 @@ def write_output(
     *,
     k: int = 3,
     identities: list[dict[str, Any]] | None = None,
+    failures: list[list[dict[str, Any]]] | None = None,
 ) -> list[Path]:
-    """Write and commit one unit per entry of ``shards``; return the shard paths."""
+    """Write and commit one unit per entry of ``shards`` (with ``failures[i]`` as its failure
+    shard, when given); return the data shard paths."""
     manifest = Manifest.open(out, spec=SPEC, input_fp="synthetic")
     paths = []
     for i, rows in enumerate(shards):
@@ -94,12 +96,20 @@ def write_output(
             "authorization": AUTH,
         }  # fmt: skip
         sha = write_shard(cols.table(), path, meta)
+        fails = failures[i] if failures else []
+        failed_path, failed_sha = None, None
+        if fails:
+            fcols = failure_columns()
+            for row in fails:
+                fcols.append(**row)
+            failed_path = out / "failed" / f"part-{unit}.parquet"
+            failed_sha = write_shard(fcols.table(), failed_path, {**meta, "kind": "failed"})
         manifest.commit(
             UnitResult(
-                unit_id=unit, prompts=len(rows), data_rows=len(rows), failure_rows=0,
+                unit_id=unit, prompts=len(rows), data_rows=len(rows), failure_rows=len(fails),
                 completion_tokens=sum(len(r["token_ids"]) for r in rows), data_path=str(path),
-                data_sha256=sha, failed_path=None, failed_sha256=None,
-                endpoint_requests={}, retries=0, error_classes={},
+                data_sha256=sha, failed_path=failed_path and str(failed_path),
+                failed_sha256=failed_sha, endpoint_requests={}, retries=0, error_classes={},
             )
         )  # fmt: skip
         paths.append(path)
@@ -114,3 +124,11 @@ def random_output(out: Path, rows_per_shard: list[int], seed: int = 0) -> list[s
     ]
     write_output(out, shards)
     return [row["request_id"] for rows in shards for row in rows]
+
+
+def failure(prompt_id: str, error_class: str) -> dict[str, Any]:
+    return {
+        "request_id": f"f-{prompt_id}", "prompt_id": prompt_id, "sample_index": 0,
+        "source": "x.jsonl:1", "prompt": "p", "error_class": error_class, "http_status": 400,
+        "message": "rejected", "attempts": 1, "teacher": "tiny",
+    }  # fmt: skip
