@@ -105,3 +105,18 @@ def test_the_student_learns_the_teachers_distribution(out: Path) -> None:
     assert np.mean(kd[-5:]) < 0.8 * kd[0], kd
     assert result.heldout_kl_after < result.heldout_kl_before, result
     assert result.heldout_kl_before > 0
+
+
+def test_inspect_describes_the_real_harvest(out: Path) -> None:
+    from harvest.inspection import report
+
+    text = report(out, samples=2)
+    tokens = sum(harvest.open_dataset(out).to_table(columns=["completion_tokens"])[0].to_pylist())
+    assert f"prompts:   {ROWS}   samples: {ROWS}   shards: 4 data, 0 failed" in text
+    assert f"tokens:    {tokens} response" in text
+    assert "failures:  0 records" in text and "teacher:   tiny (loaded from " in text
+    assert f"logprobs={K}" in text and "seed=7" in text
+    lp = text.split("sampled-token logprob:\n")[1].split("\n\n")[0].splitlines()
+    assert sum(int(line.split()[-1]) for line in lp) == tokens
+    # The shared server loads the tiny teacher from a folder this machine has: ids are decoded.
+    assert text.count("response (decoded): ") == 2
