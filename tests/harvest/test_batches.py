@@ -117,6 +117,8 @@ def test_tail_mass() -> None:
     assert tiny < 0
     nearly_all = tail_logprob(np.array([[math.log(0.5), math.log(0.5 - 1e-9)]]))[0]
     assert nearly_all == pytest.approx(LN(1e-9), rel=1e-4)
+    # A top-1 just short of certainty: 1 - exp(x) would round to 0 (-inf); expm1 keeps it.
+    assert tail_logprob(np.array([[-1e-20, -np.inf]]))[0] == pytest.approx(LN(1e-20), rel=1e-6)
     empty = tail_logprob(np.array([[-np.inf, -np.inf]]))[0]
     assert empty == 0.0  # nothing in the top K: the tail holds everything
     assert not np.isnan(tail_logprob(np.log(np.random.default_rng(0).random((500, 5))))).any()
