@@ -127,6 +127,7 @@ def train(
     lr: float = 3e-3,
     ce_weight: float = 0.001,
     heldout_every: int = 5,
+    heldout_batches: int = 50,
     seed: int = 1,
     tokenizer: str | None = None,
     log: Callable[[str], None] = print,
@@ -135,7 +136,8 @@ def train(
     torch.manual_seed(seed)
     model = student_for(out, tokenizer, max_len)
     train_rows, held_rows = heldout_filter(out, heldout_every)
-    held = [as_torch(b) for b in harvest.iter_batches(out, batch_size, max_len, filter=held_rows)]
+    held_stream = harvest.iter_batches(out, batch_size, max_len, filter=held_rows)
+    held = [as_torch(b) for _, b in zip(range(heldout_batches), held_stream, strict=False)]
     result = TrainResult(heldout_kl_before=heldout_kl(model, held))
     log(f"held-out top-K KL before training: {result.heldout_kl_before:.4f}")
 

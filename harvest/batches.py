@@ -1,7 +1,8 @@
 """Stream a harvest's committed shards as padded numpy batches for distillation.
 
-Memory stays bounded: shards are read one at a time, a few hundred rows per record batch, and a
-shuffle keeps at most ``shuffle_buffer`` rows. Only shards the manifest lists are read (through
+Memory stays bounded: shards are read one at a time, a few hundred rows per record batch (Parquet
+decodes a row group at a time, so one row group is the floor), and a shuffle keeps at most
+``shuffle_buffer`` rows. Only shards the manifest lists are read (through
 ``harvest.reader``), so temporary, orphaned or uncommitted files in ``OUT/data`` never appear,
 and outputs of different teachers are refused unless ``allow_mixed=True``.
 """
@@ -96,7 +97,7 @@ def iter_examples(
         j = int(rng.integers(len(buffer)))
         buffer[j], ex = ex, buffer[j]
         yield ex
-    rng.shuffle(buffer)  # type: ignore[arg-type]
+    rng.shuffle(buffer)
     yield from buffer
 
 
