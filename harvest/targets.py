@@ -66,9 +66,10 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _lists(column: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Offsets and backing values of a list column (offsets index into the values)."""
-    return column.offsets.to_numpy(), column.values
+def _list(column: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """A list column's offsets (from 0) and exactly the values they index, whatever its slice."""
+    off = column.offsets.to_numpy()
+    return off - off[0], column.values.slice(off[0], off[-1] - off[0])
 
 
 def _flat(values: pa.Array) -> np.ndarray:
@@ -87,18 +88,20 @@ def examples_from_batch(
             "ids were recorded); training on them would need re-tokenising the prompts, so "
             "re-harvest them with this version"
         )
-    p_off, p_val = _lists(prompts)
+    p_off, p_val = _list(prompts)
     p_val = _flat(p_val).astype(np.int64)
-    t_off, t_val = _lists(batch.column("token_ids"))
+    t_off, t_val = _list(batch.column("token_ids"))
     t_val = _flat(t_val).astype(np.int64)
-    lp_val = _flat(_lists(batch.column("logprobs"))[1]).astype(np.float32)
-    top_ids_col, top_lps_col = batch.column("top_token_ids"), batch.column("top_logprobs")
-    k = top_ids_col.type.value_type.list_size
-    top_ids = _flat(top_ids_col.values.flatten()).astype(np.int32).reshape(-1, k)
-    top_lps = _flat(top_lps_col.values.flatten()).astype(np.float32).reshape(-1, k)
+    per_token = [_list(batch.column(c)) for c in ("logprobs", "top_token_ids", "top_logprobs")]
+    if any(not np.array_equal(off, t_off) for off, _ in per_token):
+        raise ValueError(f"{shard}: logprobs or top-K lists not as long as token_ids")
+    lp_val = _flat(per_token[0][1]).astype(np.float32)
+    k = per_token[1][1].type.list_size
+    top_ids = _flat(per_token[1][1].flatten()).astype(np.int32).reshape(-1, k)
+    top_lps = _flat(per_token[2][1].flatten()).astype(np.float32).reshape(-1, k)
     tails = tail_logprob(top_lps)
     masks = batch.column("loss_mask") if "loss_mask" in names else None
-    m_off, m_val = _lists(masks) if masks is not None else (None, None)
+    m_off, m_val = _list(masks) if masks is not None else (None, None)
     m_val = _flat(m_val).astype(bool) if m_val is not None else None
     m_set = _flat(masks.is_valid()) if masks is not None else np.zeros(len(batch), dtype=bool)
     metas = {name: batch.column(name).to_pylist() for name in meta_columns}

@@ -14,7 +14,7 @@ from synthetic_output import random_output, random_record, record, teacher, writ
 
 from harvest import batches, iter_batches, open_dataset
 from harvest.reader import MixedTeachersError
-from harvest.targets import MissingPromptIds, tail_logprob
+from harvest.targets import MissingPromptIds, examples_from_batch, tail_logprob
 
 LN = math.log
 # Prompt [11, 12, 13], response [21, 22]; top-2 per response token, best first.
@@ -207,3 +207,16 @@ def test_streaming_reads_one_shard_before_the_first_batch(tmp_path, monkeypatch)
     assert len(opened) == 3  # 8 buffered rows + the first batch's 4 = 12 rows = 3 shards of 5
     rest = sum(len(b["input_ids"]) for b in it)
     assert rest == 96 and len(opened) == 20 and len(set(opened)) == 20
+
+
+def test_a_sliced_record_batch_gives_the_same_examples(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    rows = [random_record(f"r{i}", rng) for i in range(6)]
+    [path] = write_output(tmp_path, [rows])
+    [batch] = ds.dataset(path).to_batches()
+    whole = examples_from_batch(batch, "x", 16)
+    part = examples_from_batch(batch.slice(2, 3), "x", 16)
+    for a, b in zip(whole[2:5], part, strict=True):
+        assert a.start == b.start
+        for name in ("input_ids", "top_ids", "top_logprobs", "logprobs", "loss_mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
