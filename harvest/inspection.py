@@ -161,6 +161,7 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
     if positions:
         mean = mass_sum / positions
         lines.append(f"teacher top-{k} mass per token: mean {mean:.4f} (tail {1 - mean:.4f})")
+    lines += ["", "prompt length (tokens):", *length_histogram(p_length)]
     lines += ["", "response length (tokens):", *length_histogram(length)]
     lines += ["", "sampled-token logprob:", *logprob_histogram(fine)]
     if samples and data.files:

@@ -44,6 +44,8 @@ def test_counts_provenance_and_histograms(tmp_path: Path) -> None:
     lengths = text.split("response length (tokens):\n")[1].split("\n\n")[0].splitlines()
     assert [int(line.split()[-1]) for line in lengths if line.strip()] == [1, 0, 1, 0, 0, 1]
     assert lengths[0].split("|")[0].strip() == "1" and lengths[-1].split("|")[0].strip() == "6"
+    prompt_lengths = text.split("prompt length (tokens):\n")[1].split("\n\n")[0].splitlines()
+    assert [int(line.split()[-1]) for line in prompt_lengths] == [1, 1, 1]  # 1, 2 and 3 tokens
     lp = text.split("sampled-token logprob:\n")[1].split("\n\n")[0].splitlines()
     counts = {line.split("|")[0].strip(): int(line.split()[-1]) for line in lp}
     assert sum(counts.values()) == 10
