@@ -68,7 +68,9 @@ def iter_examples(
         order = np.random.default_rng(seed).permutation(len(fragments))
         fragments = [fragments[i] for i in order]
     whole, shared = split_fragments(len(fragments), part, parts)
-    columns = [*TARGET_COLUMNS, *(c for c in meta_columns if c not in TARGET_COLUMNS)]
+    wanted = [*TARGET_COLUMNS, *(c for c in meta_columns if c not in TARGET_COLUMNS)]
+    # Older layouts lack some columns (v1: prompt_token_ids); examples_from_batch says so.
+    columns = [c for c in wanted if c in dataset.schema.names]
 
     def stream() -> Iterator[Example]:
         for i in whole:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from harvest import reader
 from harvest.batches import OutDirs, open_dataset
-from schemas.records import METADATA_KEY
+from workers.writer import read_metadata
 
 # Sampled-token logprobs are counted on a fine fixed grid (bounded memory), then merged into a
 # few bars spanning the range that actually occurs.
@@ -66,11 +67,6 @@ def logprob_histogram(fine: np.ndarray, bars_wanted: int = 8) -> list[str]:
     return bars(labels, counts)
 
 
-def _metadata(dataset: ds.Dataset) -> dict[str, Any]:
-    meta = (dataset.schema.metadata or {}).get(METADATA_KEY)
-    return orjson.loads(meta) if meta else {}
-
-
 def _tokenizer(model_root: str | None) -> Any:
     """The teacher's tokenizer if transformers can load it from model_root, else None."""
     if not model_root or not Path(model_root).is_dir():
@@ -109,62 +105,79 @@ def sample_lines(dataset: ds.Dataset, count: int, tokenizer: Any) -> list[str]:
     return lines
 
 
-def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
-    """The whole inspection as text."""
-    data = open_dataset(out, allow_mixed=True)
-    failed_files = reader.data_files(out, "failed")
-    mixed = ""
-    try:
-        reader.check_same_teacher(reader.data_files(out))
-    except reader.MixedTeachersError as err:
-        mixed = f"WARNING: {err}"
-    prompts: set[str] = set()
-    lengths, prompt_lengths = [], []
-    fine = np.zeros(LP_BINS + 1, dtype=np.int64)
-    mass_sum, positions = 0.0, 0
-    columns = ["prompt_id", "completion_tokens", "prompt_tokens", "logprobs", "top_logprobs"]
-    for batch in data.to_batches(columns=columns, batch_size=1024):
-        prompts.update(batch.column("prompt_id").to_pylist())
-        lengths.append(batch.column("completion_tokens").to_numpy(zero_copy_only=False))
-        prompt_lengths.append(pc.drop_null(batch.column("prompt_tokens")).to_numpy())
+@dataclass
+class Scan:
+    """What one pass over the committed shards counts."""
+
+    prompts: set[str] = field(default_factory=set)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    prompt_lengths: list[np.ndarray] = field(default_factory=list)
+    logprobs: np.ndarray = field(default_factory=lambda: np.zeros(LP_BINS + 1, dtype=np.int64))
+    top_mass: float = 0.0  # summed over positions
+    positions: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+
+    def add_data(self, batch: pa.RecordBatch) -> None:
+        self.prompts.update(batch.column("prompt_id").to_pylist())
+        self.lengths.append(batch.column("completion_tokens").to_numpy(zero_copy_only=False))
+        self.prompt_lengths.append(pc.drop_null(batch.column("prompt_tokens")).to_numpy())
         lps = pc.list_flatten(batch.column("logprobs")).to_numpy(zero_copy_only=False)
         idx = np.clip(np.floor((lps - LP_FLOOR) / LP_STEP).astype(np.int64) + 1, 0, LP_BINS)
-        fine += np.bincount(idx, minlength=LP_BINS + 1)
+        self.logprobs += np.bincount(idx, minlength=LP_BINS + 1)
         tops = pc.list_flatten(pc.list_flatten(batch.column("top_logprobs")))
-        mass_sum += float(np.exp(tops.to_numpy(zero_copy_only=False).astype(np.float64)).sum())
-        positions += len(lps)
-    failures: Counter[str] = Counter()
+        self.top_mass += float(np.exp(tops.to_numpy(zero_copy_only=False).astype(np.float64)).sum())
+        self.positions += len(lps)
+
+    def add_failed(self, batch: pa.RecordBatch) -> None:
+        self.prompts.update(batch.column("prompt_id").to_pylist())
+        self.failures.update(batch.column("error_class").to_pylist())
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
+    """The whole inspection as text."""
+    data_files, failed_files = reader.data_files(out), reader.data_files(out, "failed")
+    scan = Scan()
+    data = open_dataset(out, allow_mixed=True) if data_files else None
+    if data is not None:
+        data_columns = ["prompt_id", "completion_tokens", "prompt_tokens", "logprobs"]
+        for batch in data.to_batches(columns=[*data_columns, "top_logprobs"], batch_size=1024):
+            scan.add_data(batch)
     if failed_files:
         failed = open_dataset(out, "failed", allow_mixed=True)
         for batch in failed.to_batches(columns=["prompt_id", "error_class"]):
-            prompts.update(batch.column("prompt_id").to_pylist())
-            failures.update(batch.column("error_class").to_pylist())
-    length = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
-    p_length = np.concatenate(prompt_lengths) if prompt_lengths else np.zeros(0, dtype=np.int32)
-    meta = _metadata(data) if data.files else {}
+            scan.add_failed(batch)
+    first = (data_files or failed_files or [None])[0]
+    meta = read_metadata(first) if first else {}
     teacher = meta.get("teacher") or {}
-    k = data.schema.field("top_logprobs").type.value_type.list_size if data.files else 0
+    length, p_length = _concat(scan.lengths), _concat(scan.prompt_lengths)
     lines = [
         f"output:    {out}",
         f"job:       {meta.get('job_id')} (schema v{meta.get('schema_version')})",
         f"teacher:   {teacher.get('model')} (loaded from {teacher.get('model_root')}; "
         f"tokenizer {teacher.get('tokenizer_hash') or 'unknown'})",
         f"sampling:  {_sampling(meta.get('sampling') or {})}",
-        f"prompts:   {len(prompts)}   samples: {len(length)}   shards: {len(data.files)} data, "
-        f"{len(failed_files)} failed",
+        f"prompts:   {len(scan.prompts)}   samples: {len(length)}   shards: {len(data_files)} "
+        f"data, {len(failed_files)} failed",
         f"tokens:    {int(length.sum())} response, {int(p_length.sum())} prompt",
-        f"failures:  {sum(failures.values())} records"
-        + "".join(f"\n  {cls}: {n}" for cls, n in sorted(failures.items())),
+        f"failures:  {sum(scan.failures.values())} records"
+        + "".join(f"\n  {cls}: {n}" for cls, n in sorted(scan.failures.items())),
     ]
-    if mixed:
-        lines.append(mixed)
-    if positions:
-        mean = mass_sum / positions
+    try:
+        reader.check_same_teacher(data_files)
+    except reader.MixedTeachersError as err:
+        lines.append(f"WARNING: {err}")
+    if data is not None and scan.positions:
+        k = data.schema.field("top_logprobs").type.value_type.list_size
+        mean = scan.top_mass / scan.positions
         lines.append(f"teacher top-{k} mass per token: mean {mean:.4f} (tail {1 - mean:.4f})")
     lines += ["", "prompt length (tokens):", *length_histogram(p_length)]
     lines += ["", "response length (tokens):", *length_histogram(length)]
-    lines += ["", "sampled-token logprob:", *logprob_histogram(fine)]
-    if samples and data.files:
+    lines += ["", "sampled-token logprob:", *logprob_histogram(scan.logprobs)]
+    if samples and data is not None:
         tok = _tokenizer(teacher.get("model_root")) if decode else None
         lines += ["", f"first {samples} records:", *sample_lines(data, samples, tok)]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from harvest.manifest import Manifest
 from schemas.job import parse_job
@@ -78,24 +79,32 @@ def write_output(
     k: int = 3,
     identities: list[dict[str, Any]] | None = None,
     failures: list[list[dict[str, Any]]] | None = None,
+    schema: pa.Schema | None = None,
 ) -> list[Path]:
     """Write and commit one unit per entry of ``shards`` (with ``failures[i]`` as its failure
-    shard, when given); return the data shard paths."""
+    shard, when given); return the data shard paths. ``schema`` replaces the record schema (to
+    build shards of older layouts)."""
     manifest = Manifest.open(out, spec=SPEC, input_fp="synthetic")
     paths = []
     for i, rows in enumerate(shards):
         unit = f"x_jsonl-00000000-{i:06d}"
         path = out / "data" / f"part-{unit}.parquet"
-        cols = data_columns(k)
-        for row in rows:
-            cols.append(**row)
+        if schema is None:
+            cols = data_columns(k)
+            for row in rows:
+                cols.append(**row)
+            table = cols.table()
+        else:
+            table = pa.Table.from_pylist(
+                [{n: r.get(n) for n in schema.names} for r in rows], schema
+            )
         ident = identities[i] if identities else teacher()
         meta = {
             "schema_version": SCHEMA_VERSION, "job_id": manifest.job_id, "kind": "data",
             "teacher": ident, "sampling": SPEC.sampling.model_dump(), "unit_id": unit,
             "authorization": AUTH,
         }  # fmt: skip
-        sha = write_shard(cols.table(), path, meta)
+        sha = write_shard(table, path, meta)
         fails = failures[i] if failures else []
         failed_path, failed_sha = None, None
         if fails:
@@ -116,11 +125,14 @@ def write_output(
     return paths
 
 
-def random_output(out: Path, rows_per_shard: list[int], seed: int = 0) -> list[str]:
+def random_output(
+    out: Path, rows_per_shard: list[int], seed: int = 0, prefix: str = ""
+) -> list[str]:
     """An output with shards of the given sizes; returns every request id."""
     rng = np.random.default_rng(seed)
     shards = [
-        [random_record(f"s{s}-r{r}", rng) for r in range(n)] for s, n in enumerate(rows_per_shard)
+        [random_record(f"{prefix}s{s}-r{r}", rng) for r in range(n)]
+        for s, n in enumerate(rows_per_shard)
     ]
     write_output(out, shards)
     return [row["request_id"] for rows in shards for row in rows]

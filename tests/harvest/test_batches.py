@@ -15,6 +15,7 @@ from synthetic_output import random_output, random_record, record, teacher, writ
 from harvest import batches, iter_batches, open_dataset
 from harvest.reader import MixedTeachersError
 from harvest.targets import MissingPromptIds, examples_from_batch, tail_logprob
+from schemas.records import record_schema
 
 LN = math.log
 # Prompt [11, 12, 13], response [21, 22]; top-2 per response token, best first.
@@ -181,8 +182,15 @@ def test_a_folder_mixing_two_teachers_is_refused(tmp_path: Path) -> None:
     assert sum(len(b["input_ids"]) for b in iter_batches(tmp_path, 2, 16, allow_mixed=True)) == 2
 
 
-def test_rows_without_prompt_ids_are_refused_naming_the_shard(tmp_path: Path) -> None:
-    [path] = write_output(tmp_path, [[{**HAND, "prompt_token_ids": None}]], k=2)
+@pytest.mark.parametrize("layout", ["null prompt ids", "no prompt ids column"])
+def test_rows_without_prompt_ids_are_refused_naming_the_shard(tmp_path: Path, layout) -> None:
+    schema = record_schema(2)
+    i = schema.get_field_index("prompt_token_ids")
+    if layout == "null prompt ids":  # as schema v2 shards were written before the ids were kept
+        schema = schema.set(i, schema.field(i).with_nullable(True))
+    else:  # as schema v1 shards were
+        schema = schema.remove(i)
+    [path] = write_output(tmp_path, [[{**HAND, "prompt_token_ids": None}]], k=2, schema=schema)
     with pytest.raises(MissingPromptIds, match=path.name) as err:
         list(iter_batches(tmp_path, 2, 16))
     assert "re-tokenising" in str(err.value)
@@ -220,3 +228,14 @@ def test_a_sliced_record_batch_gives_the_same_examples(tmp_path: Path) -> None:
         assert a.start == b.start
         for name in ("input_ids", "top_ids", "top_logprobs", "logprobs", "loss_mask"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_several_outputs_of_one_teacher_read_as_one(tmp_path: Path) -> None:
+    every = random_output(tmp_path / "a", [3, 2]) + random_output(tmp_path / "b", [4], 2, "b")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    parts = [
+        [x for b in iter_batches(outs, 2, 32, rank=r, world_size=2, meta_columns=["request_id"])
+         for x in b["request_id"]]
+        for r in range(2)
+    ]  # fmt: skip
+    assert sorted(parts[0] + parts[1]) == sorted(every) and not set(parts[0]) & set(parts[1])
