@@ -58,6 +58,13 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     return EXIT_OK if agreed else EXIT_ABORTED
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from harvest.inspection import report
+
+    print(report(args.output, samples=args.samples, decode=not args.no_decode))
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return EXIT_OK
@@ -198,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="how a running or finished harvest stands")
     stat.add_argument("output", help="output folder or URI of a harvest")
     stat.set_defaults(func=cmd_status)
+    ins = sub.add_parser("inspect", help="counts, histograms and sample records of an output")
+    ins.add_argument("output", help="output folder of a harvest")
+    ins.add_argument("--samples", type=int, default=3, help="records to show (default 3)")
+    ins.add_argument("--no-decode", action="store_true", help="show stored text, not decoded ids")
+    ins.set_defaults(func=cmd_inspect)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser

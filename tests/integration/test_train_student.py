@@ -1,0 +1,122 @@
+"""From a real harvest to a trained student: the real vLLM server, a real Ray cluster, then
+examples/train_student.py distilling the harvested top-K into a fresh student on CPU.
+
+Needs records with ``prompt_token_ids`` (filled by the harvest since schema v2's client work).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import harvest
+from harvest.cli import main
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+K, ROWS, MAX_TOKENS = 5, 40, 16
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location(
+        "train_student", ROOT / "examples" / "train_student.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory, tiny_teacher, ray_cluster) -> Path:
+    folder = tmp_path_factory.mktemp("train")
+    with open(folder / "prompts.jsonl", "w") as fh:
+        for i in range(ROWS):
+            row = (
+                {
+                    "id": f"chat-{i}",
+                    "messages": [{"role": "user", "content": f"Tell me about {i}."}],
+                }
+                if i % 2
+                else {"prompt": f"The number {i} is"}
+            )
+            fh.write(json.dumps(row) + "\n")
+    job = {
+        "input": "prompts.jsonl",
+        "teacher": {
+            "model": "tiny",
+            "endpoints": [tiny_teacher],
+            "authorization": {
+                "owner": "teacher-harvest tests",
+                "license": "apache-2.0",
+                "attestation": "random tiny Llama built in this repository",
+            },
+        },
+        "sampling": {"max_tokens": MAX_TOKENS, "n": 1, "logprobs": K, "seed": 7},
+        "output": {"dir": "out", "rows_per_shard": 10},
+        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(folder / "job.yaml"), "--no-progress"]) == 0
+    return folder / "out"
+
+
+def test_batches_line_up_with_the_harvested_records(out: Path) -> None:
+    records = {r["request_id"]: r for r in harvest.open_dataset(out).to_table().to_pylist()}
+    assert len(records) == ROWS
+    missing = [r["prompt_id"] for r in records.values() if r["prompt_token_ids"] is None]
+    assert not missing, "the harvest left prompt_token_ids empty; iter_batches cannot train on it"
+    seen = 0
+    for b in harvest.iter_batches(out, 8, 256, meta_columns=["request_id"]):
+        for i, rid in enumerate(b["request_id"]):
+            rec = records[rid]
+            p, tokens = len(rec["prompt_token_ids"]), rec["token_ids"]
+            assert b["input_ids"][i, : p + len(tokens)].tolist() == rec["prompt_token_ids"] + tokens
+            assert b["loss_mask"][i].nonzero()[0].tolist() == list(
+                range(p - 1, p - 1 + len(tokens))
+            )
+            np.testing.assert_array_equal(
+                b["top_ids"][i, p - 1 : p - 1 + len(tokens)], rec["top_token_ids"]
+            )
+            top_mass = np.exp(np.asarray(rec["top_logprobs"], dtype=np.float64)).sum(-1)
+            np.testing.assert_allclose(
+                np.exp(b["tail_logprob"][i, p - 1 : p - 1 + len(tokens)]), 1 - top_mass, rtol=1e-4
+            )
+            seen += 1
+    assert seen == ROWS
+
+
+def test_the_student_learns_the_teachers_distribution(out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the machine is shared; also keeps the run deterministic
+    lines: list[str] = []
+    _, result = load_example().train(out, steps=30, batch_size=8, max_len=64, log=lines.append)
+    kd = result.kd_losses
+    assert len(kd) == len(result.losses) == 30 and len(lines) == 32
+    assert all(np.isfinite(kd)) and all(np.isfinite(result.ce_losses))
+    assert np.mean(kd[-5:]) < 0.8 * kd[0], kd
+    assert result.heldout_kl_after < result.heldout_kl_before, result
+    assert result.heldout_kl_before > 0
+
+
+def test_inspect_describes_the_real_harvest(out: Path) -> None:
+    from harvest.inspection import report
+
+    text = report(out, samples=2)
+    tokens = sum(harvest.open_dataset(out).to_table(columns=["completion_tokens"])[0].to_pylist())
+    assert f"prompts:   {ROWS}   samples: {ROWS}   shards: 4 data, 0 failed" in text
+    assert f"tokens:    {tokens} response" in text
+    assert "failures:  0 records" in text and "teacher:   tiny (loaded from " in text
+    assert f"logprobs={K}" in text and "seed=7" in text
+    lp = text.split("sampled-token logprob:\n")[1].split("\n\n")[0].splitlines()
+    assert sum(int(line.split()[-1]) for line in lp) == tokens
+    # The shared server loads the tiny teacher from a folder this machine has: ids are decoded.
+    assert text.count("response (decoded): ") == 2
