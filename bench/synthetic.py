@@ -35,12 +35,47 @@ def _record_dicts(log: list[Any]) -> list[dict[str, Any]]:
     return [{k: getattr(r, k) for k in keep} for r in log]
 
 
-def serve_forever(latency_s: float, capacity: int) -> None:
+def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None:
+    """Make ``server`` (a ``FaultTeacherServer``) cheap to run and its answers realistic.
+
+    Generating a 256-token top-20 answer in Python costs the teacher more CPU than parsing it
+    costs a client, and this 2-core machine is shared by teacher and client. So the answer body
+    for each sampling (and one of ``variants`` slots picked by the prompt) is made once and
+    reused, with the request's own ``prompt_token_ids`` and usage spliced in: the client still
+    parses a fresh, vLLM-shaped body (``token_id:N`` tokens, K+1 alternatives when the sampled
+    token is outside the top K, ``token_ids``/``prompt_token_ids``). ``vocab`` sets the id range
+    (a real vocabulary, so alternatives are not a handful of repeated ids).
+    """
+    from fake_teacher import FakeTeacher, prompt_ids
+
+    server.fake = fake = FakeTeacher(model=server.model, vocab=vocab)
+    make = fake.answer
+    cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def answer(body: dict[str, Any]) -> dict[str, Any]:
+        ids = prompt_ids(body)
+        slot = sum(ids) % variants
+        key = (body.get("max_tokens"), body.get("logprobs"), body.get("n", 1), body.get("seed"))
+        key += (bool(body.get("return_token_ids")), slot)
+        base = cache.get(key)
+        if base is None:
+            base = cache[key] = make(body)
+        with_ids = bool(body.get("return_token_ids"))
+        choices = [{**c, "prompt_token_ids": ids if with_ids else None} for c in base["choices"]]
+        usage = {**base["usage"], "prompt_tokens": len(ids)}
+        return {**base, "choices": choices, "usage": usage}
+
+    fake.answer = answer  # type: ignore[method-assign]
+
+
+def serve_forever(latency_s: float, capacity: int, memoise: bool = False) -> None:
     """Subprocess mode: run one teacher; print its port; on "dump" print its log and exit."""
     sys.path.insert(0, str(TESTS))
     from fault_teacher_server import FaultPlan, FaultTeacherServer
 
     server = FaultTeacherServer(model=MODEL, plan=FaultPlan(latency_s=latency_s, capacity=capacity))
+    if memoise:
+        memoise_answers(server)
     server.start()
     print(server.port, flush=True)
     for line in sys.stdin:
@@ -61,9 +96,10 @@ class Teacher(Protocol):
 class ProcessTeacher:
     """One synthetic teacher in its own Python process (its own GIL, its own event loop)."""
 
-    def __init__(self, latency_s: float, capacity: int) -> None:
+    def __init__(self, latency_s: float, capacity: int, memoise: bool = False) -> None:
+        argv = [sys.executable, __file__, str(latency_s), str(capacity)]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(latency_s), str(capacity)],
+            [*argv, "memoise"] if memoise else argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -217,4 +253,4 @@ class LoadProbe:
 
 
 if __name__ == "__main__":
-    serve_forever(float(sys.argv[1]), int(sys.argv[2]))
+    serve_forever(float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:4] == ["memoise"])

@@ -1,0 +1,212 @@
+"""The three contenders of bench/peers.py, each run in a child process of its own.
+
+``python bench/peer_clients.py CONTENDER ARGS.json`` harvests the prompts in ``ARGS.json``
+into Parquet under its ``out`` folder and writes ``result.json`` there. Every contender asks
+the same thing (``/tokenize`` first for a chat row, then ``/v1/completions`` with the same
+sampling, ``logprobs: K``, ``return_tokens_as_token_ids`` and ``return_token_ids``) and writes
+the same columns: prompt_id, prompt_token_ids, token_ids, logprobs, top_token_ids and
+top_logprobs (exactly K per token, best first), response, finish_reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "fault"
+
+
+def _rows(args: dict[str, Any]) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in Path(args["prompts"]).read_bytes().splitlines()]
+
+
+def _body(args: dict[str, Any], prompt: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": args["max_tokens"],
+        "temperature": 1.0,
+        "n": 1,
+        "logprobs": args["k"],
+        "return_tokens_as_token_ids": True,
+        "return_token_ids": True,
+    }
+
+
+def _columns(choice: dict[str, Any], k: int) -> dict[str, Any]:
+    """One choice as the shared columns: what any client must do with vLLM's body."""
+    lp = choice["logprobs"]
+    top_ids, top_lps = [], []
+    for entry in lp["top_logprobs"]:
+        best = sorted(((v, t) for t, v in entry.items() if v is not None), reverse=True)[
+            :k
+        ]  # Ray Data fills keys seen in other rows with None
+        top_ids.append([int(t[9:]) for _, t in best])
+        top_lps.append([v for v, _ in best])
+    return {
+        "prompt_token_ids": choice["prompt_token_ids"],
+        "token_ids": [int(t[9:]) for t in lp["tokens"]],
+        "logprobs": lp["token_logprobs"],
+        "top_token_ids": top_ids,
+        "top_logprobs": top_lps,
+        "response": choice["text"],
+        "finish_reason": choice["finish_reason"],
+    }
+
+
+def schema(k: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt_token_ids", pa.list_(pa.int32())),
+            ("token_ids", pa.list_(pa.int32())),
+            ("logprobs", pa.list_(pa.float32())),
+            ("top_token_ids", pa.list_(pa.list_(pa.int32(), k))),
+            ("top_logprobs", pa.list_(pa.list_(pa.float32(), k))),
+            ("response", pa.string()),
+            ("finish_reason", pa.string()),
+        ]
+    )
+
+
+# ---- bare asyncio + aiohttp ------------------------------------------------------------------
+
+
+async def _bare(args: dict[str, Any], out: Path) -> None:
+    import aiohttp
+
+    base, k = args["url"], args["k"]
+    rows = _rows(args)
+    sem = asyncio.Semaphore(args["in_flight"])
+    got: list[dict[str, Any]] = []
+    conn = aiohttp.TCPConnector(limit=args["in_flight"])
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def post(url: str, body: dict[str, Any]) -> Any:
+            async with session.post(
+                url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+            ) as resp:
+                resp.raise_for_status()
+                return orjson.loads(await resp.read())
+
+        async def one(row: dict[str, Any]) -> None:
+            async with sem:
+                prompt = row.get("prompt")
+                if prompt is None:
+                    tok = {"model": MODEL, "messages": row["messages"]}
+                    tok["add_generation_prompt"] = True
+                    prompt = (await post(base.removesuffix("/v1") + "/tokenize", tok))["tokens"]
+                answer = await post(base + "/completions", _body(args, prompt))
+            got.append({"prompt_id": row["id"], **_columns(answer["choices"][0], k)})
+
+        async with asyncio.TaskGroup() as group:
+            for row in rows:
+                group.create_task(one(row))
+    table = pa.Table.from_pylist(got, schema=schema(k))
+    pq.write_table(table, out / "part-0.parquet", compression="zstd")
+
+
+# ---- Ray Data LLM's HTTP processor -------------------------------------------------------------
+
+
+def _raydata(args: dict[str, Any], out: Path) -> None:
+    import ray
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    base, k = args["url"], args["k"]
+    ds = ray.data.from_items(_rows(args))
+    conf = {"batch_size": args["batch_size"], "concurrency": args["ray_concurrency"]}
+    if args["api"] == "chat":
+        tokenize = build_processor(
+            HttpRequestProcessorConfig(url=base.removesuffix("/v1") + "/tokenize", **conf),
+            preprocess=lambda r: {
+                "payload": {"model": MODEL, "messages": _plain(r["messages"])}
+                | {"add_generation_prompt": True}
+            },
+            postprocess=lambda r: {"id": r["id"], "prompt": r["http_response"]["tokens"]},
+        )
+        ds = tokenize(ds)
+    generate = build_processor(
+        HttpRequestProcessorConfig(url=base + "/completions", **conf),
+        preprocess=lambda r: {"payload": _body(args, _plain(r["prompt"]))},
+        postprocess=lambda r: {
+            "prompt_id": r["id"],
+            **_columns(r["http_response"]["choices"][0], k),
+        },
+    )
+    generate(ds).write_parquet(str(out))
+    ray.shutdown()
+
+
+def _plain(value: Any) -> Any:
+    """Ray Data hands list columns back as numpy arrays; JSON wants lists of plain values."""
+    if isinstance(value, str | dict):
+        return value
+    return [v if isinstance(v, dict) else int(v) for v in value]
+
+
+# ---- harvest: the real scheduler on a local Ray cluster ---------------------------------------
+
+
+def _harvest(args: dict[str, Any], out: Path) -> None:
+    import ray
+
+    from harvest.scheduler import run_job
+    from schemas.job import parse_job
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    spec = parse_job(
+        {
+            "input": args["prompts"],
+            "teacher": {
+                "model": MODEL,
+                "endpoints": [args["url"]],
+                "authorization": {"owner": "bench", "license": "test", "attestation": "synthetic"},
+                "timeout_s": 120.0,
+            },
+            "sampling": {"max_tokens": args["max_tokens"], "n": 1, "logprobs": args["k"]},
+            "output": {"dir": str(out), **args.get("output", {})},
+            "concurrency": {
+                "workers": args["workers"],
+                "in_flight_per_endpoint": args["in_flight"],
+            },
+        },
+        "peers bench",
+    )
+    summary = run_job(spec, out, show_progress=False)
+    if summary.failure_rows:
+        raise RuntimeError(f"harvest wrote {summary.failure_rows} failure rows")
+    ray.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    contender, args = argv[0], json.loads(Path(argv[1]).read_text())
+    out = Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    if contender == "bare":
+        asyncio.run(_bare(args, out))
+    elif contender == "raydata":
+        _raydata(args, out)
+    elif contender == "harvest":
+        _harvest(args, out)
+    else:
+        raise SystemExit(f"unknown contender {contender!r}")
+    (out / "result.json").write_text(json.dumps({"wall_s": time.monotonic() - started}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

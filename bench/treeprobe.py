@@ -1,0 +1,85 @@
+"""CPU seconds and peak RSS of one process tree, by process kind, sampled while it runs.
+
+Used by bench/peers.py: each contender runs as a child process that starts its own Ray cluster
+(if any), so everything it costs - its driver, Ray's raylet/GCS/dashboard agents, Ray workers -
+is a descendant of that child, and nothing else is. A process that exits keeps its last sample.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import psutil
+
+
+def kind_of(proc: psutil.Process, root_pid: int) -> str:
+    """driver | harvest_workers | ray_workers | ray_system, from the command line."""
+    if proc.pid == root_pid:
+        return "driver"
+    cmd = " ".join(proc.cmdline())
+    if "HarvestActor" in cmd:
+        return "harvest_workers"
+    if "ray::" in cmd or "default_worker.py" in cmd:
+        return "ray_workers"
+    return "ray_system"
+
+
+class TreeProbe:
+    """Sample the tree under ``root_pid`` every ``every_s`` until ``stop()``."""
+
+    def __init__(self, root_pid: int, every_s: float = 0.2) -> None:
+        self.root = psutil.Process(root_pid)
+        self.every_s = every_s
+        self.cpu: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+        self.peak_rss: Counter[str] = Counter()  # max over samples of the kind's summed RSS
+        self.peak_total_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-probe", daemon=True)
+
+    def pids(self) -> list[int]:
+        """Every process of the tree seen so far (for ending them after a time cap)."""
+        return list(self.cpu)
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        rss: Counter[str] = Counter()
+        for proc in procs:
+            try:
+                kind = self.kind.get(proc.pid)
+                if kind in (None, "ray_workers"):  # a worker names its actor only once made
+                    kind = kind_of(proc, self.root.pid)
+                with proc.oneshot():
+                    t = proc.cpu_times()
+                    mem = proc.memory_info().rss
+            except psutil.Error:
+                continue
+            self.kind[proc.pid] = kind
+            self.cpu[proc.pid] = t.user + t.system  # children_*: would count the reaped twice
+            rss[kind] += mem
+        for kind, value in rss.items():
+            self.peak_rss[kind] = max(self.peak_rss[kind], value)
+        self.peak_total_rss = max(self.peak_total_rss, sum(rss.values()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def start(self) -> TreeProbe:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: Counter[str] = Counter()
+        for pid, used in self.cpu.items():
+            out[self.kind[pid]] += used
+        return dict(out)
