@@ -6,6 +6,13 @@ We ask vLLM for ``return_tokens_as_token_ids`` (every token, sampled or alternat
 alternatives are sorted by logprob and cut to exactly K: vLLM adds the sampled token as a K+1st
 entry when it is outside the top K.
 
+Speed: a 256-token top-20 answer holds ~5,000 alternatives, so per-alternative Python calls
+dominated a worker's CPU. ``_fast_sample`` checks a whole choice with C-level passes (one regex
+over the joined token strings, ``map``/``set`` over types and lengths, one keyed sort per token)
+and gives up (``None``) at the first doubt; the per-token checked path below then decides,
+and raises the same errors as ever. The fast path accepts only answers the checked path
+accepts, and returns the same values for them (tests/workers/test_parse.py compares both).
+
 Two kinds of bad 200s, two actions:
 
 * ``MissingLogprobs`` (a row error, no retry): the teacher answered but without what we asked
@@ -18,7 +25,10 @@ Two kinds of bad 200s, two actions:
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
+
+import orjson
 
 from schemas.wire import Answer, Sample
 from workers.errors import InvalidResponse, MissingLogprobs
@@ -41,9 +51,101 @@ def _token_id(token: Any) -> int:
             "return_tokens_as_token_ids? vLLM does)"
         )
     tail = token[_CUT:]
-    if not tail.isdigit():  # digits only: no sign, no spaces, no underscores
+    # ASCII digits only: no sign, spaces, underscores, other scripts' digits or 4,300-digit
+    # numbers (``int`` raises ValueError for both, which must never escape the parser).
+    if not (tail.isascii() and tail.isdigit()) or len(tail) > _MAX_DIGITS:
         raise InvalidResponse(f"token {token[:40]!r} has no integer id")
     return int(tail)
+
+
+_MAX_DIGITS = 18  # any vocabulary id fits; int64 still holds it
+_NUMBER_TYPES = frozenset((float, int))
+
+
+def _ids_fast(tokens: list[Any]) -> list[int] | None:
+    """The ids of ``token_id:N`` strings in a few C passes, or None if any is not exactly that.
+
+    ``token_id:1\ntoken_id:22`` becomes the JSON ``[1,22]``; digits only, one field per token,
+    no leading zeros (JSON refuses them), at most ``_MAX_DIGITS`` each."""
+    try:
+        joined = "\n".join(tokens)
+    except TypeError:  # a non-string
+        return None
+    if not joined.startswith(_PREFIX):
+        return None
+    fields = joined[_CUT:].replace("\ntoken_id:", ",")
+    if fields.count(",") != len(tokens) - 1:
+        return None
+    digits = fields.replace(",", "")
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    try:
+        ids = orjson.loads(f"[{fields}]")
+    except orjson.JSONDecodeError:
+        return None
+    return ids if max(ids) < 10**_MAX_DIGITS else None
+
+
+def _numbers(values: Any) -> bool:
+    return set(map(type, values)) <= _NUMBER_TYPES
+
+
+def _fast_sample(choice: Any, position: int, k: int) -> Sample | None:
+    """The sample of a well-formed choice, without per-alternative Python; None when unsure."""
+    if type(choice) is not dict:
+        return None
+    lp = choice.get("logprobs")
+    if type(lp) is not dict:
+        return None
+    tokens, token_lps = lp.get("tokens"), lp.get("token_logprobs")
+    if type(tokens) is not list or type(token_lps) is not list or not tokens:
+        return None
+    if len(token_lps) != len(tokens) or not _numbers(token_lps):
+        return None
+    ids = _ids_fast(tokens)
+    if ids is None:
+        return None
+    sent = choice.get("token_ids")
+    if sent is not None and (
+        type(sent) is not list or sent != ids or set(map(type, sent)) != {int}
+    ):
+        return None
+    index, text, finish = (
+        choice.get("index", position),
+        choice.get("text"),
+        choice.get("finish_reason"),
+    )
+    if type(index) is not int or not (text is None or type(text) is str):
+        return None
+    if not (finish is None or type(finish) is str):
+        return None
+    if k:
+        tops = lp.get("top_logprobs")
+        if type(tops) is not list or len(tops) != len(ids) or set(map(type, tops)) != {dict}:
+            return None
+        sizes = set(map(len, tops))
+        if min(sizes) < k or max(sizes) > k + 1:
+            return None
+        if not _numbers(chain.from_iterable(map(dict.values, tops))):
+            return None
+        # The same stable sort as the checked path (by logprob, descending), keyed in C.
+        best = [sorted(e, key=e.__getitem__, reverse=True)[:k] for e in tops]
+        flat = _ids_fast(list(chain.from_iterable(best)))
+        if flat is None:
+            return None
+        top_ids = [flat[i : i + k] for i in range(0, len(flat), k)]
+        top_lps = [list(map(e.__getitem__, b)) for e, b in zip(tops, best, strict=True)]
+    else:
+        top_ids, top_lps = [[] for _ in ids], [[] for _ in ids]
+    return Sample(
+        sample_index=index,
+        response=text or "",
+        finish_reason=finish,
+        token_ids=ids,
+        logprobs=token_lps,
+        top_token_ids=top_ids,
+        top_logprobs=top_lps,
+    )
 
 
 def _int_list(value: Any, what: str) -> list[int]:
@@ -79,6 +181,12 @@ def _by_logprob(item: tuple[str, float]) -> float:
 
 
 def _sample(choice: Any, position: int, k: int) -> Sample:
+    fast = _fast_sample(choice, position, k)
+    return fast if fast is not None else _checked_sample(choice, position, k)
+
+
+def _checked_sample(choice: Any, position: int, k: int) -> Sample:
+    """Token by token, naming the first thing wrong (the reference the fast path must match)."""
     if type(choice) is not dict:
         raise InvalidResponse("a choice is not an object")
     lp = choice.get("logprobs")

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from schemas.wire import Sample
+from workers import parse
 from workers.errors import InvalidResponse, MissingLogprobs
 from workers.parse import parse_completions
 
@@ -197,3 +199,99 @@ def test_fuzzed_answers_raise_only_our_errors() -> None:
                 parse_completions(broken, 3)
             except (InvalidResponse, MissingLogprobs):
                 pass
+
+
+# ---- the fast path (``_fast_sample``) against the checked, token-by-token reference ----------
+
+
+def _both(choice: Any, k: int) -> tuple[Sample | None, Sample | Exception]:
+    fast = parse._fast_sample(copy.deepcopy(choice), 0, k)
+    try:
+        checked: Sample | Exception = parse._checked_sample(copy.deepcopy(choice), 0, k)
+    except (InvalidResponse, MissingLogprobs) as err:
+        checked = err
+    return fast, checked
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted(DATA.glob("*.json"))])
+def test_fast_path_takes_real_answers_and_gives_the_same_samples(name: str) -> None:
+    raw = body(name)
+    k = len(raw["choices"][0]["logprobs"]["top_logprobs"][0]) - 1 or 1
+    for choice in raw["choices"]:
+        for kk in sorted({0, 1, k - 1, k} - {-1}):
+            fast, checked = _both(choice, kk)
+            if isinstance(checked, Exception):
+                assert fast is None
+                continue
+            assert fast is not None, f"fast path refused a real answer at k={kk}"
+            assert fast == checked
+
+
+def test_fast_path_on_synthetic_top20_n2_vocab_32000() -> None:
+    from fake_teacher import FakeTeacher
+
+    fake = FakeTeacher(model="m", vocab=32_000)
+    req = {"model": "m", "prompt": "hi", "max_tokens": 256, "logprobs": 20, "n": 2}
+    raw = fake.answer(req | {"return_token_ids": True, "seed": 5})
+    assert any(len(e) == 21 for e in raw["choices"][0]["logprobs"]["top_logprobs"])
+    for choice in raw["choices"]:
+        fast, checked = _both(choice, 20)
+        assert fast is not None and fast == checked
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["token_id:007", "token_id:\u00b2", "token_id:" + "9" * 30, "token_id:1\ntoken_id:2",
+     "token_id:", "token_id:+1", "token_id: 1", "token_id:1_0", "xtoken_id:1", "token_id:0"],
+)  # fmt: skip
+def test_odd_token_strings_agree_and_never_escape(token: str) -> None:
+    raw = body("completions_greedy_k3")
+    choice = raw["choices"][0]
+    choice["logprobs"]["tokens"][1] = token
+    choice.pop("token_ids")
+    first_top = choice["logprobs"]["top_logprobs"][0]
+    first_top[token] = first_top.pop(next(iter(first_top)))
+    fast, checked = _both(choice, 3)
+    if isinstance(checked, Exception):
+        assert fast is None
+    else:
+        assert fast is None or fast == checked
+
+
+def test_ties_keep_the_checked_paths_order() -> None:
+    raw = body("completions_token_ids_n2_k3")
+    choice = raw["choices"][0]
+    for entry in choice["logprobs"]["top_logprobs"]:
+        for key in entry:
+            entry[key] = -1.0  # every alternative ties: the server's order decides
+    fast, checked = _both(choice, 3)
+    assert fast is not None and fast == checked
+
+
+def test_fuzzed_answers_fast_path_never_disagrees() -> None:
+    """Wherever the fast path answers, the checked path gives the same sample."""
+    raw = body("completions_token_ids_n2_k3")
+    choice = raw["choices"][0]
+    leaves: list[tuple[Any, ...]] = []
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        leaves.append(path)
+        if isinstance(node, dict | list):
+            for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+                walk(child, (*path, key))
+
+    walk(choice, ())
+    taken = 0
+    for path in leaves[1:]:
+        for junk in (None, "x", 1.5, -3, 0, True, [], {}, [None], {"token_id:1": None}):
+            broken = copy.deepcopy(choice)
+            parent = broken
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = junk
+            fast, checked = _both(broken, 3)
+            if fast is not None:
+                taken += 1
+                assert not isinstance(checked, Exception), path
+                assert fast == checked, path
+    assert taken > 0  # some edits are harmless (a logprob that is another number)
