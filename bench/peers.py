@@ -253,7 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--ray-concurrency", type=int, default=2)
     ap.add_argument(
-        "--raydata-sizes", type=int, nargs=2, default=(40, 160),
+        "--raydata-sizes", type=int, nargs=2, default=(16, 64),
         help="Ray Data's own sizes: it is ~100x slower here, the rates are comparable",
     )  # fmt: skip
     ap.add_argument("--cap-s", type=float, default=240.0)

@@ -289,6 +289,11 @@ class OutputSpec(_Strict):
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = Field(
         "zstd", description="Parquet compression codec."
     )
+    logprob_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Type of the logprobs/top_logprobs columns: float16 stores them in half "
+        "the bytes, rounded to ~3 significant digits (bench/README.md measures both).",
+    )
 
     @field_validator("dir")
     @classmethod
@@ -328,6 +333,8 @@ class JobSpec(_Strict):
             "input": self.input.model_dump(exclude={"path"}),
             "rows_per_shard": self.output.rows_per_shard,  # decides the unit boundaries
         }
+        if self.output.logprob_dtype != "float32":  # shards of one job share one schema
+            keep["logprob_dtype"] = self.output.logprob_dtype
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

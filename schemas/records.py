@@ -15,8 +15,15 @@ METADATA_KEY = b"teacher_harvest"
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 
-def record_schema(k: int) -> pa.Schema:
-    """Schema of a data shard for a job recording the top ``k`` alternatives per token."""
+LOGPROB_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def record_schema(k: int, logprob_dtype: str = "float32") -> pa.Schema:
+    """Schema of a data shard for a job recording the top ``k`` alternatives per token.
+
+    ``logprob_dtype`` float16 halves the logprob columns (see bench/README.md for what it
+    costs in precision); float32 is the default."""
+    lp = LOGPROB_TYPES[logprob_dtype]
     return pa.schema(
         [
             pa.field("request_id", pa.string(), nullable=False),
@@ -33,9 +40,9 @@ def record_schema(k: int) -> pa.Schema:
             # is the sequence a student trains on, with no re-tokenisation.
             pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
+            pa.field("logprobs", pa.list_(lp), nullable=False),
             pa.field("top_token_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
-            pa.field("top_logprobs", pa.list_(pa.list_(pa.float32(), k)), nullable=False),
+            pa.field("top_logprobs", pa.list_(pa.list_(lp, k)), nullable=False),
             # Score mode: which entries of token_ids to train on (the response / assistant
             # turns). Null in generate mode, where every entry of token_ids is trained on.
             pa.field("loss_mask", pa.list_(pa.bool_())),

@@ -17,7 +17,7 @@ from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit
 from workers.client import TeacherClient, sampling_for
 from workers.errors import FatalError, HarvestError, MissingLogprobs
 from workers.storage import Store
-from workers.writer import data_columns, failure_columns, write_shard
+from workers.writer import compact, data_columns, failure_columns, write_shard
 
 Outcome = Completion | HarvestError | RowProblem
 
@@ -42,6 +42,7 @@ async def _send_all(
             outcomes[i] = err
             progress["failed_prompts"] += 1
         else:
+            done.samples = [compact(s) for s in done.samples]  # flat memory until the write
             outcomes[i] = done
             progress["completion_tokens"] += sum(len(s.token_ids) for s in done.samples)
         progress["prompts"] += 1
@@ -70,7 +71,8 @@ async def harvest_unit(
     progress = progress if progress is not None else Counter()
     outcomes = await _send_all(unit.rows, client, progress)
     teacher = spec.teacher.model
-    data, fails = data_columns(spec.sampling.logprobs), failure_columns()
+    data = data_columns(spec.sampling.logprobs, spec.output.logprob_dtype)
+    fails = failure_columns()
     endpoints: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     tokens = retries = 0

@@ -7,14 +7,17 @@ commit alone, so a partial or duplicate attempt is never read (see ``harvest.man
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.records import FAILURE_SCHEMA, METADATA_KEY, record_schema
+from schemas.wire import Sample
 from workers.storage import Store, split_location
 
 
@@ -36,15 +39,69 @@ class Columns:
         """The accumulated rows; a null in a non-nullable column is a bug, not a record.
 
         pyarrow would write such a null as an empty list without a word; refuse it instead."""
-        table = pa.Table.from_pydict(self.data, schema=self.schema)
+        arrays = [_array(self.data[f.name], f.type) for f in self.schema]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
         for f in self.schema:
             if not f.nullable and table.column(f.name).null_count:
                 raise ValueError(f"shard column {f.name!r} is not nullable but holds nulls")
         return table
 
 
-def data_columns(k: int) -> Columns:
-    return Columns(record_schema(k))
+def compact(sample: Sample) -> Sample:
+    """The same sample with its per-token lists as numpy arrays (ids int64, logprobs float64).
+
+    A parsed 256-token top-20 answer is ~10,000 Python numbers (~350 KB); a unit holds every
+    answer until its shard is written, so at the default 2,000 rows per shard the lists alone
+    would be ~700 MB per worker. The arrays hold the same values in ~80 KB, and the writer
+    turns them into Arrow columns with one cast each (the same rounding as from the lists)."""
+    n = len(sample.token_ids)
+    return replace(  # other fields (and any added later) pass through as they are
+        sample,
+        token_ids=np.asarray(sample.token_ids, np.int64),
+        logprobs=np.asarray(sample.logprobs, np.float64),
+        top_token_ids=_rows(sample.top_token_ids, np.int64, n),
+        top_logprobs=_rows(sample.top_logprobs, np.float64, n),
+    )
+
+
+def _rows(values: Any, dtype: type, n: int) -> np.ndarray:
+    """``n`` rows of K values as an (n, K) array, also for n = 0 or K = 0."""
+    a = np.asarray(values, dtype)
+    return a.reshape(n, a.size // n if n else 0)
+
+
+def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """One column. A list column whose rows are all numpy arrays (``compact``) is built from
+    one concatenated buffer and offsets (``FixedSizeListArray.from_arrays`` for top-K);
+    anything else goes through ``pa.array``, arrays as lists (same values either way)."""
+    arrays = pa.types.is_list(type_) and values and all(type(v) is np.ndarray for v in values)
+    if not arrays:
+        if any(type(v) is np.ndarray for v in values):
+            values = [v.tolist() if type(v) is np.ndarray else v for v in values]
+        return pa.array(values, type_)
+    inner = type_.value_type
+    lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"one shard column holds {offsets[-1]} entries; lower rows_per_shard")
+    flat = np.concatenate([v.reshape(-1) for v in values])
+    if pa.types.is_fixed_size_list(inner):
+        k = inner.list_size
+        if not k or not len(flat):  # nothing to lay out, and no length to infer it from
+            return pa.array([v.tolist() for v in values], type_)
+        if any(len(v) and (v.ndim != 2 or v.shape[1] != k) for v in values):
+            raise ValueError(f"a {type_} row is not exactly {k} wide")
+        child: pa.Array = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat).cast(inner.value_type), k
+        )
+    else:
+        child = pa.array(flat).cast(inner)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), child, type=type_)
+
+
+def data_columns(k: int, logprob_dtype: str = "float32") -> Columns:
+    return Columns(record_schema(k, logprob_dtype))
 
 
 def failure_columns() -> Columns:

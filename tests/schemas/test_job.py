@@ -340,6 +340,7 @@ def test_fingerprint_is_stable() -> None:
         {"sampling": {"stop": ["\n"]}},
         {"teacher": teacher(model="bigger")},
         {"input": {"path": "prompts.jsonl", "prompt_field": "text"}},
+        {"output": {"logprob_dtype": "float16"}},  # one schema per output
     ],
 )
 def test_fingerprint_changes_with_content_deciding_fields(change: dict[str, Any]) -> None:
@@ -351,6 +352,7 @@ def test_fingerprint_changes_with_content_deciding_fields(change: dict[str, Any]
     [
         {"output": {"dir": "elsewhere"}},
         {"output": {"compression": "snappy"}},
+        {"output": {"logprob_dtype": "float32"}},  # the default, spelled out: old outputs resume
         {"input": {"path": "other/*.jsonl"}},
         {"teacher": teacher(endpoints=["http://other:9000"])},
         {"teacher": teacher(timeout_s=5)},

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import httpx
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fake_teacher import FakeTeacher, decode_prompt, encode_text, render_chat
@@ -37,8 +38,8 @@ def reject_too_long(body, n):
     return None
 
 
-def harvest(tmp_path, fake, unit_rows=None):
-    spec = make_spec()
+def harvest(tmp_path, fake, unit_rows=None, spec=None):
+    spec = spec or make_spec()
 
     async def go():
         client = TeacherClient(spec, job_id="j", transport=fake.transport())
@@ -157,3 +158,21 @@ def test_fatal_error_stops_the_unit_without_writing(tmp_path):
     with pytest.raises(AuthError):
         harvest(tmp_path, fake)
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_float16_logprobs_are_the_float32_ones_rounded(tmp_path):
+    fake = FakeTeacher()
+    r32 = harvest(tmp_path / "32", fake)
+    spec = make_spec()
+    spec16 = spec.model_copy(
+        update={"output": spec.output.model_copy(update={"logprob_dtype": "float16"})}
+    )
+    r16 = harvest(tmp_path / "16", fake, spec=spec16)
+    t32 = pq.read_table(tmp_path / "32" / r32.data_path)
+    t16 = pq.read_table(tmp_path / "16" / r16.data_path)
+    assert t16.schema.field("top_logprobs").type.value_type.value_type == pa.float16()
+    assert t16.schema.field("logprobs").type.value_type == pa.float16()
+    for col in ("logprobs", "top_logprobs"):
+        assert t16[col].cast(t32[col].type).equals(t32[col].cast(t16[col].type).cast(t32[col].type))
+    for col in ("token_ids", "top_token_ids", "prompt_token_ids", "request_id"):
+        assert t16[col].equals(t32[col])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import random
 import stat
+from dataclasses import replace
 
+import pyarrow as pa
 import pytest
 
+from schemas.wire import Sample
 from workers import storage_backends
 from workers.storage import Store
-from workers.writer import data_columns, read_metadata, write_shard
+from workers.writer import compact, data_columns, read_metadata, write_shard
 
 
 def one_record(**over):
@@ -50,3 +54,67 @@ def test_a_null_in_a_non_nullable_column_is_refused():
     ok = data_columns(2)
     ok.append(**one_record(loss_mask=None, finish_reason=None))  # nullable: fine
     assert ok.table().num_rows == 1
+
+
+def _samples(k: int, rows: int = 6) -> list[Sample]:
+    rng = random.Random(k)
+    out = []
+    for i in range(rows):
+        n = rng.randrange(0, 40) if i else 0  # an empty answer too
+        out.append(
+            Sample(
+                sample_index=0, response=f"r{i}", finish_reason="length",
+                token_ids=[rng.randrange(32_000) for _ in range(n)],
+                logprobs=[-rng.expovariate(0.5) for _ in range(n)],
+                top_token_ids=[[rng.randrange(32_000) for _ in range(k)] for _ in range(n)],
+                top_logprobs=[sorted((-rng.expovariate(0.3) for _ in range(k)), reverse=True)
+                              for _ in range(n)],
+            )
+        )  # fmt: skip
+    return out
+
+
+def _table(samples: list[Sample], k: int, dtype: str = "float32") -> pa.Table:
+    cols = data_columns(k, dtype)
+    for s in samples:
+        cols.append(
+            **one_record(
+                token_ids=s.token_ids, logprobs=s.logprobs, top_token_ids=s.top_token_ids,
+                top_logprobs=s.top_logprobs, completion_tokens=len(s.token_ids),
+            )
+        )  # fmt: skip
+    return cols.table()
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 20])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_compact_samples_give_the_same_table_as_lists(k: int, dtype: str) -> None:
+    samples = _samples(k)
+    from_lists = _table(samples, k, dtype)
+    from_arrays = _table([compact(s) for s in samples], k, dtype)
+    assert from_arrays.equals(from_lists)
+    assert from_arrays.schema.field("top_logprobs").type.value_type.value_type == (
+        pa.float16() if dtype == "float16" else pa.float32()
+    )
+    mixed = _table([compact(s) if i % 2 else s for i, s in enumerate(samples)], k, dtype)
+    assert mixed.equals(from_lists)
+
+
+def test_compact_keeps_other_fields_and_values() -> None:
+    s = _samples(3)[1]
+    c = compact(s)
+    assert (c.sample_index, c.response, c.finish_reason) == (0, "r1", "length")
+    assert c.top_token_ids.shape == (len(s.token_ids), 3)
+    assert c.top_logprobs.tolist() == s.top_logprobs and c.token_ids.tolist() == s.token_ids
+
+
+def test_compact_rows_out_of_range_or_wrong_width_are_refused() -> None:
+    big = compact(_samples(2)[1])
+    big.token_ids[0] = 2**40
+    with pytest.raises(pa.ArrowInvalid):
+        _table([big], 2)
+    with pytest.raises(pa.ArrowInvalid):  # the list path refuses it the same way
+        _table([replace(_samples(2)[1], token_ids=[2**40])], 2)
+    wide = compact(_samples(3)[1])
+    with pytest.raises(ValueError, match="wide"):
+        _table([wide], 2)
