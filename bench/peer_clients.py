@@ -160,7 +160,7 @@ def _plain(value: Any) -> Any:
 # ---- harvest: the real scheduler on a local Ray cluster ---------------------------------------
 
 
-def _harvest(args: dict[str, Any], out: Path) -> None:
+def _harvest(args: dict[str, Any], out: Path, transport: str = "httpx") -> None:
     import ray
 
     from harvest.scheduler import run_job
@@ -175,6 +175,7 @@ def _harvest(args: dict[str, Any], out: Path) -> None:
                 "endpoints": [args["url"]],
                 "authorization": {"owner": "bench", "license": "test", "attestation": "synthetic"},
                 "timeout_s": 120.0,
+                "transport": transport,
             },
             "sampling": {"max_tokens": args["max_tokens"], "n": 1, "logprobs": args["k"]},
             "output": {"dir": str(out), **args.get("output", {})},
@@ -202,6 +203,8 @@ def main(argv: list[str]) -> int:
         _raydata(args, out)
     elif contender == "harvest":
         _harvest(args, out)
+    elif contender == "harvest-aiohttp":
+        _harvest(args, out, "aiohttp")
     else:
         raise SystemExit(f"unknown contender {contender!r}")
     (out / "result.json").write_text(json.dumps({"wall_s": time.monotonic() - started}))

@@ -40,7 +40,7 @@ sys.path.insert(0, str(BENCH))
 from synthetic import ProcessTeacher, _cpu_times  # noqa: E402
 from treeprobe import TreeProbe  # noqa: E402
 
-CONTENDERS = ("harvest", "bare", "raydata")
+CONTENDERS = ("harvest", "harvest-aiohttp", "bare", "raydata")
 
 
 def write_prompts(path: Path, api: str, count: int) -> None:
@@ -225,7 +225,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     out += ["", "Ratios (harvest / peer, same api, same run):", ""]
     for ln in result["summary"]:
-        if ln["contender"] != "harvest":
+        if not ln["contender"].startswith("harvest"):
             continue
         for peer in ("raydata", "bare"):
             r = [
@@ -233,7 +233,9 @@ def markdown(result: dict[str, Any]) -> str:
                 for key in ("marginal_tok_per_cpu_s", "marginal_tok_per_wall_s")
                 if f"{key}_vs_{peer}" in ln
             ]
-            out.append(f"- {ln['api']}, vs {peer}: " + (", ".join(r) or "not comparable"))
+            out.append(
+                f"- {ln['api']}, {ln['contender']} vs {peer}: " + (", ".join(r) or "not comparable")
+            )
     out += [
         "",
         "Machine busy = all CPU use of the machine during the large run, in cores (2 = full); "

@@ -186,6 +186,12 @@ class TeacherSpec(_Strict):
         True,
         description="Verify TLS certificates (true), or a CA bundle path. Never off by default.",
     )
+    transport: Literal["httpx", "aiohttp"] = Field(
+        "httpx",
+        description="HTTP connection pool under the client: aiohttp uses about a third of the "
+        "worker CPU at 64 in flight (bench/README.md); experimental, not yet proven under the "
+        "fault matrix.",
+    )
     rate_limit: RateLimit = Field(
         default_factory=lambda: RateLimit(),
         description="Optional client-side limits, never exceeded. 429s from the teacher are "

@@ -33,6 +33,7 @@ from workers.parse import parse_completions
 from workers.retry import build_retrying, parse_retry_after
 from workers.router import PauseListener, Router
 from workers.stats import RequestStats
+from workers.transport import AiohttpTransport
 
 
 class RateLimiter(Protocol):
@@ -91,7 +92,9 @@ class TeacherClient:
             verify=teacher.tls_verify,
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-            transport=transport,
+            # Optionally aiohttp's pool under httpx's API: httpcore's pool cost more CPU than
+            # parsing (workers/transport.py). Tests inject httpx.MockTransport here.
+            transport=transport or _transport(spec),
         )
         self.counters: Counter[str] = Counter()  # retries and error classes seen
         self.stats = RequestStats()  # every exchange with an endpoint: status file, metrics
@@ -265,6 +268,13 @@ class TeacherClient:
     async def aclose(self) -> None:
         await self.router.aclose()
         await self._http.aclose()
+
+
+def _transport(spec: JobSpec) -> httpx.AsyncBaseTransport | None:
+    verify = spec.teacher.tls_verify
+    if spec.teacher.transport == "aiohttp" and not isinstance(verify, str):  # no CA bundle yet
+        return AiohttpTransport(verify=verify)
+    return None  # httpx's own
 
 
 def _endpoint_failed(err: HarvestError) -> bool:

@@ -1,0 +1,45 @@
+"""The optional aiohttp transport behind the client (teacher.transport: aiohttp), over real
+sockets: answers equal httpx's, and each injected fault ends as the same kind of outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fault_teacher_server import FaultPlan, FaultTeacherServer
+from test_fault_teacher_server import ALL_FAULTS_BUT_STALL, make_spec, rows
+
+from schemas.wire import Completion
+from workers.client import TeacherClient
+from workers.transport import AiohttpTransport
+
+
+async def _harvest(url: str, transport: str) -> list[Completion | BaseException]:
+    client = TeacherClient(make_spec(url, transport=transport), job_id="t")
+    try:
+        return await asyncio.gather(*(client.complete(r) for r in rows(12)), return_exceptions=True)
+    finally:
+        await client.aclose()
+
+
+def test_aiohttp_transport_gives_httpx_answers_through_faults() -> None:
+    with FaultTeacherServer(plan=ALL_FAULTS_BUT_STALL) as server:
+        got = asyncio.run(_harvest(server.url, "aiohttp"))
+    with FaultTeacherServer(plan=FaultPlan()) as server:
+        ref = asyncio.run(_harvest(server.url, "httpx"))
+    assert all(isinstance(c, Completion) for c in got), got
+    for a, b in zip(got, ref, strict=True):
+        assert isinstance(a, Completion) and isinstance(b, Completion)
+        assert a.samples == b.samples and a.prompt_token_ids == b.prompt_token_ids
+    assert any(c.attempts > 1 for c in got if isinstance(c, Completion))
+
+
+def test_client_picks_the_transport_from_the_spec() -> None:
+    async def go() -> None:
+        client = TeacherClient(make_spec("http://127.0.0.1:9/v1", transport="aiohttp"), job_id="t")
+        assert isinstance(client._http._transport, AiohttpTransport)
+        await client.aclose()
+        default = TeacherClient(make_spec("http://127.0.0.1:9/v1"), job_id="t")
+        assert not isinstance(default._http._transport, AiohttpTransport)
+        await default.aclose()
+
+    asyncio.run(go())

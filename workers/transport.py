@@ -1,0 +1,89 @@
+"""An httpx transport that sends through aiohttp: httpx's API, aiohttp's connection pool.
+
+Profiling a worker at 64 requests in flight put more CPU in httpcore's pool bookkeeping
+(``_assign_requests_to_connections`` scans every connection for every queued request, about
+2 million ``is_idle`` calls per 400 answers) than in parsing the answers; encode/httpx#3215
+describes it. aiohttp's pool does not. Behind ``httpx.AsyncBaseTransport`` the client keeps its
+interface, its tests' ``MockTransport`` and its error taxonomy: every aiohttp failure is raised
+as the httpx exception a client already handles (connect/read errors, a body cut short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import httpx
+
+# What aiohttp may raise while talking to one server, as httpx's exceptions.
+_ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    (aiohttp.ClientConnectorError, httpx.ConnectError),
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.RemoteProtocolError),
+    (aiohttp.ClientResponseError, httpx.RemoteProtocolError),  # a malformed status line
+    (aiohttp.ClientOSError, httpx.ReadError),
+    (aiohttp.ClientError, httpx.NetworkError),
+    (ConnectionError, httpx.ReadError),
+)
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """Buffered requests and responses over one ``aiohttp.ClientSession``, opened lazily."""
+
+    def __init__(self, *, verify: bool = True) -> None:
+        self._verify = verify
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, ssl=None if self._verify else False)
+            # No timeouts here: the client bounds each request (asyncio.timeout), and httpx's
+            # per-request timeout reaches the transport as an extension, applied below.
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,  # httpx decodes, from the headers it is given
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._open()
+        body = await request.aread()
+        timeouts = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=timeouts.get("connect"),
+            sock_read=timeouts.get("read"),
+        )
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"]
+        try:
+            async with session.request(
+                request.method,
+                str(request.url),
+                data=body or None,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                content = await resp.read()
+                return httpx.Response(
+                    resp.status,
+                    headers=list(resp.raw_headers),
+                    content=content,
+                    request=request,
+                )
+        except TimeoutError as err:  # aiohttp's sock_* timeouts (asyncio.TimeoutError)
+            raise httpx.ReadTimeout(str(err) or "timed out", request=request) from err
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            for source, target in _ERRORS:
+                if isinstance(err, source):
+                    raise target(f"{type(err).__name__}: {err}", request=request) from err
+            raise
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
