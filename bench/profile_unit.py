@@ -27,6 +27,7 @@ from synthetic import ProcessTeacher  # noqa: E402
 from schemas.job import parse_job  # noqa: E402
 from schemas.wire import PromptRow, WorkUnit  # noqa: E402
 from workers.client import TeacherClient  # noqa: E402
+from workers.storage import Store  # noqa: E402
 from workers.unit import harvest_unit  # noqa: E402
 
 
@@ -52,7 +53,8 @@ async def run(url: str, args: argparse.Namespace, out: Path) -> int:
             rows.append(PromptRow(f"p{i}", f"x:{i}", prompt=text))
     client = TeacherClient(spec, job_id="profile")
     try:
-        result = await harvest_unit(WorkUnit("u", list(rows)), client, spec, out, {})
+        unit = WorkUnit("u", list(rows))
+        result = await harvest_unit(unit, client, spec, Store(str(out)), {})
     finally:
         await client.aclose()
     return result.completion_tokens
