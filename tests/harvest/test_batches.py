@@ -239,3 +239,18 @@ def test_several_outputs_of_one_teacher_read_as_one(tmp_path: Path) -> None:
         for r in range(2)
     ]  # fmt: skip
     assert sorted(parts[0] + parts[1]) == sorted(every) and not set(parts[0]) & set(parts[1])
+
+
+def test_float16_shards_read_as_float32_batches(tmp_path: Path) -> None:
+    """output.logprob_dtype float16: the same batches, logprobs rounded to half precision."""
+    rng = np.random.default_rng(5)
+    rows = [random_record(f"r{i}", rng) for i in range(12)]
+    write_output(tmp_path / "32", [rows])
+    write_output(tmp_path / "16", [rows], schema=record_schema(3, "float16"))
+    b32 = next(iter_batches(tmp_path / "32", 12, 64, meta_columns=["request_id"]))
+    b16 = next(iter_batches(tmp_path / "16", 12, 64, meta_columns=["request_id"]))
+    assert list(b16["request_id"]) == list(b32["request_id"])
+    assert b16["top_logprobs"].dtype == np.float32
+    assert np.array_equal(b16["top_ids"], b32["top_ids"])
+    expected = b32["top_logprobs"].astype(np.float16).astype(np.float32)
+    assert np.array_equal(b16["top_logprobs"], expected)
