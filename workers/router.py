@@ -132,8 +132,7 @@ class Router:
         wakes the waiting requests at the deadline, so they can give up."""
         if self.outage_since is None and not any(map(self._usable, self._eps.values())):
             self.outage_since = self._clock()
-            alarm = self._wake_after(self.outage_timeout_s + 0.05)  # just past the deadline
-            self._timers.add(asyncio.create_task(alarm))
+            self._timers.add(asyncio.create_task(self._wake_at(self._outage_deadline())))
 
     def _outage_deadline(self) -> float:
         assert self.outage_since is not None
@@ -222,11 +221,15 @@ class Router:
             ep.down_since = ep.down_since or time.time()
             ep.reason = "HTTP 429, Retry-After"
             self._update_outage()
-            self._timers.add(asyncio.create_task(self._wake_after(delay)))
+            self._timers.add(asyncio.create_task(self._wake_at(ep.paused_until)))
 
-    async def _wake_after(self, delay: float) -> None:
-        """When a pause ends, let the waiters look again."""
-        await asyncio.sleep(delay)
+    async def _wake_at(self, when: float) -> None:
+        """Once the router's clock has passed ``when`` (a pause's end, the outage deadline), let
+        the waiters look again. Loop timers may fire a little early (uvloop's count whole
+        milliseconds): a waiter woken before the time would wait again with no one to wake it,
+        so this sleeps until the time has really passed."""
+        while (left := when - self._clock()) >= 0:
+            await asyncio.sleep(left + 0.001)
         async with self._changed:
             self._changed.notify_all()
         self._timers.discard(asyncio.current_task())

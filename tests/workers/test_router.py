@@ -195,3 +195,24 @@ def test_reports_for_removed_endpoints_are_ignored(gone):
         return await router.report("a", ok=False)
 
     assert run(go()) is (not gone)
+
+
+def test_a_pause_wakes_its_waiters_even_when_the_loop_timer_fires_early():
+    """Loop timers may fire before the router's clock has reached a pause's end (uvloop counts
+    whole milliseconds); a waiter woken early must still be woken again. A router clock that
+    runs slower than the loop's makes every timer early: the request must still go out."""
+    start = time.monotonic()
+
+    def slow_clock() -> float:
+        return start + (time.monotonic() - start) * 0.8
+
+    async def go():
+        router = Router(["a"], 8, clock=slow_clock)
+        await router.pause("a", 0.2)
+        cm = router.acquire()
+        endpoint = await asyncio.wait_for(cm.__aenter__(), 5)
+        await cm.__aexit__(None, None, None)
+        await router.aclose()
+        return endpoint
+
+    assert run(go()) == "a"
