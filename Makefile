@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 test: install lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rfE --durations=25
 
 lint: install
 	$(BIN)/ruff check .
