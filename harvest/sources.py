@@ -173,6 +173,8 @@ def _row(obj: Any, default_id: str, source: str, spec: JobSpec, raw: str) -> Pro
         if problem:
             return bad(problem)
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if spec.mode == "score":
+        return _score_row(obj, pid, source, spec, raw, prompt, messages)
     overrides = obj.get(cols.overrides_field)
     overrides = {} if overrides is None else overrides
     if isinstance(overrides, dict):  # Parquet structs give None for fields a row leaves unset
@@ -181,6 +183,38 @@ def _row(obj: Any, default_id: str, source: str, spec: JobSpec, raw: str) -> Pro
     if isinstance(checked, str):
         return bad(checked)
     return PromptRow(pid, source, prompt=prompt, messages=messages, overrides=checked)
+
+
+def _score_row(
+    obj: dict[str, Any],
+    pid: str,
+    source: str,
+    spec: JobSpec,
+    raw: str,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+) -> PromptRow | RowProblem:
+    """A row to score: a prompt with its response, or a conversation with an assistant turn.
+
+    Sampling overrides are not read: nothing is sampled in score mode."""
+    field = spec.input.response_field
+    response = obj.get(field)
+    if messages is not None:
+        if response is not None:
+            return RowProblem(
+                pid, source, f"score mode: a chat row carries its responses as assistant turns, "
+                f"not in '{field}'", raw,
+            )  # fmt: skip
+        if not any(m["role"] == "assistant" for m in messages):
+            return RowProblem(
+                pid, source, "score mode: the conversation has no assistant turn", raw
+            )
+        return PromptRow(pid, source, messages=messages)
+    if response is None:
+        return RowProblem(pid, source, f"score mode: row has no '{field}' to score", raw)
+    if not isinstance(response, str) or not response:
+        return RowProblem(pid, source, f"score mode: '{field}' must be a non-empty string", raw)
+    return PromptRow(pid, source, prompt=prompt, response=response)
 
 
 def _check_messages(messages: Any, field: str) -> str | None:

@@ -50,6 +50,12 @@ class InputSpec(_Strict):
     messages_field: str = Field(
         "messages", description="Column holding chat messages: a list of {role, content}."
     )
+    response_field: str = Field(
+        "response",
+        description="Score mode: column holding the response text to score after a plain "
+        "prompt. Chat rows carry their responses as assistant turns instead. Unused in "
+        "generate mode.",
+    )
     id_field: str = Field(
         "id",
         description="Column holding a stable prompt id. Rows without it get an id derived from "
@@ -58,7 +64,7 @@ class InputSpec(_Strict):
     overrides_field: str = Field(
         "sampling",
         description="Column holding per-row sampling overrides (a dict with any of max_tokens, "
-        "temperature, top_p, n, seed, stop).",
+        "temperature, top_p, n, seed, stop). Not read in score mode, where nothing is sampled.",
     )
 
     @field_validator("path")
@@ -102,7 +108,8 @@ class RateLimit(_Strict):
         None,
         gt=0,
         description="Most completion tokens in any one-minute window, job-wide (each request "
-        "reserves max_tokens x n until its answer says how many it used).",
+        "reserves max_tokens x n until its answer says how many it used). In score mode, the "
+        "tokens scored.",
     )
 
 
@@ -315,7 +322,18 @@ class ConcurrencySpec(_Strict):
     worker_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each worker.")
 
 
+Mode = Literal["generate", "score"]
+
+
 class JobSpec(_Strict):
+    mode: Mode = Field(
+        "generate",
+        description="'generate': the teacher samples responses to the prompts. 'score': the rows "
+        "already hold responses (a prompt and input.response_field, or chat messages with "
+        "assistant turns) and the teacher scores them token by token (teacher forcing, vLLM's "
+        "prompt_logprobs): records get each token's logprob, the top-K and a loss_mask over the "
+        "response. Of sampling, only logprobs (K) applies in score mode.",
+    )
     input: InputSpec = Field(description="Where the prompts come from.")
     teacher: TeacherSpec = Field(description="The teacher model and how to reach it.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to sample.")
@@ -331,16 +349,29 @@ class JobSpec(_Strict):
             data = {**data, "input": {"path": data["input"]}}
         return data
 
+    @model_validator(mode="after")
+    def _one_record_per_scored_row(self) -> JobSpec:
+        if self.mode == "score" and self.sampling.n != 1:
+            raise ValueError("score mode scores the one text each row holds: sampling.n must be 1")
+        return self
+
     def fingerprint(self) -> str:
-        """Hash of what decides the records' content: teacher, sampling, input columns."""
+        """Hash of what decides the records' content: mode, teacher, sampling, input columns.
+
+        Generate-mode jobs hash as they did before score mode existed, so their outputs resume."""
+        generate = self.mode == "generate"
         keep = {
             "teacher_model": self.teacher.model,
             "sampling": self.sampling.model_dump(),
-            "input": self.input.model_dump(exclude={"path"}),
+            "input": self.input.model_dump(
+                exclude={"path", "response_field"} if generate else {"path"}
+            ),
             "rows_per_shard": self.output.rows_per_shard,  # decides the unit boundaries
         }
         if self.output.logprob_dtype != "float32":  # shards of one job share one schema
             keep["logprob_dtype"] = self.output.logprob_dtype
+        if not generate:
+            keep["mode"] = self.mode
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -22,6 +22,7 @@ class PromptRow:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    response: str | None = None  # score mode: the text to score after ``prompt``
 
     @property
     def api(self) -> str:
@@ -57,6 +58,7 @@ class Sample:
     logprobs: list[float]
     top_token_ids: list[list[int]]
     top_logprobs: list[list[float]]
+    loss_mask: list[bool] | None = None  # score mode: which token_ids to train on
 
 
 @dataclass(slots=True)

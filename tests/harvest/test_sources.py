@@ -446,3 +446,41 @@ def test_unit_ids_differ_for_similar_file_names(tmp_path: Path) -> None:
     spec = make_spec(tmp_path / "*.jsonl")
     ids = [u.unit_id for u in iter_units(scan(spec).files, spec, 5)]
     assert len(set(ids)) == 2
+
+
+# --- score mode --------------------------------------------------------------------------------
+
+
+def test_score_rows_need_a_response_or_an_assistant_turn(tmp_path: Path) -> None:
+    user = {"role": "user", "content": "hi"}
+    answer = {"role": "assistant", "content": "hello"}
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        {"id": "ok", "prompt": "p", "response": "r", "sampling": {"n": 5}},
+        {"id": "chat", "messages": [user, answer, user]},
+        {"id": "no-response", "prompt": "p"},
+        {"id": "empty", "prompt": "p", "response": ""},
+        {"id": "number", "prompt": "p", "response": 3},
+        {"id": "no-assistant", "messages": [user]},
+        {"id": "both", "messages": [user, answer], "response": "r"},
+    )
+    spec = parse_job({**make_spec(path).model_dump(), "mode": "score"})
+    rows = list(iter_rows(resolve_files(str(path))[0], spec))
+    ok, chat = rows[0], rows[1]
+    assert isinstance(ok, PromptRow) and ok.response == "r" and ok.overrides == {}
+    assert isinstance(chat, PromptRow) and chat.messages == [user, answer, user]
+    problems = {r.prompt_id: r.reason for r in rows[2:] if isinstance(r, RowProblem)}
+    assert problems == {
+        "no-response": "score mode: row has no 'response' to score",
+        "empty": "score mode: 'response' must be a non-empty string",
+        "number": "score mode: 'response' must be a non-empty string",
+        "no-assistant": "score mode: the conversation has no assistant turn",
+        "both": "score mode: a chat row carries its responses as assistant turns, not in "
+        "'response'",
+    }
+
+
+def test_generate_mode_does_not_read_the_response_column(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", {"id": "a", "prompt": "p", "response": 3})
+    (row,) = iter_rows(resolve_files(str(path))[0], make_spec(path))
+    assert isinstance(row, PromptRow) and row.response is None

@@ -376,3 +376,27 @@ def test_fingerprint_unaffected_by_path_resolution(tmp_path: Path) -> None:
 
 def test_fingerprint_changes_with_rows_per_shard() -> None:
     assert fp(job(output={"rows_per_shard": 10})) != fp(job())
+
+
+# --- score mode --------------------------------------------------------------------------------
+
+
+def test_mode_defaults_to_generate_and_generate_fingerprints_are_unchanged() -> None:
+    """Outputs harvested before score mode existed still resume: same fingerprint as then."""
+    assert parse_job(job()).mode == "generate"
+    assert fp(job()) == "1243f14ba1e78cfc"  # computed with the code before score mode
+    assert fp(job(input={"path": "prompts.jsonl", "response_field": "answer"})) == fp(job())
+
+
+def test_score_mode_enters_the_fingerprint_with_its_response_column() -> None:
+    scored = fp(job(mode="score"))
+    assert scored != fp(job())
+    answer = job(mode="score", input={"path": "prompts.jsonl", "response_field": "answer"})
+    assert fp(answer) != scored
+
+
+def test_score_mode_refuses_several_samples_and_unknown_modes() -> None:
+    with pytest.raises(SpecError, match=r"score mode .* sampling\.n must be 1"):
+        parse_job(job(mode="score", sampling={"n": 2}))
+    with pytest.raises(SpecError, match="mode"):
+        parse_job(job(mode="distil"))
