@@ -3,9 +3,11 @@
 It answers ``/v1/completions`` in the exact shape vLLM 0.32 sends with
 ``return_tokens_as_token_ids`` and ``return_token_ids`` (captured bodies in tests/data/vllm),
 including the sampled token listed first and added as a K+1st alternative when it is outside
-the top K, and ``/tokenize`` for a prompt or a conversation. Its toy tokenizer and chat template
-are invertible, so a server can tell which prompt a token-id request carries. Real-teacher proof
-lives in tests/integration.
+the top K, ``prompt_logprobs`` (``null`` first, then entries keyed by token id, with the actual
+token added as a K+1st key when it is outside the top K) and ``/tokenize`` for a prompt or a
+conversation (``add_special_tokens`` decides a text's BOS when ``add_bos`` is on). Its toy
+tokenizer and chat template are invertible, so a server can tell which prompt a token-id request
+carries. Real-teacher proof lives in tests/integration.
 """
 
 from __future__ import annotations
@@ -76,10 +78,17 @@ def prompt_ids(body: dict[str, Any]) -> list[int]:
 class FakeTeacher:
     """Deterministic answers; ``script(body, call_no)`` may return a response to inject."""
 
-    def __init__(self, model: str = "fake", script: Script | None = None, vocab: int = 100) -> None:
+    def __init__(
+        self,
+        model: str = "fake",
+        script: Script | None = None,
+        vocab: int = 100,
+        add_bos: bool = False,
+    ) -> None:
         self.model = model
         self.script = script
         self.vocab = vocab
+        self.add_bos = add_bos  # /tokenize of a text starts with BOS unless add_special_tokens
         self.calls: list[tuple[float, str, dict[str, Any], httpx.Headers]] = []
 
     def transport(self) -> httpx.MockTransport:
@@ -107,6 +116,8 @@ class FakeTeacher:
 
     def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         ids = prompt_ids(body)
+        if self.add_bos and "prompt" in body and body.get("add_special_tokens", True):
+            ids = [BOS, *ids]
         return {"tokens": ids, "count": len(ids), "max_model_len": MAX_MODEL_LEN}
 
     def _steps(self, body: dict[str, Any], index: int) -> list[tuple[int, float, list]]:
@@ -125,10 +136,32 @@ class FakeTeacher:
             steps.append((sampled, sampled_lp, list(alts.items())))
         return steps
 
+    def prompt_logprob(self, prefix: list[int], actual: int, k: int) -> dict[str, Any]:
+        """The entry for ``actual`` after ``prefix``: it depends on nothing else (teacher
+        forcing). About half the time the actual token is in the top K (K keys), else added."""
+        rng = random.Random(hashlib.blake2b(orjson.dumps([prefix, actual]), digest_size=8).digest())
+        top = [t for t in rng.sample(range(self.vocab + 1), k + 1) if t != actual][:k]
+        lps = sorted((-rng.uniform(0.1, 8.0) for _ in top), reverse=True)
+        if k and rng.random() < 0.5:
+            top[rng.randrange(k)] = actual
+            own = next(lp for t, lp in zip(top, lps, strict=True) if t == actual)
+        else:
+            own = (lps[-1] if lps else 0.0) - rng.uniform(0.01, 2.0)
+        entry = {str(actual): {"logprob": own, "rank": 1 + sum(lp > own for lp in lps)}}
+        for rank, (t, lp) in enumerate(zip(top, lps, strict=True), start=1):
+            entry[str(t)] = {"logprob": lp, "rank": rank, "decoded_token": f"<{t}>"}
+        return entry
+
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """A 200 body for a ``/v1/completions`` request, shaped as vLLM 0.32 sends it."""
         ids = prompt_ids(body)
         with_ids = bool(body.get("return_token_ids"))
+        prompt_lps = None
+        if body.get("prompt_logprobs") is not None:
+            k = body["prompt_logprobs"]
+            prompt_lps = [None] + [
+                self.prompt_logprob(ids[:j], ids[j], k) for j in range(1, len(ids))
+            ]
         choices = []
         for i in range(body.get("n", 1)):
             steps = self._steps(body, i)
@@ -151,7 +184,7 @@ class FakeTeacher:
                     "finish_reason": "length",
                     "stop_reason": None,
                     "token_ids": [t for t, _, _ in steps] if with_ids else None,
-                    "prompt_logprobs": None,
+                    "prompt_logprobs": prompt_lps,
                     "prompt_token_ids": ids if with_ids else None,
                 }
             )

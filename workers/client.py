@@ -32,6 +32,7 @@ from workers.errors import (
 from workers.parse import parse_completions
 from workers.retry import build_retrying, parse_retry_after
 from workers.router import PauseListener, Router
+from workers.score import Scored, parse_scored, score_body, score_sampling, sequence
 from workers.stats import RequestStats
 from workers.transport import AiohttpTransport
 
@@ -45,6 +46,8 @@ class RateLimiter(Protocol):
 
 def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
     """The job's sampling parameters with this row's overrides applied."""
+    if spec.mode == "score":
+        return score_sampling(spec)
     params = spec.sampling.model_dump(include=set(OVERRIDABLE))
     params.update(row.overrides)
     return params
@@ -56,6 +59,7 @@ class _Request:
 
     waited_s: float = 0.0  # time spent waiting for a usable endpoint (not charged to the row)
     endpoint: str = ""  # the endpoint of the latest attempt
+    scored: Scored | None = None  # score mode: the tokenised row, once for all attempts
 
 
 class TeacherClient:
@@ -102,6 +106,8 @@ class TeacherClient:
     def payload(self, row: PromptRow) -> dict[str, Any]:
         """The ``/v1/completions`` body for one input row (a chat row's prompt is added once the
         server has rendered the conversation: ``render``)."""
+        if self.spec.mode == "score":
+            return score_body(self.spec, row)
         params = sampling_for(self.spec, row)
         body: dict[str, Any] = {
             "model": self.spec.teacher.model,
@@ -129,11 +135,14 @@ class TeacherClient:
         the sampled token is outside the top K, and asking for K+1 instead breaks at vLLM's
         default ``--max-logprobs`` of 20. The completions API keeps all K and adds the sampled
         token, so top-K is exact at every K the server allows."""
-        body = {"model": self.spec.teacher.model, "messages": messages}
+        return await self.tokenize(endpoint, {"messages": messages, "add_generation_prompt": True})
+
+    async def tokenize(self, endpoint: str, body: dict[str, Any]) -> list[int]:
+        """The token ids vLLM's ``/tokenize`` gives for ``body`` (a prompt or messages)."""
         answer = await self._post(
             endpoint,
             endpoint.removesuffix("/v1") + "/tokenize",
-            body | {"add_generation_prompt": True},
+            {"model": self.spec.teacher.model, **body},
         )
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
@@ -215,9 +224,12 @@ class TeacherClient:
                 req.waited_s += time.monotonic() - before
                 req.endpoint = endpoint
                 try:
+                    if "prompt_logprobs" in body and req.scored is None:  # score mode
+                        req.scored = await sequence(lambda b: self.tokenize(endpoint, b), row)
+                        body["prompt"] = req.scored.ids
                     if "prompt" not in body:  # a chat row, rendered once for all attempts
                         body["prompt"] = await self.render(endpoint, row.messages or [])
-                    answer = await self._generate(endpoint, body)
+                    answer = await self._generate(endpoint, body, req.scored)
                 except RateLimited as err:
                     self.counters["RateLimited"] += 1
                     self.stats.error("RateLimited", str(err))
@@ -233,17 +245,23 @@ class TeacherClient:
                 await self.router.report(endpoint, ok=True)
                 return answer
 
-    async def _generate(self, endpoint: str, body: dict[str, Any]) -> Answer:
-        """Send the completions request under a rate-limit permit; parse what comes back."""
-        reserve = body["max_tokens"] * body["n"]
+    async def _generate(
+        self, endpoint: str, body: dict[str, Any], scored: Scored | None = None
+    ) -> Answer:
+        """Send the completions request under a rate-limit permit; parse what comes back.
+
+        A score request reserves the tokens it scores (it generates one, discarded)."""
+        reserve = len(scored.ids) - 1 if scored else body["max_tokens"] * body["n"]
         # The permit is taken last, right before sending, so nothing between the limiter's
         # decision and the request leaving can bunch requests.
         permit = await self.limiter.acquire(reserve) if self.limiter else None
         used = reserve  # a failed attempt may still have cost the teacher tokens
         try:
-            answer = parse_completions(
-                await self._post(endpoint, endpoint + "/completions", body), self.k
-            )
+            sent = await self._post(endpoint, endpoint + "/completions", body)
+            if scored is not None:
+                answer = parse_scored(sent, scored, self.k)
+            else:
+                answer = parse_completions(sent, self.k)
             if len(answer.samples) != body["n"]:
                 raise InvalidResponse(
                     f"asked for n={body['n']}, got {len(answer.samples)}", endpoint=endpoint

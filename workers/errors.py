@@ -12,7 +12,8 @@ Every failure the client raises is one of these classes; each branch has exactly
     │   └── InvalidResponse     body that is not the JSON shape we asked for
     ├── RowError                record a failure row for this request; no retry
     │   ├── BadRequest          HTTP 400, 422 and other 4xx the row itself causes
-    │   └── MissingLogprobs     a 200 answer without the logprobs we asked for
+    │   ├── MissingLogprobs     a 200 answer without the logprobs we asked for
+    │   └── InvalidInput        a row the teacher cannot score as given (score mode)
     └── FatalError              stop the job early, keep what was written
         ├── AuthError           HTTP 401 / 403
         ├── ModelNotFound       HTTP 404 (wrong model name or base URL)
@@ -95,6 +96,12 @@ class BadRequest(RowError):
 
 class MissingLogprobs(RowError):
     """A 200 answer lacking the requested logprobs: unusable for distillation."""
+
+
+class InvalidInput(RowError):
+    """Score mode: the row cannot be scored as the teacher tokenises it (e.g. the chat template
+    renders a conversation's prefix differently from the start of the whole conversation, so
+    the assistant turns cannot be located). The same class names rows the input reader refused."""
 
 
 class FatalError(HarvestError):

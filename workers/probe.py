@@ -4,7 +4,10 @@ It runs in a harvest worker with the job's own client (same K, same rate limiter
 real rows: chat rows through ``/tokenize``), so a job the teacher cannot serve - a K above the
 server's ``--max-logprobs``, a model without a chat template, a bad key - stops in seconds with
 one line, not after a million failure rows. A second completion at another temperature tells
-which logprob mode the server runs (``harvest.preflight.classify_logprob_mode``).
+which logprob mode the server runs (``harvest.preflight.classify_logprob_mode``). In score mode
+the probe rows carry a response to score, so the probe takes the scoring path (``/tokenize``,
+``prompt_logprobs``); vLLM computes prompt logprobs before any sampling processor, so there the
+values do not move with the temperature.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from workers.errors import HarvestError
 
 KINDS = ("chat", "completions")
 PROBE_TEXT = "Hello"
+PROBE_RESPONSE = "Hi there"  # score mode: a text to score after the probe prompt
 PROBE_SEED = 1234
 MODE_TEMPERATURES = (1.0, 0.5)
 
@@ -31,12 +35,18 @@ class ProbeResult:
     mode_error: str | None = None
 
 
-def probe_row(kind: str, temperature: float) -> PromptRow:
+def probe_row(kind: str, temperature: float, score: bool = False) -> PromptRow:
+    """A tiny row of ``kind``; in score mode with a response (an assistant turn) to score."""
     overrides = {"max_tokens": 2, "n": 1, "temperature": temperature, "seed": PROBE_SEED}
     if kind == "chat":
         messages = [{"role": "user", "content": PROBE_TEXT}]
+        if score:
+            messages.append({"role": "assistant", "content": PROBE_RESPONSE})
         return PromptRow("preflight-chat", "preflight", messages=messages, overrides=overrides)
-    return PromptRow("preflight-completions", "preflight", prompt=PROBE_TEXT, overrides=overrides)
+    return PromptRow(
+        "preflight-completions", "preflight", prompt=PROBE_TEXT, overrides=overrides,
+        response=PROBE_RESPONSE if score else None,
+    )  # fmt: skip
 
 
 def _why(err: HarvestError) -> str:
@@ -46,10 +56,11 @@ def _why(err: HarvestError) -> str:
 async def probe(client: TeacherClient, kinds: list[str]) -> ProbeResult:
     """Send one request per kind in ``kinds`` (and one more for the logprob mode)."""
     result = ProbeResult()
+    score = client.spec.mode == "score"
     mode_kind = "completions" if "completions" in kinds else "chat"
     for kind in (k for k in KINDS if k in kinds):
         try:
-            done = await client.complete(probe_row(kind, MODE_TEMPERATURES[0]))
+            done = await client.complete(probe_row(kind, MODE_TEMPERATURES[0], score))
         except HarvestError as err:
             result.failed[kind] = _why(err)
             continue
@@ -58,7 +69,7 @@ async def probe(client: TeacherClient, kinds: list[str]) -> ProbeResult:
     if result.failed or not kinds:
         return result
     try:
-        done = await client.complete(probe_row(mode_kind, MODE_TEMPERATURES[1]))
+        done = await client.complete(probe_row(mode_kind, MODE_TEMPERATURES[1], score))
         result.tops[MODE_TEMPERATURES[1]] = _first_top(done.samples)
     except HarvestError as err:
         result.mode_error = _why(err)

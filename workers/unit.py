@@ -116,7 +116,8 @@ async def harvest_unit(
                 completion_tokens=len(sample.token_ids),
                 prompt_token_ids=outcome.prompt_token_ids, token_ids=sample.token_ids,
                 logprobs=sample.logprobs, top_token_ids=sample.top_token_ids,
-                top_logprobs=sample.top_logprobs, teacher=teacher, endpoint=outcome.endpoint,
+                top_logprobs=sample.top_logprobs, loss_mask=sample.loss_mask,
+                teacher=teacher, endpoint=outcome.endpoint,
                 attempts=outcome.attempts, latency_ms=outcome.latency_ms,
             )  # fmt: skip
 

@@ -61,3 +61,25 @@ def test_a_kind_the_teacher_rejects_is_named_with_the_servers_reason() -> None:
     assert list(result.failed) == ["chat"]
     assert result.failed["chat"].startswith("BadRequest: HTTP 400: Requested sample logprobs")
     assert "\n" not in result.failed["chat"]
+
+
+def test_score_mode_probes_the_scoring_path_of_each_kind() -> None:
+    from test_score import score_spec
+
+    fake = FakeTeacher(add_bos=True)
+
+    async def go():
+        client = TeacherClient(score_spec(K), job_id="j", transport=fake.transport())
+        try:
+            return await probe(client, ["chat", "completions"])
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(go())
+    assert result.failed == {} and result.mode_error is None
+    bodies = completions_bodies(fake)
+    assert [(b["max_tokens"], b["prompt_logprobs"]) for b in bodies] == [(1, K)] * 3
+    assert [b["temperature"] for b in bodies] == [1.0, 1.0, 0.5]
+    assert len(result.tops[1.0]) == K and result.tops[1.0] == result.tops[0.5]
+    tokenized = [b for _, path, b, _ in fake.calls if path.endswith("/tokenize")]
+    assert {"prompt": "Hi there", "add_special_tokens": False, "model": "fake"} in tokenized

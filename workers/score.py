@@ -1,0 +1,179 @@
+"""Score mode: the teacher scores given text (teacher forcing) instead of generating.
+
+The scored sequence is sent as token ids to ``/v1/completions`` with ``max_tokens: 1`` and
+vLLM's ``prompt_logprobs: K``; the one generated token is discarded. Which ids, and which of
+them to train on (the loss mask), comes from the server's own tokenizer (``/tokenize``):
+
+* prompt + response: ``tokenize(prompt) + tokenize(response, add_special_tokens=False)``. The
+  two halves are tokenised apart, so the boundary is exact: no BPE merge ever spans it, and the
+  mask is exactly the response's tokens. (Tokenising the joined text could merge the last
+  prompt characters with the first response characters and blur the boundary.)
+* chat: the whole conversation rendered by the chat template (``add_generation_prompt``
+  false). Assistant turn i spans from the end of ``messages[:i]`` rendered with the generation
+  prompt to the end of ``messages[:i+1]`` rendered without: its content and everything the
+  template closes the turn with, so the end-of-turn token (ChatML's ``<|im_end|>``, what the
+  student must learn to stop with) is trained on, and so is a separator the template writes
+  after it (ChatML's newline). Every prefix must be a true prefix of the whole rendering, else
+  the row is an ``InvalidInput`` failure (templates that rewrite earlier turns, e.g. dropping
+  reasoning, cannot be scored turn by turn).
+
+A record holds, for every token after the first (the first has no logprob), its id, its
+logprob, the teacher's top-K (exactly K, best first) and whether to train on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.job import JobSpec
+from schemas.wire import Answer, PromptRow, Sample
+from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
+
+FINISH_REASON = "score"
+
+# Posts a ``/tokenize`` body (without the model name) and returns its token ids.
+Tokenize = Callable[[dict[str, Any]], Awaitable[list[int]]]
+
+
+@dataclass(slots=True)
+class Scored:
+    """The sequence to score, which of its tokens to train on, and the response text."""
+
+    ids: list[int]
+    mask: list[bool]  # as long as ids
+    response: str
+
+
+def score_sampling(spec: JobSpec) -> dict[str, Any]:
+    """What decides a score record's content (request ids hash it): one record per row."""
+    return {"mode": "score", "n": 1, "logprobs": spec.sampling.logprobs}
+
+
+def score_body(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
+    """The ``/v1/completions`` body; the ids to score are added once tokenised (``sequence``).
+
+    The temperature shapes only the discarded token; it is passed so the preflight's mode probe
+    (two temperatures) can show that prompt logprobs do not depend on it."""
+    return {
+        "model": spec.teacher.model,
+        "max_tokens": 1,
+        "n": 1,
+        "temperature": row.overrides.get("temperature", spec.sampling.temperature),
+        "prompt_logprobs": spec.sampling.logprobs,
+        "return_token_ids": True,  # the ids the teacher scored, checked against ours
+    }
+
+
+async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
+    """The row's ids as the teacher tokenises them, and the mask of the tokens to train on."""
+    if row.messages is None:
+        prompt = await tokenize({"prompt": row.prompt})
+        response = await tokenize({"prompt": row.response, "add_special_tokens": False})
+        if not prompt or not response:
+            raise InvalidInput("the prompt or the response tokenises to no tokens")
+        mask = [False] * len(prompt) + [True] * len(response)
+        return Scored(prompt + response, mask, row.response or "")
+    messages = row.messages
+    full = await tokenize({"messages": messages, "add_generation_prompt": False})
+    mask = [False] * len(full)
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = await tokenize({"messages": messages[:i], "add_generation_prompt": True})
+        end = full
+        if i < last:
+            end = await tokenize({"messages": messages[: i + 1], "add_generation_prompt": False})
+        _check_prefix(full, start, f"messages[:{i}] with the generation prompt")
+        _check_prefix(full, end, f"messages[:{i + 1}]")
+        if len(start) >= len(end):
+            raise InvalidInput(f"assistant turn messages[{i}] renders to no tokens")
+        mask[len(start) : len(end)] = [True] * (len(end) - len(start))
+    if not any(mask[1:]):
+        raise InvalidInput("no assistant token to score after the first token")
+    response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    return Scored(full, mask, response)
+
+
+def _check_prefix(full: list[int], part: list[int], what: str) -> None:
+    if full[: len(part)] != part:
+        at = next(
+            (j for j, (a, b) in enumerate(zip(full, part, strict=False)) if a != b), len(full)
+        )
+        raise InvalidInput(
+            f"the chat template renders {what} differently from the start of the whole "
+            f"conversation (first difference at token {at}), so the assistant turns cannot be "
+            "located"
+        )
+
+
+def _num(v: Any) -> bool:
+    return type(v) is float or type(v) is int
+
+
+def _position(entry: Any, actual: int, k: int) -> tuple[float, list[int], list[float]]:
+    """One ``prompt_logprobs`` entry: the actual token's logprob and exactly K alternatives.
+
+    vLLM keys entries by token id and adds the actual token as a K+1st key when it is outside
+    the top K; that key is then dropped from the alternatives, whatever its logprob ties with."""
+    if type(entry) is not dict:
+        raise InvalidResponse("a prompt_logprobs entry is not an object")
+    if len(entry) < k:
+        raise MissingLogprobs(f"teacher returned {len(entry)} prompt logprobs, asked for {k}")
+    if len(entry) > k + 1:
+        raise InvalidResponse(f"teacher returned {len(entry)} prompt logprobs, asked for {k}")
+    alts: list[tuple[float, int]] = []
+    own = None
+    for key, value in entry.items():
+        if type(key) is not str or not key.isdigit():
+            raise InvalidResponse(f"prompt_logprobs key {str(key)[:40]!r} is not a token id")
+        lp = value.get("logprob") if type(value) is dict else None
+        if not _num(lp):
+            raise InvalidResponse("a prompt logprob is not a number")
+        tid = int(key)
+        if tid == actual:
+            own = float(lp)
+            if len(entry) == k + 1:
+                continue  # added beside the top K, not one of them
+        alts.append((float(lp), tid))
+    if own is None:
+        raise InvalidResponse(f"prompt_logprobs entry lacks the scored token {actual}")
+    alts.sort(key=lambda a: (-a[0], a[1]))
+    return own, [t for _, t in alts], [lp for lp, _ in alts]
+
+
+def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
+    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``scored``."""
+    choices = body.get("choices") if type(body) is dict else None
+    if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+        raise InvalidResponse("response has not exactly one choice object")
+    choice = choices[0]
+    echoed = choice.get("prompt_token_ids")
+    if echoed is not None and echoed != scored.ids:
+        raise InvalidResponse("the teacher scored other token ids than were sent")
+    plp = choice.get("prompt_logprobs")
+    if plp is None:
+        raise MissingLogprobs("teacher returned no prompt_logprobs (a vLLM extra)")
+    if type(plp) is not list or len(plp) != len(scored.ids):
+        raise InvalidResponse("prompt_logprobs is not a list as long as the prompt")
+    if plp[0] is not None:
+        raise InvalidResponse("prompt_logprobs does not start with null (the first token)")
+    logprobs, top_ids, top_lps = [], [], []
+    for entry, actual in zip(plp[1:], scored.ids[1:], strict=True):
+        own, ids, lps = _position(entry, actual, k)
+        logprobs.append(own)
+        top_ids.append(ids)
+        top_lps.append(lps)
+    sample = Sample(
+        sample_index=0,
+        response=scored.response,
+        finish_reason=FINISH_REASON,
+        token_ids=scored.ids[1:],
+        logprobs=logprobs,
+        top_token_ids=top_ids,
+        top_logprobs=top_lps,
+        loss_mask=scored.mask[1:],
+    )
+    return Answer([sample], 1, scored.ids[:1])
