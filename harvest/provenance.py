@@ -14,7 +14,9 @@ from harvest import manifest
 from workers.writer import read_metadata
 
 # What must be identical across every shard of one output.
-AGREED = ("job_id", "schema_version", "teacher", "authorization", "sampling", "logprob_mode")
+AGREED = (
+    "job_id", "schema_version", "mode", "teacher", "authorization", "sampling", "logprob_mode"
+)  # fmt: skip
 
 
 def shard_metadata(out_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
@@ -69,6 +71,7 @@ def report(out_dir: str | Path) -> tuple[str, bool]:
     if auth.get("provider_agreement"):
         lines.append(f"provider agreement: {auth['provider_agreement']}")
     lines += [
+        f"mode:            {meta.get('mode') or 'generate'}",
         f"sampling:        {meta.get('sampling')}",
         f"logprobs:        {meta.get('logprob_mode')} ({meta.get('logprob_mode_how')})",
         f"shards:          {kinds.count('data')} data, {kinds.count('failed')} failed",

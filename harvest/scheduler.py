@@ -117,6 +117,7 @@ def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, A
         "job_id": job_id,
         "teacher": teacher.identity(),
         "authorization": spec.teacher.authorization.model_dump(),
+        "mode": spec.mode,  # generate, or score (the teacher scored given text)
         "sampling": spec.sampling.model_dump(),
         # Replaced by what the preflight probe finds the server runs (vLLM's --logprobs-mode).
         "logprob_mode": "unknown",
