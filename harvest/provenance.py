@@ -17,6 +17,8 @@ from workers.writer import read_metadata
 AGREED = (
     "job_id", "schema_version", "mode", "teacher", "authorization", "sampling", "logprob_mode"
 )  # fmt: skip
+# Shards written before a key existed hold its default (no "mode": generate mode).
+DEFAULTS = {"mode": "generate"}
 
 
 def shard_metadata(out_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
@@ -42,7 +44,7 @@ def disagreements(shards: list[tuple[str, dict[str, Any]]]) -> list[str]:
     out = []
     for path, meta in shards[1:]:
         for key in AGREED:
-            if meta.get(key) != first.get(key):
+            if meta.get(key, DEFAULTS.get(key)) != first.get(key, DEFAULTS.get(key)):
                 out.append(f"{_name(path)}: {key} differs from {_name(first_path)}")
     return out
 
