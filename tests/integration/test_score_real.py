@@ -144,15 +144,21 @@ def test_scored_logprobs_equal_the_greedy_generation_logprobs(scored, generated)
     assert compared >= ROWS * 3 // 4, f"only {compared} of {ROWS} responses re-encode exactly"
 
 
-def test_chat_mask_covers_exactly_both_assistant_turns(scored, tiny_teacher, tokenizer):
-    rec = records(scored)["two-turns"]
-    ids, mask, turns = [], [], []
+def chat_by_hand(tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """TWO_TURNS' ids built from the template's pieces, and where each assistant turn lies."""
+    ids, turns = [], []
     for text, trained in PIECES:
         piece = tokenizer.encode(text, add_special_tokens=False)
         if trained:
             turns.append((len(ids), len(ids) + len(piece)))
         ids += piece
-        mask += [trained] * len(piece)
+    return ids, turns
+
+
+def test_chat_mask_covers_exactly_both_assistant_turns(scored, tiny_teacher, tokenizer):
+    rec = records(scored)["two-turns"]
+    ids, turns = chat_by_hand(tokenizer)
+    mask = [any(a <= i < b for a, b in turns) for i in range(len(ids))]
     whole = tokenize(tiny_teacher, messages=TWO_TURNS, add_generation_prompt=False)
     assert rec["prompt_token_ids"] + rec["token_ids"] == ids == whole
     assert rec["loss_mask"] == mask[1:]
@@ -168,17 +174,22 @@ def test_chat_mask_covers_exactly_both_assistant_turns(scored, tiny_teacher, tok
     assert rec["response"] == "Then we stop." and rec["api"] == "chat"
 
 
-def test_iter_batches_masks_the_scored_tokens(scored):
+def test_iter_batches_masks_the_scored_tokens(scored, tiny_teacher, tokenizer):
+    """Position t predicts token t + 1: trained exactly where that token is a response token."""
     batches = pytest.importorskip("harvest.batches")
-    seen = 0
-    for batch in batches.iter_batches(scored, 8, 256, meta_columns=["prompt_id"]):
+    length, seen = 256, 0
+    _, turns = chat_by_hand(tokenizer)
+    for batch in batches.iter_batches(scored, 8, length, meta_columns=["prompt_id"]):
         for b, pid in enumerate(batch["prompt_id"]):
             rec = records(scored)[pid]
             seq = rec["prompt_token_ids"] + rec["token_ids"]
             assert list(batch["input_ids"][b, : len(seq)]) == seq
-            # Position t predicts token t + 1: trained exactly where that token is masked in.
-            want = [bool(m) for m in rec["loss_mask"]] + [False] * (256 - len(seq) + 1)
-            assert list(batch["loss_mask"][b]) == want[:256]
+            if pid == "two-turns":
+                want = [any(a <= t + 1 < e for a, e in turns) for t in range(length)]
+            else:  # the response starts after the prompt's own tokens
+                n_prompt = len(tokenize(tiny_teacher, prompt=f"Line {pid[1:]}: the answer is"))
+                want = [n_prompt - 1 <= t < len(seq) - 1 for t in range(length)]
+            assert batch["loss_mask"][b].tolist() == want
             seen += 1
     assert seen == ROWS + 1
 
