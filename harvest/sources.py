@@ -209,6 +209,11 @@ def _score_row(
             return RowProblem(
                 pid, source, "score mode: the conversation has no assistant turn", raw
             )
+        if messages[0]["role"] == "assistant":  # its prefix would be an empty conversation
+            return RowProblem(
+                pid, source, "score mode: the conversation starts with an assistant turn, "
+                "so nothing precedes it for the chat template to render", raw,
+            )  # fmt: skip
         return PromptRow(pid, source, messages=messages)
     if response is None:
         return RowProblem(pid, source, f"score mode: row has no '{field}' to score", raw)

@@ -463,6 +463,7 @@ def test_score_rows_need_a_response_or_an_assistant_turn(tmp_path: Path) -> None
         {"id": "number", "prompt": "p", "response": 3},
         {"id": "no-assistant", "messages": [user]},
         {"id": "both", "messages": [user, answer], "response": "r"},
+        {"id": "first", "messages": [answer, user, answer]},
     )
     spec = parse_job({**make_spec(path).model_dump(), "mode": "score"})
     rows = list(iter_rows(resolve_files(str(path))[0], spec))
@@ -477,6 +478,8 @@ def test_score_rows_need_a_response_or_an_assistant_turn(tmp_path: Path) -> None
         "no-assistant": "score mode: the conversation has no assistant turn",
         "both": "score mode: a chat row carries its responses as assistant turns, not in "
         "'response'",
+        "first": "score mode: the conversation starts with an assistant turn, so nothing "
+        "precedes it for the chat template to render",
     }
 
 

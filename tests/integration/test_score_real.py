@@ -105,6 +105,8 @@ def test_bad_rows_are_failure_rows_and_shards_say_score(scored):
     assert sorted(records(scored)) == sorted([f"p{i}" for i in range(ROWS)] + ["two-turns"])
     meta = read_metadata(reader.data_files(scored)[0])
     assert meta["mode"] == "score" and meta["spec"]["mode"] == "score"
+    # The preflight probed the scoring path; prompt logprobs skip the sampling processors.
+    assert meta["logprob_mode"] == "raw_logprobs"
 
 
 def test_ids_are_the_teachers_encoding_of_prompt_then_response(
