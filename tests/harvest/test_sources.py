@@ -19,7 +19,7 @@ from harvest.sources import (
     resolve_files,
     scan,
 )
-from schemas.job import JobSpec, parse_job
+from schemas.job import JobSpec, load_job, parse_job
 from schemas.records import MESSAGE_TYPE
 from schemas.wire import PromptRow, RowProblem
 
@@ -487,3 +487,11 @@ def test_generate_mode_does_not_read_the_response_column(tmp_path: Path) -> None
     path = write_jsonl(tmp_path / "in.jsonl", {"id": "a", "prompt": "p", "response": 3})
     (row,) = iter_rows(resolve_files(str(path))[0], make_spec(path))
     assert isinstance(row, PromptRow) and row.response is None
+
+
+def test_the_score_example_reads_as_score_rows() -> None:
+    spec = load_job(Path(__file__).resolve().parents[2] / "examples" / "score_job.yaml")
+    assert spec.mode == "score"
+    rows = list(iter_rows(resolve_files(spec.input.path)[0], spec))
+    assert all(isinstance(r, PromptRow) for r in rows) and len(rows) == 3
+    assert rows[0].response == " Paris, on the Seine." and rows[2].messages is not None
