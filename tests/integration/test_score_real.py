@@ -112,6 +112,7 @@ def test_bad_rows_are_failure_rows_and_shards_say_score(scored):
 def test_ids_are_the_teachers_encoding_of_prompt_then_response(
     scored, generated, tiny_teacher, tokenizer
 ):
+    inside = outside = 0
     for pid, gen in generated.items():
         rec = records(scored)[pid]
         prompt, response = f"Line {pid[1:]}: the answer is", gen["response"]
@@ -124,9 +125,19 @@ def test_ids_are_the_teachers_encoding_of_prompt_then_response(
         assert rec["prompt_token_ids"] == p[:1]
         assert rec["loss_mask"] == [False] * (len(p) - 1) + [True] * len(r)
         assert (rec["response"], rec["finish_reason"]) == (response, "score")
-        for ids, lps in zip(rec["top_token_ids"], rec["top_logprobs"], strict=True):
+        for tid, lp, ids, lps in zip(
+            rec["token_ids"], rec["logprobs"], rec["top_token_ids"], rec["top_logprobs"],
+            strict=True,
+        ):  # fmt: skip
             assert len(ids) == len(set(ids)) == len(lps) == K
             assert lps == sorted(lps, reverse=True)
+            if tid in ids:  # vLLM sent K keys: the token's own entry is one of the top K
+                inside += 1
+                assert math.isclose(lps[ids.index(tid)], lp, abs_tol=1e-6)
+            else:  # K + 1 keys: the added entry was dropped, and it ranks below the K-th
+                outside += 1
+                assert lp <= lps[-1] + 1e-6
+    assert inside and outside  # both shapes of vLLM's answer were met and parsed
 
 
 def test_scored_logprobs_equal_the_greedy_generation_logprobs(scored, generated):
