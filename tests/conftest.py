@@ -108,14 +108,21 @@ def ray_cluster(s3_server):
 
     from workers.vllm_server import free_port
 
-    RAY_METRICS_PORT.append(free_port())
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=RAY_METRICS_PORT[0],
-    )
+    for attempt in range(2):  # a node that times out starting on a loaded machine: once more
+        RAY_METRICS_PORT[:] = [free_port()]
+        try:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                _metrics_export_port=RAY_METRICS_PORT[0],
+            )
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
