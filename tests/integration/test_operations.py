@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from fault_jobs import N, fault_job
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 
 from harvest import reader
@@ -29,7 +29,6 @@ from harvest.status import read_status
 
 pytestmark = pytest.mark.integration
 
-N = 2
 OUTCOME_CLASS = {
     "429": "RateLimited",
     "500": "ServerError",
@@ -42,28 +41,10 @@ OUTCOME_CLASS = {
 }
 
 
-def make_job(folder: Path, url: str, prompts: int, bad: int = 0, **teacher) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "prompts.jsonl", "w") as fh:
-        for i in range(prompts):
-            fh.write(json.dumps({"id": f"p{i}", "prompt": f"op {i}"}) + "\n")
-    job = {
-        "input": "prompts.jsonl",
-        "teacher": {
-            "model": "fault",
-            "endpoints": [url],
-            "authorization": {"owner": "tests", "license": "test", "attestation": "fault server"},
-            "timeout_s": 1.0,
-            "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.3,
-            **teacher,
-        },
-        "sampling": {"max_tokens": 4, "n": N, "logprobs": 3},
-        "output": {"dir": "out", "rows_per_shard": 20},
-        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
-    }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
-    return folder / "job.yaml"
+def make_job(folder: Path, url: str, prompts: int, **teacher) -> Path:
+    """Plain prompts "op 0", "op 1", ...; a 1 s timeout, so a stall of the plan is a timeout."""
+    rows = [{"prompt": f"op {i}"} for i in range(prompts)]
+    return fault_job(folder, url, rows, timeout_s=1.0, backoff_max_s=0.3, **teacher)
 
 
 def bad_prompts(count: int) -> set[str]:

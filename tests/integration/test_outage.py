@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from fault_jobs import N, fault_job
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from test_harvest_e2e import TINY_MODEL, write_job
 from test_resume import start, wait_for_units
@@ -35,7 +36,6 @@ from workers.vllm_server import VllmServer, free_port
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-N = 2
 # A request already on the wire when a 429 arrives may still reach the server inside the window
 # that 429 announced; only requests sent after it must stay away.
 IN_FLIGHT_GRACE_S = 0.5
@@ -45,29 +45,11 @@ def chat(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def fault_job(folder: Path, url: str, prompts: int, **teacher) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "prompts.jsonl", "w") as fh:
-        for i in range(prompts):
-            row = {"prompt": f"row {i}"} if i % 3 else {"messages": chat(f"chat {i}")}
-            fh.write(json.dumps({"id": f"p{i}", **row}) + "\n")
-    job = {
-        "input": "prompts.jsonl",
-        "teacher": {
-            "model": "fault",
-            "endpoints": [url],
-            "authorization": {"owner": "tests", "license": "test", "attestation": "fault server"},
-            "timeout_s": 2.0,
-            "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.5,
-            **teacher,
-        },
-        "sampling": {"max_tokens": 4, "n": N, "logprobs": 3},
-        "output": {"dir": "out", "rows_per_shard": 20},
-        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
-    }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
-    return folder / "job.yaml"
+def fault_rows(prompts: int) -> list[dict]:
+    """Two plain prompts, then a chat row, and again."""
+    return [
+        {"prompt": f"row {i}"} if i % 3 else {"messages": chat(f"chat {i}")} for i in range(prompts)
+    ]
 
 
 def ids_and_failures(out: Path) -> tuple[list[str], int]:
@@ -79,7 +61,7 @@ def ids_and_failures(out: Path) -> tuple[list[str], int]:
 
 def clean_reference(tmp_path: Path, prompts: int) -> set[str]:
     with FaultTeacherServer(model="fault") as server:
-        job = fault_job(tmp_path / "reference", server.url, prompts)
+        job = fault_job(tmp_path / "reference", server.url, fault_rows(prompts))
         assert main(["run", str(job), "--no-progress"]) == 0
     ids, failures = ids_and_failures(job.parent / "out")
     assert failures == 0 and len(ids) == len(set(ids)) == prompts * N
@@ -96,7 +78,7 @@ def test_dead_teacher_stops_the_job_after_the_outage_timeout(tmp_path, ray_clust
     prompts = 300
     reference = clean_reference(tmp_path, prompts)
     with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
-        job = fault_job(tmp_path / "job", server.url, prompts, outage_timeout_s=4)
+        job = fault_job(tmp_path / "job", server.url, fault_rows(prompts), outage_timeout_s=4)
         out = job.parent / "out"
         proc = start(job, ray_cluster)
         wait_for_units(proc, out, 2)
@@ -149,7 +131,7 @@ class StderrLines:
 def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, ray_cluster):
     prompts = 200
     with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
-        job = fault_job(tmp_path, server.url, prompts, outage_timeout_s=120)
+        job = fault_job(tmp_path, server.url, fault_rows(prompts), outage_timeout_s=120)
         proc = start(job, ray_cluster)
         wait_for_units(proc, job.parent / "out", 1)
         server.go_down()
@@ -171,7 +153,12 @@ def test_429_storm_pauses_the_endpoint_and_fails_no_row(tmp_path, ray_cluster):
         # Two attempts and 2 s per row, less than one Retry-After: a storm that counted against
         # the rows would fail them. A long timeout keeps a loaded machine from doing so.
         job = fault_job(
-            tmp_path, server.url, prompts, max_attempts=2, max_request_time_s=2, timeout_s=60
+            tmp_path,
+            server.url,
+            fault_rows(prompts),
+            max_attempts=2,
+            max_request_time_s=2,
+            timeout_s=60,
         )
         assert main(["run", str(job), "--no-progress"]) == 0
         log = [r for r in server.log if r.path.endswith(("/completions", "/tokenize"))]
