@@ -194,11 +194,13 @@ class Router:
 
     async def pause(self, endpoint: str, retry_after: float | None) -> None:
         """A 429: keep every request away from ``endpoint`` for ``retry_after`` seconds (or a
-        growing backoff when the server named none), and tell the other workers."""
+        growing backoff when the server named none, or zero: a 429 is never answered at once,
+        and it costs the row no attempt, so nothing else would slow a loop down), and tell the
+        other workers."""
         ep = self._eps.get(endpoint)
         if ep is None:
             return
-        if retry_after is None:
+        if retry_after is None or retry_after <= 0:
             first, most = self.pause_backoff
             retry_after = min(most, first * 2**ep.pauses)
         ep.pauses += 1

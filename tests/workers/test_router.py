@@ -135,6 +135,18 @@ def test_a_429_without_retry_after_backs_off_more_each_time():
     assert [round(w, 1) for w in waits] == [0.1, 0.2, 0.3, 0.3]
 
 
+def test_a_429_with_retry_after_zero_still_backs_off():
+    async def go():
+        told: list[float] = []
+        router = Router(["a"], 8, pause_backoff=(0.1, 0.3), on_pause=lambda e, u: told.append(u))
+        now = time.time()
+        await router.pause("a", 0.0)
+        return told[0] - now, [d.state for d in router.down()]
+
+    wait, states = run(go())
+    assert round(wait, 1) == 0.1 and states == ["paused (429)"]
+
+
 def test_no_usable_endpoint_for_the_outage_timeout_stops_waiting_requests():
     async def go():
         async def never(endpoint):
