@@ -38,6 +38,7 @@ async def run(url: str, args: argparse.Namespace, out: Path) -> int:
             "teacher": {
                 "model": "fault",
                 "endpoints": [url],
+                "transport": args.transport,
                 "authorization": {"owner": "bench", "license": "test", "attestation": "synthetic"},
             },
             "sampling": {"max_tokens": args.max_tokens, "n": 1, "logprobs": args.k},
@@ -68,6 +69,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--in-flight", type=int, default=32)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx")
     ap.add_argument("--no-profile", action="store_true", help="time only (cProfile adds cost)")
     args = ap.parse_args()
     teacher = ProcessTeacher(0.0, 100_000, memoise=True)
