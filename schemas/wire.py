@@ -56,8 +56,10 @@ class Sample:
     finish_reason: str | None
     token_ids: list[int]
     logprobs: list[float]
-    top_token_ids: list[list[int]]
-    top_logprobs: list[list[float]]
+    # (tokens, K) per token, best first: int64 / float64 arrays from the parser (lists are
+    # accepted too: the writer lays out either)
+    top_token_ids: Any
+    top_logprobs: Any
     loss_mask: list[bool] | None = None  # score mode: which token_ids to train on
 
 

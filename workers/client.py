@@ -34,7 +34,7 @@ from workers.retry import build_retrying, parse_retry_after
 from workers.router import PauseListener, Router
 from workers.score import Scored, parse_scored, score_body, score_sampling, sequence
 from workers.stats import RequestStats
-from workers.transport import AiohttpTransport
+from workers.transport import AiohttpTransport, DirectPost, Reply
 
 
 class RateLimiter(Protocol):
@@ -100,6 +100,7 @@ class TeacherClient:
             # parsing (workers/transport.py). Tests inject httpx.MockTransport here.
             transport=transport or _transport(spec),
         )
+        self._direct = _direct(spec, headers) if transport is None else None
         self.counters: Counter[str] = Counter()  # retries and error classes seen
         self.stats = RequestStats()  # every exchange with an endpoint: status file, metrics
 
@@ -149,15 +150,18 @@ class TeacherClient:
             raise InvalidResponse("/tokenize did not answer a list of token ids", endpoint=endpoint)
         return tokens
 
-    async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> httpx.Response:
+    async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> Reply:
         try:
             # httpx's timeouts are per read; this bounds the whole request, so a server that
             # trickles bytes cannot hold a slot forever. Closing the connection on timeout is
             # what makes vLLM abort the abandoned generation.
             async with asyncio.timeout(self.spec.teacher.timeout_s):
-                return await self._http.post(
+                if self._direct is not None:
+                    return await self._direct.post(url, orjson.dumps(body))
+                resp = await self._http.post(
                     url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
                 )
+                return Reply(resp.status_code, resp.headers, resp.content)
         except (httpx.TimeoutException, TimeoutError) as err:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
         except httpx.TransportError as err:
@@ -286,6 +290,18 @@ class TeacherClient:
     async def aclose(self) -> None:
         await self.router.aclose()
         await self._http.aclose()
+        if self._direct is not None:
+            await self._direct.aclose()
+
+
+def _direct(spec: JobSpec, headers: dict[str, str]) -> DirectPost | None:
+    """aiohttp without httpx's models for the POSTs, when the job asks for that transport."""
+    verify = spec.teacher.tls_verify
+    if spec.teacher.transport != "aiohttp" or isinstance(verify, str):  # no CA bundle yet
+        return None
+    return DirectPost(
+        {**headers, "Content-Type": "application/json"}, spec.teacher.timeout_s, verify=verify
+    )
 
 
 def _transport(spec: JobSpec) -> httpx.AsyncBaseTransport | None:
@@ -302,9 +318,9 @@ def _endpoint_failed(err: HarvestError) -> bool:
     return isinstance(err, ServerError) and not isinstance(err, RateLimited)
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(resp: Reply) -> str:
     """The server's own error message if it sent one, else the status line; kept short."""
-    text = resp.text[:500]
+    text = resp.content[:2000].decode("utf-8", "replace")[:500]
     try:
         data = orjson.loads(resp.content)
         if isinstance(data, dict):

@@ -28,6 +28,7 @@ from __future__ import annotations
 from itertools import chain
 from typing import Any
 
+import numpy as np
 import orjson
 
 from schemas.wire import Answer, Sample
@@ -90,6 +91,83 @@ def _numbers(values: Any) -> bool:
     return set(map(type, values)) <= _NUMBER_TYPES
 
 
+def _fast_top_k(tops: Any, n: int, k: int) -> tuple[Any, Any] | None:
+    """Top ``k`` ids (int64) and logprobs (float64) per token as (n, k) arrays, best first;
+    None unless every entry is a dict of K or K+1 ``token_id:N`` -> float pairs."""
+    if type(tops) is not list or len(tops) != n or set(map(type, tops)) != {dict}:
+        return None
+    widths = np.fromiter(map(len, tops), np.int64, n)
+    if widths.min() < k or widths.max() > k + 1:
+        return None
+    values = list(chain.from_iterable(map(dict.values, tops)))
+    if set(map(type, values)) != {float}:  # ints, bools, None...: the checked path decides
+        return None
+    keys = list(chain.from_iterable(tops))
+    ids = _key_ids(keys)
+    if ids is None:
+        return None
+    return _best(ids, np.array(values, np.float64), widths, k)
+
+
+_DIGITS = 18  # as _MAX_DIGITS: any vocabulary id, and int64 holds it
+_PREFIX_BYTES = _PREFIX.encode()
+_NEXT = b"\n" + _PREFIX_BYTES
+_PLACES = 10 ** np.arange(_DIGITS - 1, -1, -1, dtype=np.int64)
+_FLOAT_PLACES = _PLACES.astype(np.float64)
+
+
+def _key_ids(keys: list[str]) -> np.ndarray | None:
+    """The ids of ``token_id:N`` strings in a few numpy passes over their joined bytes; None
+    unless every one is exactly the prefix and 1-18 ASCII digits (what ``_token_id`` takes,
+    with the same value: leading zeros included)."""
+    try:
+        joined = "\n".join(keys).encode()
+    except (TypeError, UnicodeEncodeError):  # a non-string, a lone surrogate
+        return None
+    if not joined.startswith(_PREFIX_BYTES) or joined.count(_NEXT) != len(keys) - 1:
+        return None
+    b = np.frombuffer(joined, np.uint8)
+    ends = np.flatnonzero(b == 10)
+    if len(ends) != len(keys) - 1:  # a key holding a newline
+        return None
+    ends = np.append(ends, len(b))  # each key ends there, and starts with the prefix (counted)
+    lengths = np.diff(ends, prepend=-1) - 1 - _CUT
+    width = int(lengths.max())
+    if lengths.min() < 1 or width > _DIGITS:
+        return None
+    at = ends[:, None] - width + np.arange(width)  # the last ``width`` bytes of each key
+    used = at >= (ends - lengths)[:, None]
+    digits = b[at] - 48  # uint8: bytes below '0' wrap to large values
+    if ((digits > 9) & used).any():
+        return None
+    digits[~used] = 0
+    if width <= 15:  # exact in float64: one BLAS product
+        return (digits.astype(np.float64) @ _FLOAT_PLACES[-width:]).astype(np.int64)
+    return digits.astype(np.int64) @ _PLACES[-width:]
+
+
+def _best(
+    ids: np.ndarray, values: np.ndarray, widths: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, the ``k`` best by logprob, descending, ties in the server's order: the
+    stable sort of the checked path (``sorted(..., reverse=True)``), for all tokens at once."""
+    n = len(widths)
+    wide = int(widths.max())
+    if int(widths.min()) == wide:
+        id_rows, value_rows = ids.reshape(n, wide), values.reshape(n, wide)
+    else:  # some tokens carry the sampled token as a K+1st entry: pad the others, last
+        starts = np.zeros(n, np.int64)
+        np.cumsum(widths[:-1], out=starts[1:])
+        rows = np.repeat(np.arange(n), widths)
+        cols = np.arange(len(ids)) - np.repeat(starts, widths)
+        id_rows = np.zeros((n, wide), np.int64)
+        value_rows = np.full((n, wide), -np.inf)
+        id_rows[rows, cols] = ids
+        value_rows[rows, cols] = values
+    order = np.argsort(-value_rows, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(id_rows, order, 1), np.take_along_axis(value_rows, order, 1)
+
+
 def _fast_sample(choice: Any, position: int, k: int) -> Sample | None:
     """The sample of a well-formed choice, without per-alternative Python; None when unsure."""
     if type(choice) is not dict:
@@ -120,23 +198,12 @@ def _fast_sample(choice: Any, position: int, k: int) -> Sample | None:
     if not (finish is None or type(finish) is str):
         return None
     if k:
-        tops = lp.get("top_logprobs")
-        if type(tops) is not list or len(tops) != len(ids) or set(map(type, tops)) != {dict}:
+        tops = _fast_top_k(lp.get("top_logprobs"), len(ids), k)
+        if tops is None:
             return None
-        sizes = set(map(len, tops))
-        if min(sizes) < k or max(sizes) > k + 1:
-            return None
-        if not _numbers(chain.from_iterable(map(dict.values, tops))):
-            return None
-        # The same stable sort as the checked path (by logprob, descending), keyed in C.
-        best = [sorted(e, key=e.__getitem__, reverse=True)[:k] for e in tops]
-        flat = _ids_fast(list(chain.from_iterable(best)))
-        if flat is None:
-            return None
-        top_ids = [flat[i : i + k] for i in range(0, len(flat), k)]
-        top_lps = [list(map(e.__getitem__, b)) for e, b in zip(tops, best, strict=True)]
+        top_ids, top_lps = tops
     else:
-        top_ids, top_lps = [[] for _ in ids], [[] for _ in ids]
+        top_ids, top_lps = _empty_rows(len(ids))
     return Sample(
         sample_index=index,
         response=text or "",
@@ -146,6 +213,11 @@ def _fast_sample(choice: Any, position: int, k: int) -> Sample | None:
         top_token_ids=top_ids,
         top_logprobs=top_lps,
     )
+
+
+def _empty_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K arrays for K = 0: a row per token, no alternatives."""
+    return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float64)
 
 
 def _int_list(value: Any, what: str) -> list[int]:
@@ -209,9 +281,10 @@ def _checked_sample(choice: Any, position: int, k: int) -> Sample:
     if sent_ids is not None and _int_list(sent_ids, "choice.token_ids") != ids:
         raise InvalidResponse("choice.token_ids disagree with logprobs.tokens")
     if k:
-        top_ids, top_lps = _top_k(lp.get("top_logprobs"), len(ids), k)
+        id_lists, lp_lists = _top_k(lp.get("top_logprobs"), len(ids), k)
+        top_ids, top_lps = np.array(id_lists, np.int64), np.array(lp_lists, np.float64)
     else:
-        top_ids, top_lps = [[] for _ in ids], [[] for _ in ids]
+        top_ids, top_lps = _empty_rows(len(ids))
     index = choice.get("index", position)
     text, finish = choice.get("text"), choice.get("finish_reason")
     if type(index) is not int or not (text is None or type(text) is str):

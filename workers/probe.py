@@ -78,4 +78,4 @@ async def probe(client: TeacherClient, kinds: list[str]) -> ProbeResult:
 
 def _first_top(samples: list) -> list[float]:
     tops = samples[0].top_logprobs if samples else []
-    return list(tops[0]) if tops else []
+    return [float(v) for v in tops[0]] if len(tops) else []

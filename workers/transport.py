@@ -11,6 +11,8 @@ as the httpx exception a client already handles (connect/read errors, a body cut
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import aiohttp
 import httpx
@@ -73,15 +75,58 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     content=content,
                     request=request,
                 )
-        except TimeoutError as err:  # aiohttp's sock_* timeouts (asyncio.TimeoutError)
-            raise httpx.ReadTimeout(str(err) or "timed out", request=request) from err
+        except Exception as err:
+            raise _as_httpx(err, request) from err
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _as_httpx(err: Exception, request: httpx.Request | None) -> Exception:
+    """The httpx exception for an aiohttp failure (the error itself if it is none of those)."""
+    if isinstance(err, TimeoutError):  # aiohttp's sock_* timeouts (asyncio.TimeoutError)
+        return httpx.ReadTimeout(str(err) or "timed out", request=request)
+    for source, target in _ERRORS:
+        if isinstance(err, source):
+            return target(f"{type(err).__name__}: {err}", request=request)
+    return err
+
+
+class Reply(NamedTuple):
+    """What the client reads of an answer."""
+
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive
+    content: bytes
+
+
+class DirectPost:
+    """POSTs through one aiohttp session, answers decoded, failures as httpx exceptions."""
+
+    def __init__(self, headers: Mapping[str, str], timeout: float, *, verify: bool) -> None:
+        self._headers = dict(headers)
+        self._timeout = aiohttp.ClientTimeout(sock_connect=min(10.0, timeout), sock_read=timeout)
+        self._verify = verify
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, content: bytes) -> Reply:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ssl=None if self._verify else False),
+                headers=self._headers,
+                skip_auto_headers=("User-Agent",),  # ours is in the headers
+            )
+        try:
+            async with self._session.post(
+                url, data=content, timeout=self._timeout, allow_redirects=False
+            ) as resp:
+                return Reply(resp.status, resp.headers, await resp.read())
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            for source, target in _ERRORS:
-                if isinstance(err, source):
-                    raise target(f"{type(err).__name__}: {err}", request=request) from err
-            raise
+            raise _as_httpx(err, None) from err
 
     async def aclose(self) -> None:
         if self._session is not None:

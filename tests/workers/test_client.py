@@ -87,8 +87,8 @@ def test_samples_carry_ids_and_exact_top_k(row):
             steps, sample.top_token_ids, sample.top_logprobs, strict=True
         ):
             true_top = sorted(alts, key=lambda a: a[1], reverse=True)[:K]
-            assert ids == [a for a, _ in true_top]
-            assert lps == sorted(lps, reverse=True) and len(ids) == K
+            assert ids.tolist() == [a for a, _ in true_top]
+            assert lps.tolist() == sorted(lps, reverse=True) and len(ids) == K
     if row.messages is not None:  # rendered by the server's own chat template, sent as ids
         _, tok_path, tok_body, _ = fake.calls[0]
         assert tok_path == "/tokenize" and len(fake.calls) == 2

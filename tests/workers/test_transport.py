@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 
 from fault_teacher_server import FaultPlan, FaultTeacherServer
+from samples import same
 from test_fault_teacher_server import ALL_FAULTS_BUT_STALL, make_spec, rows
 
 from schemas.wire import Completion
+from workers import USER_AGENT
 from workers.client import TeacherClient
 from workers.transport import AiohttpTransport
 
@@ -29,7 +31,8 @@ def test_aiohttp_transport_gives_httpx_answers_through_faults() -> None:
     assert all(isinstance(c, Completion) for c in got), got
     for a, b in zip(got, ref, strict=True):
         assert isinstance(a, Completion) and isinstance(b, Completion)
-        assert a.samples == b.samples and a.prompt_token_ids == b.prompt_token_ids
+        assert len(a.samples) == len(b.samples) and a.prompt_token_ids == b.prompt_token_ids
+        assert all(same(x, y) for x, y in zip(a.samples, b.samples, strict=True))
     assert any(c.attempts > 1 for c in got if isinstance(c, Completion))
 
 
@@ -43,3 +46,25 @@ def test_client_picks_the_transport_from_the_spec() -> None:
         await default.aclose()
 
     asyncio.run(go())
+
+
+def test_both_transports_send_the_same_identity() -> None:
+    """The direct aiohttp POST carries the User-Agent, job id and key that httpx sends."""
+
+    async def send(url: str, transport: str) -> None:
+        spec = make_spec(url, transport=transport)
+        client = TeacherClient(spec, job_id="job-7", api_key="k-1")
+        try:
+            await client.complete(rows(2)[1])
+        finally:
+            await client.aclose()
+
+    seen = {}
+    for transport in ("httpx", "aiohttp"):
+        with FaultTeacherServer(plan=FaultPlan()) as server:
+            asyncio.run(send(server.url, transport))
+            log = [r for r in server.log if r.path.endswith("/completions")]
+        assert len(log) == 1
+        seen[transport] = (log[0].user_agent, log[0].job_id, log[0].authorization)
+    assert seen["aiohttp"] == seen["httpx"]
+    assert seen["httpx"][0] == USER_AGENT and seen["httpx"][1:] == ("job-7", "Bearer k-1")
