@@ -7,11 +7,13 @@ alternatives are sorted by logprob and cut to exactly K: vLLM adds the sampled t
 entry when it is outside the top K.
 
 Speed: a 256-token top-20 answer holds ~5,000 alternatives, so per-alternative Python calls
-dominated a worker's CPU. ``_fast_sample`` checks a whole choice with C-level passes (one regex
-over the joined token strings, ``map``/``set`` over types and lengths, one keyed sort per token)
-and gives up (``None``) at the first doubt; the per-token checked path below then decides,
-and raises the same errors as ever. The fast path accepts only answers the checked path
-accepts, and returns the same values for them (tests/workers/test_parse.py compares both).
+dominated a worker's CPU. ``_fast_sample`` checks a whole choice with C-level passes: types by
+``set(map(type, ...))``, all alternatives' ids from their joined bytes in a few numpy passes,
+their logprobs as one float64 array, and the best K of every token by one stable argsort. Top-K
+arrives as (tokens, K) int64 / float64 arrays. It gives up (``None``) at the first doubt; the
+per-token checked path below then decides, and raises the same errors as ever. The fast path
+accepts only answers the checked path accepts, and returns the same values for them
+(tests/workers/test_parse.py compares both, on real answers and random edits of them).
 
 Two kinds of bad 200s, two actions:
 

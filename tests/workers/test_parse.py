@@ -296,3 +296,70 @@ def test_fuzzed_answers_fast_path_never_disagrees() -> None:
                 assert not isinstance(checked, Exception), path
                 assert same(fast, checked), path
     assert taken > 0  # some edits are harmless (a logprob that is another number)
+
+
+_ODD_KEYS = ["token_id:007", "token_id:\u00b2", "token_id:" + "9" * 19, "token_id:" + "9" * 18,
+             "token_id:1\ntoken_id:2", "token_id:", "token_id:-1", "token_id:1 ", "Token_id:1",
+             "token_id:1.0", "token_id:\u0661", "token_id:0"]  # fmt: skip
+_ODD_VALUES = [0.0, -0.0, -1e-300, -1e308, 5, -3, True, None, "x", 2**70, -9999.0, 1.5]
+
+
+def test_random_edits_of_a_top20_answer_never_disagree() -> None:
+    """Seeded random edits of keys, values and ties in a K=20 answer with K+1 entries: where the
+    fast path answers, it equals the checked path; where the checked path refuses, it refuses."""
+    import random
+
+    from fake_teacher import FakeTeacher
+
+    fake = FakeTeacher(model="m", vocab=32_000)
+    req = {"model": "m", "prompt": "hi", "max_tokens": 16, "logprobs": 20, "n": 1}
+    base = fake.answer(req | {"return_token_ids": True, "seed": 9})["choices"][0]
+    rng = random.Random(11)
+    taken = refused = 0
+    for _ in range(400):
+        choice = copy.deepcopy(base)
+        tops = choice["logprobs"]["top_logprobs"]
+        for _ in range(rng.randint(1, 3)):
+            entry = rng.choice(tops)
+            key = rng.choice(list(entry))
+            what = rng.random()
+            if what < 0.3:
+                entry[key] = rng.choice(_ODD_VALUES)
+            elif what < 0.6:
+                entry[rng.choice(_ODD_KEYS)] = entry.pop(key)
+            elif what < 0.8:  # a tie with another alternative of the same token
+                entry[key] = entry[rng.choice(list(entry))]
+            else:
+                entry.pop(key)
+        fast, checked = _both(choice, 20)
+        if isinstance(checked, Exception):
+            assert fast is None
+            refused += 1
+        elif fast is not None:
+            assert same(fast, checked)
+            taken += 1
+    assert taken > 50 and refused > 50  # both outcomes were exercised
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted(DATA.glob("*.json"))])
+def test_records_from_both_paths_are_identical(name: str) -> None:
+    """The shard rows built from the fast path's samples equal those from the checked path."""
+    from workers.writer import compact, data_columns
+
+    raw = body(name)
+    k = len(raw["choices"][0]["logprobs"]["top_logprobs"][0]) - 1 or 1
+    tables = []
+    for parse_one in (parse._sample, parse._checked_sample):
+        columns = data_columns(k)
+        for i, choice in enumerate(raw["choices"]):
+            s = compact(parse_one(copy.deepcopy(choice), i, k))
+            columns.append(
+                request_id=f"r{i}", prompt_id="p", sample_index=s.sample_index, api="completions",
+                prompt="x", response=s.response, finish_reason=s.finish_reason, prompt_tokens=1,
+                completion_tokens=len(s.token_ids), prompt_token_ids=[1], token_ids=s.token_ids,
+                logprobs=s.logprobs, top_token_ids=s.top_token_ids, top_logprobs=s.top_logprobs,
+                teacher="t", endpoint="e", attempts=1, latency_ms=1.0,
+            )  # fmt: skip
+        tables.append(columns.table())
+    assert parse._fast_sample(copy.deepcopy(raw["choices"][0]), 0, k) is not None
+    assert tables[0].equals(tables[1])
