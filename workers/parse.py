@@ -6,14 +6,7 @@ We ask vLLM for ``return_tokens_as_token_ids`` (every token, sampled or alternat
 alternatives are sorted by logprob and cut to exactly K: vLLM adds the sampled token as a K+1st
 entry when it is outside the top K.
 
-Speed: a 256-token top-20 answer holds ~5,000 alternatives, so per-alternative Python calls
-dominated a worker's CPU. ``_fast_sample`` checks a whole choice with C-level passes: types by
-``set(map(type, ...))``, all alternatives' ids from their joined bytes in a few numpy passes,
-their logprobs as one float64 array, and the best K of every token by one stable argsort. Top-K
-arrives as (tokens, K) int64 / float64 arrays. It gives up (``None``) at the first doubt; the
-per-token checked path below then decides, and raises the same errors as ever. The fast path
-accepts only answers the checked path accepts, and returns the same values for them
-(tests/workers/test_parse.py compares both, on real answers and random edits of them).
+The fast path lives in ``workers.fastparse``; this module is the reference it must match.
 
 Two kinds of bad 200s, two actions:
 
@@ -27,17 +20,15 @@ Two kinds of bad 200s, two actions:
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any
 
 import numpy as np
-import orjson
 
 from schemas.wire import Answer, Sample
 from workers.errors import InvalidResponse, MissingLogprobs
+from workers.fastparse import MAX_DIGITS, PREFIX, empty_rows, fast_sample
 
-_PREFIX = "token_id:"
-_CUT = len(_PREFIX)
+_PREFIX, _CUT = PREFIX, len(PREFIX)
 
 
 def _is_num(v: Any) -> bool:
@@ -56,170 +47,9 @@ def _token_id(token: Any) -> int:
     tail = token[_CUT:]
     # ASCII digits only: no sign, spaces, underscores, other scripts' digits or 4,300-digit
     # numbers (``int`` raises ValueError for both, which must never escape the parser).
-    if not (tail.isascii() and tail.isdigit()) or len(tail) > _MAX_DIGITS:
+    if not (tail.isascii() and tail.isdigit()) or len(tail) > MAX_DIGITS:
         raise InvalidResponse(f"token {token[:40]!r} has no integer id")
     return int(tail)
-
-
-_MAX_DIGITS = 18  # any vocabulary id fits; int64 still holds it
-_NUMBER_TYPES = frozenset((float, int))
-
-
-def _ids_fast(tokens: list[Any]) -> list[int] | None:
-    """The ids of ``token_id:N`` strings in a few C passes, or None if any is not exactly that.
-
-    ``token_id:1\ntoken_id:22`` becomes the JSON ``[1,22]``; digits only, one field per token,
-    no leading zeros (JSON refuses them), at most ``_MAX_DIGITS`` each."""
-    try:
-        joined = "\n".join(tokens)
-    except TypeError:  # a non-string
-        return None
-    if not joined.startswith(_PREFIX):
-        return None
-    fields = joined[_CUT:].replace("\ntoken_id:", ",")
-    if fields.count(",") != len(tokens) - 1:
-        return None
-    digits = fields.replace(",", "")
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    try:
-        ids = orjson.loads(f"[{fields}]")
-    except orjson.JSONDecodeError:
-        return None
-    return ids if max(ids) < 10**_MAX_DIGITS else None
-
-
-def _numbers(values: Any) -> bool:
-    return set(map(type, values)) <= _NUMBER_TYPES
-
-
-def _fast_top_k(tops: Any, n: int, k: int) -> tuple[Any, Any] | None:
-    """Top ``k`` ids (int64) and logprobs (float64) per token as (n, k) arrays, best first;
-    None unless every entry is a dict of K or K+1 ``token_id:N`` -> float pairs."""
-    if type(tops) is not list or len(tops) != n or set(map(type, tops)) != {dict}:
-        return None
-    widths = np.fromiter(map(len, tops), np.int64, n)
-    if widths.min() < k or widths.max() > k + 1:
-        return None
-    values = list(chain.from_iterable(map(dict.values, tops)))
-    if set(map(type, values)) != {float}:  # ints, bools, None...: the checked path decides
-        return None
-    keys = list(chain.from_iterable(tops))
-    ids = _key_ids(keys)
-    if ids is None:
-        return None
-    return _best(ids, np.array(values, np.float64), widths, k)
-
-
-_DIGITS = 18  # as _MAX_DIGITS: any vocabulary id, and int64 holds it
-_PREFIX_BYTES = _PREFIX.encode()
-_NEXT = b"\n" + _PREFIX_BYTES
-_PLACES = 10 ** np.arange(_DIGITS - 1, -1, -1, dtype=np.int64)
-_FLOAT_PLACES = _PLACES.astype(np.float64)
-
-
-def _key_ids(keys: list[str]) -> np.ndarray | None:
-    """The ids of ``token_id:N`` strings in a few numpy passes over their joined bytes; None
-    unless every one is exactly the prefix and 1-18 ASCII digits (what ``_token_id`` takes,
-    with the same value: leading zeros included)."""
-    try:
-        joined = "\n".join(keys).encode()
-    except (TypeError, UnicodeEncodeError):  # a non-string, a lone surrogate
-        return None
-    if not joined.startswith(_PREFIX_BYTES) or joined.count(_NEXT) != len(keys) - 1:
-        return None
-    b = np.frombuffer(joined, np.uint8)
-    ends = np.flatnonzero(b == 10)
-    if len(ends) != len(keys) - 1:  # a key holding a newline
-        return None
-    ends = np.append(ends, len(b))  # each key ends there, and starts with the prefix (counted)
-    lengths = np.diff(ends, prepend=-1) - 1 - _CUT
-    width = int(lengths.max())
-    if lengths.min() < 1 or width > _DIGITS:
-        return None
-    at = ends[:, None] - width + np.arange(width)  # the last ``width`` bytes of each key
-    used = at >= (ends - lengths)[:, None]
-    digits = b[at] - 48  # uint8: bytes below '0' wrap to large values
-    if ((digits > 9) & used).any():
-        return None
-    digits[~used] = 0
-    if width <= 15:  # exact in float64: one BLAS product
-        return (digits.astype(np.float64) @ _FLOAT_PLACES[-width:]).astype(np.int64)
-    return digits.astype(np.int64) @ _PLACES[-width:]
-
-
-def _best(
-    ids: np.ndarray, values: np.ndarray, widths: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per token, the ``k`` best by logprob, descending, ties in the server's order: the
-    stable sort of the checked path (``sorted(..., reverse=True)``), for all tokens at once."""
-    n = len(widths)
-    wide = int(widths.max())
-    if int(widths.min()) == wide:
-        id_rows, value_rows = ids.reshape(n, wide), values.reshape(n, wide)
-    else:  # some tokens carry the sampled token as a K+1st entry: pad the others, last
-        starts = np.zeros(n, np.int64)
-        np.cumsum(widths[:-1], out=starts[1:])
-        rows = np.repeat(np.arange(n), widths)
-        cols = np.arange(len(ids)) - np.repeat(starts, widths)
-        id_rows = np.zeros((n, wide), np.int64)
-        value_rows = np.full((n, wide), -np.inf)
-        id_rows[rows, cols] = ids
-        value_rows[rows, cols] = values
-    order = np.argsort(-value_rows, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(id_rows, order, 1), np.take_along_axis(value_rows, order, 1)
-
-
-def _fast_sample(choice: Any, position: int, k: int) -> Sample | None:
-    """The sample of a well-formed choice, without per-alternative Python; None when unsure."""
-    if type(choice) is not dict:
-        return None
-    lp = choice.get("logprobs")
-    if type(lp) is not dict:
-        return None
-    tokens, token_lps = lp.get("tokens"), lp.get("token_logprobs")
-    if type(tokens) is not list or type(token_lps) is not list or not tokens:
-        return None
-    if len(token_lps) != len(tokens) or not _numbers(token_lps):
-        return None
-    ids = _ids_fast(tokens)
-    if ids is None:
-        return None
-    sent = choice.get("token_ids")
-    if sent is not None and (
-        type(sent) is not list or sent != ids or set(map(type, sent)) != {int}
-    ):
-        return None
-    index, text, finish = (
-        choice.get("index", position),
-        choice.get("text"),
-        choice.get("finish_reason"),
-    )
-    if type(index) is not int or not (text is None or type(text) is str):
-        return None
-    if not (finish is None or type(finish) is str):
-        return None
-    if k:
-        tops = _fast_top_k(lp.get("top_logprobs"), len(ids), k)
-        if tops is None:
-            return None
-        top_ids, top_lps = tops
-    else:
-        top_ids, top_lps = _empty_rows(len(ids))
-    return Sample(
-        sample_index=index,
-        response=text or "",
-        finish_reason=finish,
-        token_ids=ids,
-        logprobs=token_lps,
-        top_token_ids=top_ids,
-        top_logprobs=top_lps,
-    )
-
-
-def _empty_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K arrays for K = 0: a row per token, no alternatives."""
-    return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float64)
 
 
 def _int_list(value: Any, what: str) -> list[int]:
@@ -255,7 +85,7 @@ def _by_logprob(item: tuple[str, float]) -> float:
 
 
 def _sample(choice: Any, position: int, k: int) -> Sample:
-    fast = _fast_sample(choice, position, k)
+    fast = fast_sample(choice, position, k)
     return fast if fast is not None else _checked_sample(choice, position, k)
 
 
@@ -286,7 +116,7 @@ def _checked_sample(choice: Any, position: int, k: int) -> Sample:
         id_lists, lp_lists = _top_k(lp.get("top_logprobs"), len(ids), k)
         top_ids, top_lps = np.array(id_lists, np.int64), np.array(lp_lists, np.float64)
     else:
-        top_ids, top_lps = _empty_rows(len(ids))
+        top_ids, top_lps = empty_rows(len(ids))
     index = choice.get("index", position)
     text, finish = choice.get("text"), choice.get("finish_reason")
     if type(index) is not int or not (text is None or type(text) is str):

@@ -17,7 +17,7 @@ import pytest
 from samples import same
 
 from schemas.wire import Sample
-from workers import parse
+from workers import fastparse, parse
 from workers.errors import InvalidResponse, MissingLogprobs
 from workers.parse import parse_completions
 
@@ -202,11 +202,11 @@ def test_fuzzed_answers_raise_only_our_errors() -> None:
                 pass
 
 
-# ---- the fast path (``_fast_sample``) against the checked, token-by-token reference ----------
+# ---- the fast path (``fastparse.fast_sample``) against the checked reference ------------------
 
 
 def _both(choice: Any, k: int) -> tuple[Sample | None, Sample | Exception]:
-    fast = parse._fast_sample(copy.deepcopy(choice), 0, k)
+    fast = fastparse.fast_sample(copy.deepcopy(choice), 0, k)
     try:
         checked: Sample | Exception = parse._checked_sample(copy.deepcopy(choice), 0, k)
     except (InvalidResponse, MissingLogprobs) as err:
@@ -361,5 +361,5 @@ def test_records_from_both_paths_are_identical(name: str) -> None:
                 teacher="t", endpoint="e", attempts=1, latency_ms=1.0,
             )  # fmt: skip
         tables.append(columns.table())
-    assert parse._fast_sample(copy.deepcopy(raw["choices"][0]), 0, k) is not None
+    assert fastparse.fast_sample(copy.deepcopy(raw["choices"][0]), 0, k) is not None
     assert tables[0].equals(tables[1])
