@@ -108,17 +108,37 @@ def failure_columns() -> Columns:
     return Columns(FAILURE_SCHEMA)
 
 
+def parquet_options(compression: str = "zstd") -> dict[str, Any]:
+    """How every shard is encoded (``pq.ParquetWriter`` keywords), in one place."""
+    return {"compression": None if compression == "none" else compression}
+
+
+def stamped(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
+    """``schema`` carrying our key-value metadata (provenance, unit, kind) and when it was
+    written: readers find it in the file's footer (``read_metadata``)."""
+    meta = dict(schema.metadata or {})
+    metadata = {**metadata, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    meta[METADATA_KEY] = orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
+    return schema.with_metadata(meta)
+
+
 def write_shard(
     table: pa.Table, store: Store, rel: str, metadata: dict[str, Any], compression: str = "zstd"
 ) -> str:
     """Write ``table`` with our key-value metadata as the object ``rel``; return its sha256.
 
-    One whole-object write under a name unique to this attempt: nothing is renamed, and the
-    shard counts only once the driver commits it (``harvest.manifest``)."""
-    meta = dict(table.schema.metadata or {})
-    metadata = {**metadata, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    meta[METADATA_KEY] = orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
-    return store.write_table(table.replace_schema_metadata(meta), rel, compression)
+    The object appears whole under a name unique to this attempt: nothing is renamed over an
+    existing shard, and it counts only once the driver commits it (``harvest.manifest``)."""
+    sink = store.open_stream(rel)
+    try:
+        schema = stamped(table.schema, metadata)
+        with pq.ParquetWriter(sink, schema, **parquet_options(compression)) as writer:
+            writer.write_table(table, row_group_size=max(1, len(table)))
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.sha256
 
 
 def read_metadata(location: str) -> dict[str, Any]:
