@@ -91,7 +91,9 @@ class ShardWriter:
         if self._writer is None:
             schema = stamped(self.schema, self.metadata)  # written_at: the first row group's
             self._sink = self.store.open_stream(self.rel)
-            self._writer = pq.ParquetWriter(self._sink, schema, **parquet_options(self.compression))
+            self._writer = pq.ParquetWriter(
+                self._sink, schema, **parquet_options(schema, self.compression)
+            )
         return self._writer
 
     def _write(self, cols: Columns) -> None:
