@@ -23,7 +23,7 @@ from workers.storage import PieceWriter, Store
 from workers.writer import Columns, parquet_options, stamped
 
 MAX_ROWS = 1000  # rows per row group when answers are small
-MAX_BYTES = 16 << 20  # numpy bytes per row group: ~200 answers of 256 tokens at top-20
+MAX_BYTES = 8 << 20  # numpy bytes per row group: ~100 answers of 256 tokens at top-20
 
 
 class ShardWriter:
