@@ -33,7 +33,7 @@ from harvest.sources import iter_units, scan
 from harvest.status import JobStatus
 from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
-from schemas.wire import PromptRow, UnitResult, WorkUnit
+from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
 from workers.storage import Store
 
@@ -312,6 +312,17 @@ def _failed_prompt_ids(store: Store, rel: str) -> set[str]:
         return set(pq.read_table(fh, columns=["prompt_id"])["prompt_id"].to_pylist())
 
 
+def _failed_kinds(store: Store, rel: str) -> tuple[int, set[str]]:
+    """How many prompts one failure shard holds, and their kinds (chat / completions); rows
+    that could not be read have neither, and are failure rows again without a request."""
+    with store.open_input_file(rel) as fh:
+        t = pq.read_table(fh, columns=["prompt_id", "prompt", "messages"])
+    kinds = {"chat"} if t["messages"].null_count < len(t) else set()
+    if t["prompt"].null_count < len(t):
+        kinds.add("completions")
+    return len(set(t["prompt_id"].to_pylist())), kinds
+
+
 def retry_failed(
     out: str | Path,
     *,
@@ -327,28 +338,28 @@ def retry_failed(
     inputs = scan(spec)
     with Lease.acquire(store) as lease:
         manifest = Manifest.open(store, spec=spec, input_fp=inputs.fingerprint)
-        failed = {
-            uid: _failed_prompt_ids(store, u.failed_path)
-            for uid, u in manifest.units.items()
-            if u.failed_path
-        }
-        retry_units = [
-            WorkUnit(
-                f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
-                [row for row in u.rows if row.prompt_id in failed[u.unit_id]],
-            )
-            for u in iter_units(inputs.files, spec, _units_per_shard(spec))
-            if u.unit_id in failed
-        ]
-        total = sum(len(u.rows) for u in retry_units)
+        # One unit's failed ids at a time: no per-prompt state for the whole output.
+        failed = {uid: u.failed_path for uid, u in manifest.units.items() if u.failed_path}
+        total, kinds = 0, set()
+        for rel in failed.values():
+            count, found = _failed_kinds(store, rel)
+            total, kinds = total + count, kinds | found
+
+        def retry_units() -> Iterator[WorkUnit]:
+            for u in iter_units(inputs.files, spec, _units_per_shard(spec)):
+                if u.unit_id in failed:
+                    ids = _failed_prompt_ids(store, failed[u.unit_id])
+                    yield WorkUnit(
+                        f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
+                        [row for row in u.rows if row.prompt_id in ids],
+                    )
+
         summary = Summary(store.uri, manifest.job_id, prompts=total)
-        if retry_units:
+        if failed:
             _harvest(
-                spec, manifest, iter(retry_units),
+                spec, manifest, retry_units(),
                 _guarded(lease, manifest.commit_retry, summary), summary,
-                kinds=frozenset(row.api for u in retry_units for row in u.rows
-                                if isinstance(row, PromptRow)),
-                total=total, done_before=0, ray_address=ray_address,
+                kinds=frozenset(kinds), total=total, done_before=0, ray_address=ray_address,
                 show_progress=show_progress, status_every_s=status_every_s,
                 stop_deadline_s=stop_deadline_s,
             )  # fmt: skip

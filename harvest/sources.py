@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from harvest.dupes import DuplicateFinder
 from schemas.job import OVERRIDABLE, JobSpec
 from schemas.wire import PromptRow, RowProblem, WorkUnit
 from workers.storage import StorageError, Store, is_uri, split_location
@@ -35,6 +36,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 RAW_LIMIT = 10_000
+WHOLE = 0xFFFFFFFF  # a row whose source does not start with its file's path: kept whole
 
 
 class InputError(ValueError):
@@ -289,12 +291,11 @@ def iter_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]:
 def scan(spec: JobSpec) -> InputScan:
     """Read the whole input once: count rows, reject duplicate ids, fingerprint the content."""
     files = resolve_files(spec.input.path)
-    seen: dict[str, str] = {}
-    dups: list[str] = []
+    ids = DuplicateFinder()  # bounded memory: no per-prompt state kept for the whole input
     rows = problems = 0
     kinds: set[str] = set()
     digest = hashlib.sha256()
-    for f in files:
+    for index, f in enumerate(files):
         try:
             content = hashlib.sha256()
             for chunk in _store_of(f.path)[0].iter_chunks(_store_of(f.path)[1]):
@@ -309,11 +310,18 @@ def scan(spec: JobSpec) -> InputScan:
             problems += isinstance(row, RowProblem)
             if isinstance(row, PromptRow):
                 kinds.add(row.api)
-            first = seen.setdefault(row.prompt_id, row.source)
-            if first != row.source and len(dups) < 5:
-                dups.append(f"{row.prompt_id!r} at {first} and {row.source}")
+            if row.source.startswith(f.path):  # the file's path once, not once per row
+                ids.add(row.prompt_id, index, row.source[len(f.path) :])
+            else:
+                ids.add(row.prompt_id, WHOLE, row.source)
+    dups = ids.find(limit=5)
     if dups:
-        raise InputError(f"input: duplicate ids: {'; '.join(dups)}")
+
+        def at(where: tuple[int, str]) -> str:
+            return where[1] if where[0] == WHOLE else files[where[0]].path + where[1]
+
+        named = "; ".join(f"{d.prompt_id!r} at {at(d.first)} and {at(d.again)}" for d in dups)
+        raise InputError(f"input: duplicate ids: {named}")
     if rows == 0:
         raise InputError(f"input: no rows in {spec.input.path!r}")
     return InputScan(files, rows, problems, digest.hexdigest()[:16], frozenset(kinds))

@@ -4,7 +4,9 @@ Every module that reads or writes outputs or inputs goes through a ``Store`` (a 
 ``pyarrow.fs`` filesystem), so none of them knows which store it talks to. Paths given to a
 store's methods are relative to its root and use ``/``.
 
-Besides plain whole-object writes (a PUT on object stores; a write + fsync on disk) a store has
+Besides plain whole-object writes (a PUT on object stores; a write + fsync on disk) and
+streamed ones that appear whole on close (``open_stream``: multipart upload; a temporary moved
+into place on disk), a store has
 three *conditional* primitives, the only ones the commit protocol and the output lease need:
 
 - ``create(rel, data)``: write only if nothing is there yet (S3 ``If-None-Match: *``; on disk a
@@ -39,9 +41,16 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from workers.storage_backends import LocalOps, ObjectOps, S3Ops, StorageError, Versioned
+from workers.storage_backends import (
+    LocalOps,
+    ObjectOps,
+    PieceWriter,
+    S3Ops,
+    StorageError,
+    Versioned,
+)
 
-__all__ = ["StorageError", "StorageOptions", "Store", "Versioned", "is_uri", "join"]
+__all__ = ["PieceWriter", "StorageError", "StorageOptions", "Store", "Versioned", "is_uri", "join"]
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 CHUNK = 1 << 20
@@ -197,6 +206,13 @@ class Store:
 
     def delete_if(self, rel: str, token: str) -> bool:
         return self.ops.delete_if(rel, token)
+
+    def open_stream(self, rel: str) -> PieceWriter:
+        """A file object for writing ``rel`` piece by piece (e.g. Parquet row groups as they
+        come): nothing is visible under ``rel`` until ``close()``, which publishes the whole
+        object (durable on disk, like ``write_bytes``); ``abort()`` drops it; ``sha256`` is the
+        hash of every byte written."""
+        return self.ops.open_stream(rel)
 
     def write_table(self, table: pa.Table, rel: str, compression: str) -> str:
         """Write ``table`` as one Parquet object; return the sha256 of the bytes stored."""

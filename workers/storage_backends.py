@@ -32,6 +32,62 @@ class Versioned:
     age_s: float  # since the last write, by the store's own clock
 
 
+class PieceWriter:
+    """A binary, write-only file object for one object written in pieces (a Parquet writer's
+    sink): small writes are gathered into ``BLOCK``-sized ones, every byte is hashed on the way,
+    and ``close`` publishes the object whole. ``abort`` drops it instead."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, ops: ObjectOps, rel: str, fh: Any, tmp: str | None = None) -> None:
+        self.ops, self.rel, self.fh, self.tmp = ops, rel, fh, tmp
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._pending = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = len(data)
+        self.sha.update(data)
+        self._pending += data
+        self.size += n
+        if len(self._pending) >= self.BLOCK:
+            self._drain()
+        return n
+
+    def _drain(self) -> None:
+        with self.ops.errors(self.rel):
+            self.fh.write(self._pending)
+        self._pending = bytearray()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass  # bytes reach the store at BLOCK boundaries and on close; nothing reads them sooner
+
+    def close(self) -> None:
+        """Publish the whole object (durable on disk when this returns)."""
+        if self.closed:
+            return
+        self._drain()
+        with self.ops.errors(self.rel):
+            self.ops.publish(self)
+        self.closed = True
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.ops.discard(self)
+
+    @property
+    def sha256(self) -> str:
+        return self.sha.hexdigest()
+
+
 def _reason(err: BaseException) -> str:
     """A short, secret-free description of a storage failure."""
     text = str(err)
@@ -91,6 +147,23 @@ class ObjectOps:
     def put(self, rel: str, data: bytes) -> None:
         with self.errors(rel), self.fs.open_output_stream(self.path(rel)) as fh:
             fh.write(data)
+
+    def open_stream(self, rel: str) -> PieceWriter:
+        """An object written piece by piece; it appears under ``rel`` only once closed (an
+        object store's multipart or resumable upload)."""
+        with self.errors(rel):
+            return PieceWriter(self, rel, self.fs.open_output_stream(self.path(rel)))
+
+    def publish(self, writer: PieceWriter) -> None:
+        writer.fh.close()
+
+    def discard(self, writer: PieceWriter) -> None:
+        """A stream given up on: whatever reached the store is an uncommitted orphan anyway;
+        delete it if it became visible (best effort, ``harvest run`` sweeps the rest)."""
+        with contextlib.suppress(Exception):
+            writer.fh.close()
+        with contextlib.suppress(Exception):
+            self.fs.delete_file(self.path(writer.rel))
 
     def create(self, rel: str, data: bytes) -> bool:
         with self.errors(rel):
@@ -164,6 +237,29 @@ class LocalOps(ObjectOps):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def open_stream(self, rel: str) -> PieceWriter:
+        """Pieces go to a temporary beside ``rel``; ``close`` fsyncs it and moves it into place,
+        so readers never see a partial file under the name (``harvest run`` sweeps leftovers)."""
+        path = self.path(rel)
+        with self.errors(rel):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+            return PieceWriter(self, rel, open(tmp, "wb"), tmp)  # closed by publish or discard
+
+    def publish(self, writer: PieceWriter) -> None:
+        assert writer.tmp is not None
+        writer.fh.flush()
+        os.fsync(writer.fh.fileno())
+        writer.fh.close()
+        os.replace(writer.tmp, self.path(writer.rel))
+        self._sync_dir(writer.rel)
+
+    def discard(self, writer: PieceWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.fh.close()
+        with contextlib.suppress(OSError):
+            os.unlink(writer.tmp or "")
 
     def put(self, rel: str, data: bytes) -> None:
         """Like an object store's PUT: readers see the old object or the whole new one (a

@@ -1,4 +1,4 @@
-"""Harvest one work unit: send its rows, then write its data shard and failure shard.
+"""Harvest one work unit: send its rows, writing its data and failure shards as answers arrive.
 
 Plain async Python (the Ray actor is a thin shell around it). Every row of the unit ends up in
 exactly one of the two shards, once per expected sample: a row that cannot be sent or whose
@@ -13,11 +13,13 @@ from collections import Counter
 from typing import Any
 
 from schemas.job import JobSpec
+from schemas.records import FAILURE_SCHEMA, record_schema
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
 from workers.client import TeacherClient, sampling_for
 from workers.errors import FatalError, HarvestError, MissingLogprobs
+from workers.shard_writer import ShardWriter
 from workers.storage import Store
-from workers.writer import compact, data_columns, failure_columns, write_shard
+from workers.writer import compact
 
 Outcome = Completion | HarvestError | RowProblem
 
@@ -28,71 +30,51 @@ def shard_paths(unit_id: str, attempt: str) -> tuple[str, str]:
     return f"data/part-{unit_id}-{attempt}.parquet", f"failed/part-{unit_id}-{attempt}.parquet"
 
 
-async def _send_all(
-    rows: list[PromptRow | RowProblem], client: TeacherClient, progress: Counter[str]
-) -> list[Outcome]:
-    outcomes: list[Outcome] = [r for r in rows]  # RowProblems stay as they are
+class _Unit:
+    """One attempt's two shards and tallies; rows go to a shard as their answers arrive, so
+    a row group is the most a unit holds (rows land in the order their answers came)."""
 
-    async def one(i: int, row: PromptRow) -> None:
-        try:
-            done = await client.complete(row)
-        except FatalError:
-            raise
-        except HarvestError as err:
-            outcomes[i] = err
-            progress["failed_prompts"] += 1
-        else:
-            done.samples = [compact(s) for s in done.samples]  # flat memory until the write
-            outcomes[i] = done
-            progress["completion_tokens"] += sum(len(s.token_ids) for s in done.samples)
-        progress["prompts"] += 1
+    def __init__(self, unit: WorkUnit, spec: JobSpec, store: Store, meta: dict[str, Any]) -> None:
+        self.spec, self.teacher = spec, spec.teacher.model
+        self.data_path, self.failed_path = shard_paths(unit.unit_id, uuid.uuid4().hex[:10])
+        meta = {**meta, "unit_id": unit.unit_id}
+        compression = spec.output.compression
+        self.data = ShardWriter(
+            store, self.data_path, record_schema(spec.sampling.logprobs,
+            spec.output.logprob_dtype), {**meta, "kind": "data"}, compression,
+        )  # fmt: skip
+        self.fails = ShardWriter(
+            store, self.failed_path, FAILURE_SCHEMA, {**meta, "kind": "failed"}, compression
+        )
+        self.endpoints: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.tokens = self.retries = 0
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            for i, row in enumerate(rows):
-                if isinstance(row, PromptRow):
-                    group.create_task(one(i, row))
-    except ExceptionGroup as eg:  # a fatal error cancels the unit; surface the first one
-        raise eg.exceptions[0] from None
-    progress["failed_prompts"] += sum(isinstance(r, RowProblem) for r in rows)
-    progress["prompts"] += sum(isinstance(r, RowProblem) for r in rows)
-    return outcomes
+    async def add(self, row: PromptRow | RowProblem, outcome: Outcome) -> None:
+        """Append ``row``'s records to their shard; write a row group when one is due."""
+        self._records(row, outcome)
+        for shard in (self.data, self.fails):
+            if shard.due:
+                await shard.flush()
 
-
-async def harvest_unit(
-    unit: WorkUnit,
-    client: TeacherClient,
-    spec: JobSpec,
-    store: Store,
-    shard_meta: dict[str, Any],
-    progress: Counter[str] | None = None,
-) -> UnitResult:
-    """Run every row of ``unit`` through ``client`` and write its shards (the driver commits)."""
-    progress = progress if progress is not None else Counter()
-    outcomes = await _send_all(unit.rows, client, progress)
-    teacher = spec.teacher.model
-    data = data_columns(spec.sampling.logprobs, spec.output.logprob_dtype)
-    fails = failure_columns()
-    endpoints: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    tokens = retries = 0
-    for row, outcome in zip(unit.rows, outcomes, strict=True):
+    def _records(self, row: PromptRow | RowProblem, outcome: Outcome) -> None:
+        teacher, fails = self.teacher, self.fails
         if isinstance(row, RowProblem):
-            sampling = sampling_for(spec, PromptRow(row.prompt_id, row.source))
-            errors["InvalidInput"] += 1
+            sampling = sampling_for(self.spec, PromptRow(row.prompt_id, row.source))
+            self.errors["InvalidInput"] += 1
             for s in range(sampling["n"]):
                 fails.append(
                     request_id=request_id(row.prompt_id, s, teacher, sampling),
                     prompt_id=row.prompt_id, sample_index=s, source=row.source, raw=row.raw,
                     error_class="InvalidInput", message=row.reason, attempts=0, teacher=teacher,
                 )  # fmt: skip
-            continue
-        sampling = sampling_for(spec, row)
+            return
+        sampling = sampling_for(self.spec, row)
         if isinstance(outcome, Completion) and outcome.prompt_token_ids is None:
             outcome = _without_prompt_ids(outcome)
         if isinstance(outcome, HarvestError):
-            errors[type(outcome).__name__] += 1
-            retries += outcome.attempts - 1
+            self.errors[type(outcome).__name__] += 1
+            self.retries += outcome.attempts - 1
             for s in range(sampling["n"]):
                 fails.append(
                     request_id=request_id(row.prompt_id, s, teacher, sampling),
@@ -102,13 +84,13 @@ async def harvest_unit(
                     message=str(outcome), attempts=outcome.attempts,
                     endpoint=outcome.endpoint or None, teacher=teacher,
                 )  # fmt: skip
-            continue
+            return
         assert isinstance(outcome, Completion)
-        endpoints[outcome.endpoint] += 1
-        retries += outcome.attempts - 1
+        self.endpoints[outcome.endpoint] += 1
+        self.retries += outcome.attempts - 1
         for sample in outcome.samples:
-            tokens += len(sample.token_ids)
-            data.append(
+            self.tokens += len(sample.token_ids)
+            self.data.append(
                 request_id=request_id(row.prompt_id, sample.sample_index, teacher, sampling),
                 prompt_id=row.prompt_id, sample_index=sample.sample_index, api=row.api,
                 prompt=row.prompt, messages=row.messages, response=sample.response,
@@ -121,28 +103,75 @@ async def harvest_unit(
                 attempts=outcome.attempts, latency_ms=outcome.latency_ms,
             )  # fmt: skip
 
-    data_path, failed_path = shard_paths(unit.unit_id, uuid.uuid4().hex[:10])
-    meta = {**shard_meta, "unit_id": unit.unit_id}
-    compression = spec.output.compression
-    data_sha = write_shard(data.table(), store, data_path, {**meta, "kind": "data"}, compression)
-    failed_sha = None
-    if len(fails):
-        failed_sha = write_shard(
-            fails.table(), store, failed_path, {**meta, "kind": "failed"}, compression
-        )
+    def abort(self) -> None:
+        self.data.abort()
+        self.fails.abort()
+
+
+async def _send_all(
+    rows: list[PromptRow | RowProblem], client: TeacherClient, out: _Unit, progress: Counter[str]
+) -> None:
+    async def one(row: PromptRow) -> None:
+        outcome: Outcome
+        try:
+            done = await client.complete(row)
+        except FatalError:
+            raise
+        except HarvestError as err:
+            outcome = err
+            progress["failed_prompts"] += 1
+        else:
+            done.samples = [compact(s) for s in done.samples]  # flat memory until the write
+            outcome = done
+            progress["completion_tokens"] += sum(len(s.token_ids) for s in done.samples)
+        progress["prompts"] += 1
+        await out.add(row, outcome)
+
+    for row in rows:  # rows that cannot be sent are failure rows from the start
+        if isinstance(row, RowProblem):
+            await out.add(row, row)
+            progress["failed_prompts"] += 1
+            progress["prompts"] += 1
+    try:
+        async with asyncio.TaskGroup() as group:
+            for row in rows:
+                if isinstance(row, PromptRow):
+                    group.create_task(one(row))
+    except ExceptionGroup as eg:  # a fatal error cancels the unit; surface the first one
+        raise eg.exceptions[0] from None
+
+
+async def harvest_unit(
+    unit: WorkUnit,
+    client: TeacherClient,
+    spec: JobSpec,
+    store: Store,
+    shard_meta: dict[str, Any],
+    progress: Counter[str] | None = None,
+) -> UnitResult:
+    """Run every row of ``unit`` through ``client`` and write its shards (the driver commits)."""
+    progress = progress if progress is not None else Counter()
+    out = _Unit(unit, spec, store, shard_meta)
+    try:
+        await _send_all(unit.rows, client, out, progress)
+        data_sha = await out.data.close(empty=True)
+        failed_sha = await out.fails.close()
+    except BaseException:  # a fatal error, a cancelled unit: no shard appears
+        out.abort()
+        raise
     return UnitResult(
         unit_id=unit.unit_id,
         prompts=len(unit.rows),
-        data_rows=len(data),
-        failure_rows=len(fails),
-        completion_tokens=tokens,
-        data_path=data_path,
+        data_rows=out.data.rows,
+        failure_rows=out.fails.rows,
+        completion_tokens=out.tokens,
+        data_path=out.data_path,
         data_sha256=data_sha,
-        failed_path=failed_path if failed_sha else None,
+        failed_path=out.failed_path if failed_sha else None,
         failed_sha256=failed_sha,
-        endpoint_requests=dict(endpoints),
-        retries=retries,
-        error_classes=dict(errors),
+        endpoint_requests=dict(out.endpoints),
+        retries=out.retries,
+        error_classes=dict(out.errors),
     )
 
 

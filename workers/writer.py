@@ -108,17 +108,66 @@ def failure_columns() -> Columns:
     return Columns(FAILURE_SCHEMA)
 
 
+def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, Any]:
+    """How every shard is encoded (``pq.ParquetWriter`` keywords), in one place.
+
+    Per-token lists of numbers skip dictionary encoding (a dictionary of nearly all-distinct
+    floats and ids costs CPU and saves nothing) and their floats are byte-stream-split (zstd
+    then finds the shared exponent bytes); strings keep their dictionaries. On the tiny vLLM
+    teacher at 256 tokens top-20 this cut the encoding from ~0.75 to ~0.29 ms per answer and
+    the top-K columns from 5.24 to 3.47 bytes per (token x alternative); see bench/README.md."""
+    leaves = [leaf for f in schema for leaf in _leaves(f.name, f.type, in_list=False)]
+    return {
+        "compression": None if compression == "none" else compression,
+        "use_dictionary": [p for p, t, in_list in leaves if not (in_list and _number(t))],
+        "use_byte_stream_split": [p for p, t, in_list in leaves if in_list and _float(t)],
+    }
+
+
+def _leaves(path: str, t: pa.DataType, in_list: bool) -> list[tuple[str, pa.DataType, bool]]:
+    """Parquet leaf column paths (what per-column options name), their types, and whether
+    they sit inside a list."""
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaves(f"{path}.list.element", t.value_type, True)
+    if pa.types.is_struct(t):
+        return [leaf for f in t for leaf in _leaves(f"{path}.{f.name}", f.type, in_list)]
+    return [(path, t, in_list)]
+
+
+def _float(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t)
+
+
+def _number(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+
+
+def stamped(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
+    """``schema`` carrying our key-value metadata (provenance, unit, kind) and when it was
+    written: readers find it in the file's footer (``read_metadata``)."""
+    meta = dict(schema.metadata or {})
+    metadata = {**metadata, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    meta[METADATA_KEY] = orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
+    return schema.with_metadata(meta)
+
+
 def write_shard(
     table: pa.Table, store: Store, rel: str, metadata: dict[str, Any], compression: str = "zstd"
 ) -> str:
     """Write ``table`` with our key-value metadata as the object ``rel``; return its sha256.
 
-    One whole-object write under a name unique to this attempt: nothing is renamed, and the
-    shard counts only once the driver commits it (``harvest.manifest``)."""
-    meta = dict(table.schema.metadata or {})
-    metadata = {**metadata, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    meta[METADATA_KEY] = orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
-    return store.write_table(table.replace_schema_metadata(meta), rel, compression)
+    The object appears whole under a name unique to this attempt: nothing is renamed over an
+    existing shard, and it counts only once the driver commits it (``harvest.manifest``)."""
+    sink = store.open_stream(rel)
+    try:
+        schema = stamped(table.schema, metadata)
+        with pq.ParquetWriter(sink, schema, **parquet_options(schema, compression)) as writer:
+            writer.write_table(table, row_group_size=max(1, len(table)))
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.sha256
 
 
 def read_metadata(location: str) -> dict[str, Any]:

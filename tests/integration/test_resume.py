@@ -179,14 +179,19 @@ def test_driver_sigkill_then_resume_gives_the_clean_row_set(
 
 
 def harvest_actor_pids() -> list[int]:
-    """Worker processes of harvest actors (Ray titles them ``ray::HarvestActor...``)."""
+    """Worker processes of harvest actors (Ray titles them ``ray::HarvestActor...``) of this
+    session's cluster only: its raylet is our child, so they are our descendants. A harvest
+    someone else runs on a shared machine is not ours to kill."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
         if cmd and cmd[0].startswith("ray::HarvestActor"):
-            pids.append(p.info["pid"])
+            pids.append(p.pid)
     return pids
 
 

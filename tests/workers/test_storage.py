@@ -81,3 +81,22 @@ def test_locations_round_trip(store: Store) -> None:
 def test_unsupported_location_is_one_line() -> None:
     with pytest.raises(StorageError, match=r"ftp://h/x: unsupported location"):
         Store("ftp://h/x")
+
+
+def test_a_streamed_object_appears_whole_on_close(store: Store) -> None:
+    """Written piece by piece (a shard's row groups), it is invisible under its name until
+    ``close``, hashed over every byte, and gone without a trace when aborted."""
+    pieces = [b"x" * 10, b"y" * (3 << 20), b"z"]  # one piece larger than a write block
+    sink = store.open_stream("data/streamed.bin")
+    for piece in pieces:
+        sink.write(piece)
+    assert "data/streamed.bin" not in store.list("data")  # on disk only a temporary, yet
+    sink.close()
+    whole = b"".join(pieces)
+    assert store.read_bytes("data/streamed.bin") == whole
+    assert sink.sha256 == hashlib.sha256(whole).hexdigest() and sink.tell() == len(whole)
+    assert store.list("data") == ["data/streamed.bin"]
+    dropped = store.open_stream("data/dropped.bin")
+    dropped.write(b"partial" * (1 << 18))  # past a block: some bytes reached the store
+    dropped.abort()
+    assert store.list("data") == ["data/streamed.bin"]
