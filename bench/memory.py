@@ -10,7 +10,7 @@ workers, Ray's workers and Ray's own processes. Two studies, default job setting
   prompts); growth = (peak at the large size - peak at the small) / peak at the small;
 - big answers: 256 tokens, top-20 at ``--big-prompts`` (8,000: four units, both workers busy).
 
-    .venv/bin/python bench/memory.py                       # ~25 min on 2 cores
+    .venv/bin/python bench/memory.py     # the 1M run alone took ~90 min on 2 loaded cores
     .venv/bin/python bench/memory.py --sizes 1000 20000 --big-prompts 0   # smoke run
 
 Writes ``bench/results/memory.json`` and a markdown table beside it.
