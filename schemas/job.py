@@ -193,11 +193,12 @@ class TeacherSpec(_Strict):
         True,
         description="Verify TLS certificates (true), or a CA bundle path. Never off by default.",
     )
-    transport: Literal["httpx", "aiohttp"] = Field(
-        "httpx",
-        description="HTTP connection pool under the client: aiohttp uses about a third of the "
-        "worker CPU at 64 in flight (bench/README.md); experimental, not yet proven under the "
-        "fault matrix.",
+    transport: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        description="HTTP library under the client. aiohttp (default) posts directly on its own "
+        "pool and costs the worker far less CPU per answer than httpx, whose pool bookkeeping "
+        "grows with requests in flight (bench/README.md); httpx remains for a CA-bundle "
+        "tls_verify and as a fallback. Both raise the same error classes.",
     )
     rate_limit: RateLimit = Field(
         default_factory=lambda: RateLimit(),

@@ -38,12 +38,14 @@ def test_aiohttp_transport_gives_httpx_answers_through_faults() -> None:
 
 def test_client_picks_the_transport_from_the_spec() -> None:
     async def go() -> None:
-        client = TeacherClient(make_spec("http://127.0.0.1:9/v1", transport="aiohttp"), job_id="t")
-        assert isinstance(client._http._transport, AiohttpTransport)
-        await client.aclose()
         default = TeacherClient(make_spec("http://127.0.0.1:9/v1"), job_id="t")
-        assert not isinstance(default._http._transport, AiohttpTransport)
+        assert isinstance(default._http._transport, AiohttpTransport)
+        assert default._direct is not None  # POSTs skip httpx's models
         await default.aclose()
+        client = TeacherClient(make_spec("http://127.0.0.1:9/v1", transport="httpx"), job_id="t")
+        assert not isinstance(client._http._transport, AiohttpTransport)
+        assert client._direct is None
+        await client.aclose()
 
     asyncio.run(go())
 
