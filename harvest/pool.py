@@ -51,6 +51,7 @@ class Pool:
         self.in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, WorkUnit]] = {}
         self.crashes: Counter[str] = Counter()
         self.restarts = 0
+        self._caps: dict[int, int] = {}  # slot -> the cap share last sent to its worker
 
     def _new(self) -> ray.actor.ActorHandle:
         cpus = self.spec.concurrency.worker_cpus
@@ -81,9 +82,20 @@ class Pool:
             raise JobAborted(f"unit {unit.unit_id} crashed {UNIT_CRASH_LIMIT} workers")
         if self.actors[slot] is actor:
             self.actors[slot] = self._new()
+            self._caps.pop(slot, None)  # the new worker starts with the even share
             self.restarts += 1
             self._share_peers()
         self.submit(unit)
+
+    def share_caps(self) -> None:
+        """Once every unit is handed out, the workers that still have units get the whole
+        in-flight cap. Split evenly among all workers, a worker with no unit left holds its
+        share idle: a job of one unit ran at half the cap, and every job's tail did."""
+        caps = cap_shares(self.load, self.spec.concurrency.in_flight_per_endpoint)
+        for slot, cap in caps.items():
+            if self._caps.get(slot) != cap:
+                self.actors[slot].set_cap.remote(cap)
+        self._caps.update(caps)
 
     def set_endpoints(self, endpoints: list[str]) -> None:
         """Route every worker, present and future, to a new endpoint set."""
@@ -110,6 +122,12 @@ class Pool:
             ray.cancel(ref, force=False)
         for actor in self.actors:
             ray.kill(actor)
+
+
+def cap_shares(load: list[int], in_flight: int) -> dict[int, int]:
+    """Each busy worker's share (slot -> cap) of ``in_flight`` requests per endpoint."""
+    busy = [slot for slot, units in enumerate(load) if units]
+    return {slot: -(-in_flight // len(busy)) for slot in busy}
 
 
 def dispatch(
@@ -144,6 +162,8 @@ def dispatch(
                         exhausted = True
                     else:
                         pool.submit(unit)
+                if exhausted:
+                    pool.share_caps()
                 if not pool.in_flight or (stop_at is not None and time.monotonic() > stop_at):
                     break
                 ready, _ = ray.wait(list(pool.in_flight), num_returns=1, timeout=1.0)

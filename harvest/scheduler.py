@@ -101,6 +101,10 @@ def init_ray(address: str | None) -> None:
                 "token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
             ) from None
     else:
+        # Ray runs its workers at nice 15; on a machine shared with the teacher (or any other
+        # busy process) that starves the harvest workers' event loops, and the teacher then
+        # runs fewer requests at once (bench/README.md, "Teacher saturation").
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             address="local",
             include_dashboard=False,

@@ -95,6 +95,10 @@ class HarvestActor:
         """A managed replica moved (restarted on a new port): route to the new set."""
         await self.client.router.set_endpoints(endpoints)
 
+    async def set_cap(self, cap_per_endpoint: int) -> None:
+        """This worker's share of ``in_flight_per_endpoint`` changed (``harvest.pool``)."""
+        await self.client.router.set_cap(cap_per_endpoint)
+
     async def stats(self) -> WorkerStats:
         """Counters since the actor started (prompts done, tokens, failures, retries) and the
         endpoints this worker cannot use now."""

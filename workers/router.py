@@ -118,6 +118,13 @@ class Router:
             self._update_outage()
             self._changed.notify_all()
 
+    async def set_cap(self, cap_per_endpoint: int) -> None:
+        """A new share of the job's in-flight cap (the driver moves an idle worker's share to
+        the workers that still have rows); waiting rows take the new slots at once."""
+        async with self._changed:
+            self.cap = max(1, cap_per_endpoint)
+            self._changed.notify_all()
+
     def _usable(self, ep: _Endpoint) -> bool:
         return not ep.open and ep.paused_until <= self._clock()
 

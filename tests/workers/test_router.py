@@ -38,6 +38,23 @@ def test_fewest_in_flight_under_a_cap():
     run(go())
 
 
+def test_a_raised_cap_lets_waiting_requests_in_at_once():
+    async def go():
+        router = Router(["a"], cap_per_endpoint=1)
+        held = router.acquire()
+        await held.__aenter__()
+        second = router.acquire()
+        waiter = asyncio.create_task(second.__aenter__())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # at the cap
+        await router.set_cap(2)  # another worker went idle: its share comes here
+        assert await asyncio.wait_for(waiter, 1) == "a"
+        assert router.in_flight_total() == 2
+        await second.__aexit__(None, None, None)
+
+    run(go())
+
+
 def test_failing_endpoint_is_taken_out_until_healthy():
     async def go():
         health = {"a": False}
