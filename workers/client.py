@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,16 +153,7 @@ class TeacherClient:
 
     async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> Reply:
         try:
-            # httpx's timeouts are per read; this bounds the whole request, so a server that
-            # trickles bytes cannot hold a slot forever. Closing the connection on timeout is
-            # what makes vLLM abort the abandoned generation.
-            async with asyncio.timeout(self.spec.teacher.timeout_s):
-                if self._direct is not None:
-                    return await self._direct.post(url, orjson.dumps(body))
-                resp = await self._http.post(
-                    url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
-                )
-                return Reply(resp.status_code, resp.headers, resp.content)
+            return await _bounded(self._exchange(url, body), self.spec.teacher.timeout_s)
         except (httpx.TimeoutException, TimeoutError) as err:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
         except httpx.TransportError as err:
@@ -172,6 +164,14 @@ class TeacherClient:
             # attribute 'getpeername'" while a managed replica was killed): still a failed
             # exchange with this endpoint, not a reason to abort the whole job.
             raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
+
+    async def _exchange(self, url: str, body: dict[str, Any]) -> Reply:
+        if self._direct is not None:
+            return await self._direct.post(url, orjson.dumps(body))
+        resp = await self._http.post(
+            url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        return Reply(resp.status_code, resp.headers, resp.content)
 
     async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
         started = time.perf_counter()
@@ -309,6 +309,35 @@ def _transport(spec: JobSpec) -> httpx.AsyncBaseTransport | None:
     if spec.teacher.transport == "aiohttp" and not isinstance(verify, str):  # no CA bundle yet
         return AiohttpTransport(verify=verify)
     return None  # httpx's own
+
+
+_LATE_S = 0.05  # a loop this late at the deadline was stalled, not waiting on the server
+
+
+async def _bounded(exchange: Coroutine[Any, Any, Reply], limit: float) -> Reply:
+    """``exchange`` within ``limit`` seconds, or ``TimeoutError``.
+
+    httpx's timeouts are per read; this bounds the whole request, so a server that trickles
+    bytes cannot hold a slot forever (closing the connection is what makes vLLM abort the
+    abandoned generation). If the event loop itself was stalled past the deadline (a CPU-starved
+    worker), the answer may already be in the socket: the exchange gets that lateness once more
+    before it is given up, so an answered request is not reported as timed out and sent again
+    (an always-400 prompt reached the teacher twice that way)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(exchange)
+    try:
+        due = loop.time() + limit
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        late = loop.time() - due
+        if not done and late > _LATE_S:
+            done, _ = await asyncio.wait({task}, timeout=min(late, limit))
+        if not done:
+            raise TimeoutError(f"no answer within {limit:g} s")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let it close its connection; its error is moot
 
 
 def _endpoint_failed(err: HarvestError) -> bool:

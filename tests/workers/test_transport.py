@@ -4,14 +4,18 @@ sockets: answers equal httpx's, and each injected fault ends as the same kind of
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections import Counter
 
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from samples import same
 from test_fault_teacher_server import ALL_FAULTS_BUT_STALL, make_spec, rows
 
-from schemas.wire import Completion
+from schemas.wire import Completion, PromptRow
 from workers import USER_AGENT
 from workers.client import TeacherClient
+from workers.errors import HarvestError
 from workers.transport import AiohttpTransport
 
 
@@ -70,3 +74,33 @@ def test_both_transports_send_the_same_identity() -> None:
         seen[transport] = (log[0].user_agent, log[0].job_id, log[0].authorization)
     assert seen["aiohttp"] == seen["httpx"]
     assert seen["httpx"][0] == USER_AGENT and seen["httpx"][1:] == ("job-7", "Bearer k-1")
+
+
+def test_an_answer_received_while_the_loop_stalled_is_not_sent_again() -> None:
+    """A stalled event loop (a CPU-starved worker) past the deadline must not turn a received
+    answer into a timeout and a second request: an always-400 prompt reaches the server once.
+
+    The loop is blocked from a timer a few ms after each request leaves, longer than
+    ``timeout_s``; the server (its own thread) answers meanwhile. Before the fix, some of these
+    rows timed out with their 400 in the socket and were sent again."""
+    keys = [f"bad-{i}" for i in range(30)]
+
+    async def go(server: FaultTeacherServer) -> None:
+        spec = make_spec(server.url, timeout_s=0.3, max_attempts=4)
+        client = TeacherClient(spec, job_id="t")
+        loop = asyncio.get_running_loop()
+        try:
+            await client.complete(rows(2)[1])  # a kept-alive connection
+            for i, key in enumerate(keys):
+                task = asyncio.create_task(client.complete(PromptRow(key, "x", prompt=key)))
+                loop.call_later(0.001 + i * 0.0005, time.sleep, 0.5)  # the stall
+                with contextlib.suppress(HarvestError):
+                    await task
+        finally:
+            await client.aclose()
+
+    with FaultTeacherServer(plan=FaultPlan(always_400=set(keys))) as server:
+        asyncio.run(go(server))
+        sent = Counter(r.key for r in server.log if r.key in keys)
+    assert set(sent) == set(keys)
+    assert max(sent.values()) == 1, sent
