@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,12 +161,13 @@ def _plain(value: Any) -> Any:
 # ---- harvest: the real scheduler on a local Ray cluster ---------------------------------------
 
 
-def _harvest(args: dict[str, Any], out: Path, transport: str = "httpx") -> None:
+def _harvest(args: dict[str, Any], out: Path, transport: str = "aiohttp") -> None:
     import ray
 
     from harvest.scheduler import run_job
     from schemas.job import parse_job
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `harvest run`'s private cluster
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     spec = parse_job(
         {
@@ -203,8 +205,8 @@ def main(argv: list[str]) -> int:
         _raydata(args, out)
     elif contender == "harvest":
         _harvest(args, out)
-    elif contender == "harvest-aiohttp":
-        _harvest(args, out, "aiohttp")
+    elif contender == "harvest-httpx":
+        _harvest(args, out, "httpx")
     else:
         raise SystemExit(f"unknown contender {contender!r}")
     (out / "result.json").write_text(json.dumps({"wall_s": time.monotonic() - started}))

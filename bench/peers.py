@@ -40,7 +40,7 @@ sys.path.insert(0, str(BENCH))
 from synthetic import ProcessTeacher, _cpu_times  # noqa: E402
 from treeprobe import TreeProbe  # noqa: E402
 
-CONTENDERS = ("harvest", "harvest-aiohttp", "bare", "raydata")
+CONTENDERS = ("harvest", "harvest-httpx", "bare", "raydata")
 
 
 def write_prompts(path: Path, api: str, count: int) -> None:
