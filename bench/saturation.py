@@ -6,7 +6,8 @@ each in a child process of its own (bench/saturation_clients.py) asking the same
 (same body, fixed seed, ``--max-tokens`` tokens, top-``--k``, ``--in-flight`` at once):
 
 - ``bare``: one asyncio + aiohttp process, orjson, one Parquet file at the end;
-- ``harvest``: the real scheduler (``run_job``) on a local Ray cluster, job defaults;
+- ``harvest``: the real scheduler (``run_job``) on a local Ray cluster, job defaults, Ray's
+  workers at nice 0 as ``harvest run`` starts them;
 - ``harvest:KEY=VAL,...``: the same with workers, rows_per_shard, transport, worker_cpus,
   niceness (of Ray's workers) or share_caps=0 (each worker keeps its even share of the
   in-flight cap, as before ``harvest.pool.Pool.share_caps``), e.g. ``harvest:niceness=0``.

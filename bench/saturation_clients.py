@@ -118,8 +118,10 @@ async def _bare(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
 
 
 def _harvest(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
-    if args.get("niceness") is not None:  # Ray's default for its workers is 15
-        os.environ["RAY_worker_niceness"] = str(args["niceness"])  # noqa: SIM112
+    # Ray's default for its workers is 15; `harvest run` starts its private cluster at 0
+    # (harvest.scheduler.init_ray), and so does this contender unless told otherwise.
+    niceness = args.get("niceness")
+    os.environ["RAY_worker_niceness"] = str(0 if niceness is None else niceness)  # noqa: SIM112
     import ray
 
     from harvest.pool import Pool
