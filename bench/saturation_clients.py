@@ -48,8 +48,9 @@ def job(args: dict[str, Any], out: Path) -> dict[str, Any]:
         "endpoints": [args["url"]],
         "authorization": AUTH,
         "timeout_s": 300.0,
-        "transport": args.get("transport", "httpx"),
     }
+    if args.get("transport"):  # else the job's default
+        teacher["transport"] = args["transport"]
     output: dict[str, Any] = {"dir": str(out)}
     if args.get("rows_per_shard"):
         output["rows_per_shard"] = args["rows_per_shard"]
