@@ -10,7 +10,6 @@ as the httpx exception a client already handles (connect/read errors, a body cut
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -76,7 +75,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     request=request,
                 )
         except Exception as err:
-            raise _as_httpx(err, request) from err
+            mapped = _as_httpx(err, request)
+            if mapped is err:
+                raise
+            raise mapped from err
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -123,10 +125,11 @@ class DirectPost:
                 url, data=content, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 return Reply(resp.status, resp.headers, await resp.read())
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            raise _as_httpx(err, None) from err
+        except Exception as err:  # (cancellation is no Exception: it passes through)
+            mapped = _as_httpx(err, None)
+            if mapped is err:
+                raise
+            raise mapped from err
 
     async def aclose(self) -> None:
         if self._session is not None:
