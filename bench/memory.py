@@ -19,10 +19,6 @@ Writes ``bench/results/memory.json`` and a markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from peers import run_one  # noqa: E402
+from report import commit, machine, save  # noqa: E402
 from synthetic import ProcessTeacher  # noqa: E402
 
 KINDS = ("driver", "harvest_workers", "ray_workers", "ray_system")
@@ -119,20 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python bench/memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
-        ).stdout.strip(),
+        "machine": machine(),
+        "commit": commit(),
         "sizes": list(args.sizes),
         "runs": runs,
     }
     small, big = runs[-2:] if len(args.sizes) == 2 else (None, None)
     if small and big and small["finished"] and big["finished"]:
         result["growth"] = growth(small, big)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, result, markdown(result))
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from report import commit, machine, save  # noqa: E402
 from synthetic import ProcessTeacher, _cpu_times  # noqa: E402
 from treeprobe import TreeProbe  # noqa: E402
 
@@ -294,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
-        ).stdout.strip(),
+        "machine": machine(),
+        "commit": commit(),
         "config": {
             "sizes": sizes,
             "raydata_sizes": tuple(args.raydata_sizes),
@@ -312,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarise(runs),
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, result, markdown(result))
     return 0
 
 

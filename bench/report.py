@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+
+
+def commit() -> str:
+    """The short commit the benchmark ran at."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
+    ).stdout.strip()
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def save(out: Path, result: dict[str, Any], text: str) -> None:
+    """Write a study's ``result`` as ``out`` (JSON) and its markdown beside it; print the latter."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 @dataclass

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
 from peers import count_output  # noqa: E402
+from report import commit, machine, save  # noqa: E402
 from synthetic import _cpu_times  # noqa: E402
 from treeprobe import TreeProbe  # noqa: E402
 from vllm_metrics import MetricsProbe, analyse, server_tree, tree_cpu  # noqa: E402
@@ -279,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python bench/saturation.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "commit": commit(),
+        "machine": machine(),
         "config": {
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
         },
@@ -290,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarise(runs),
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, result, markdown(result))
     return 0
 
 
