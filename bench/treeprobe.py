@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Self
 
 import psutil
 
@@ -25,18 +26,41 @@ def kind_of(proc: psutil.Process, root_pid: int) -> str:
     return "ray_system"
 
 
-class TreeProbe:
+class Sampler:
+    """Calls ``sample()`` at ``start()``, then every ``every_s`` in a thread until ``stop()``."""
+
+    def __init__(self, every_s: float, name: str) -> None:
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def start(self) -> Self:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class TreeProbe(Sampler):
     """Sample the tree under ``root_pid`` every ``every_s`` until ``stop()``."""
 
     def __init__(self, root_pid: int, every_s: float = 0.2) -> None:
+        super().__init__(every_s, "tree-probe")
         self.root = psutil.Process(root_pid)
-        self.every_s = every_s
         self.cpu: dict[int, float] = {}
         self.kind: dict[int, str] = {}
         self.peak_rss: Counter[str] = Counter()  # max over samples of the kind's summed RSS
         self.peak_total_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tree-probe", daemon=True)
 
     def pids(self) -> list[int]:
         """Every process of the tree seen so far (for ending them after a time cap)."""
@@ -64,19 +88,6 @@ class TreeProbe:
         for kind, value in rss.items():
             self.peak_rss[kind] = max(self.peak_rss[kind], value)
         self.peak_total_rss = max(self.peak_total_rss, sum(rss.values()))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.sample()
-
-    def start(self) -> TreeProbe:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def cpu_by_kind(self) -> dict[str, float]:
         out: Counter[str] = Counter()

@@ -8,12 +8,12 @@ everything before the first token (Ray's start-up, preflight) and after the last
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import psutil
+from treeprobe import Sampler
 
 GAUGES = {
     "vllm:generation_tokens_total": "gen",
@@ -35,7 +35,7 @@ def scrape(text: str) -> dict[str, float]:
 
 
 @dataclass
-class MetricsProbe:
+class MetricsProbe(Sampler):
     """Sample ``base/metrics`` every ``every_s`` (a thread) until ``stop()``."""
 
     base: str  # http://host:port, without /v1
@@ -43,8 +43,7 @@ class MetricsProbe:
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vllm-metrics", daemon=True)
+        Sampler.__init__(self, self.every_s, "vllm-metrics")
         self._http = httpx.Client(timeout=5.0)
 
     def sample(self) -> None:
@@ -54,18 +53,8 @@ class MetricsProbe:
             return
         self.samples.append((time.monotonic(), scrape(text)))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.sample()
-
-    def start(self) -> MetricsProbe:
-        self.sample()
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().stop()
         self.sample()
         self._http.close()
 
