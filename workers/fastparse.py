@@ -16,7 +16,6 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
-import orjson
 
 from schemas.wire import Sample
 
@@ -24,30 +23,6 @@ PREFIX = "token_id:"
 _CUT = len(PREFIX)
 MAX_DIGITS = 18  # any vocabulary id fits; int64 still holds it
 _NUMBER_TYPES = frozenset((float, int))
-
-
-def _ids_fast(tokens: list[Any]) -> list[int] | None:
-    """The ids of ``token_id:N`` strings in a few C passes, or None if any is not exactly that.
-
-    ``token_id:1\ntoken_id:22`` becomes the JSON ``[1,22]``; digits only, one field per token,
-    no leading zeros (JSON refuses them), at most ``MAX_DIGITS`` each."""
-    try:
-        joined = "\n".join(tokens)
-    except TypeError:  # a non-string
-        return None
-    if not joined.startswith(PREFIX):
-        return None
-    fields = joined[_CUT:].replace("\ntoken_id:", ",")
-    if fields.count(",") != len(tokens) - 1:
-        return None
-    digits = fields.replace(",", "")
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    try:
-        ids = orjson.loads(f"[{fields}]")
-    except orjson.JSONDecodeError:
-        return None
-    return ids if max(ids) < 10**MAX_DIGITS else None
 
 
 def _numbers(values: Any) -> bool:
@@ -142,9 +117,10 @@ def fast_sample(choice: Any, position: int, k: int) -> Sample | None:
         return None
     if len(token_lps) != len(tokens) or not _numbers(token_lps):
         return None
-    ids = _ids_fast(tokens)
-    if ids is None:
+    id_array = _key_ids(tokens)
+    if id_array is None:
         return None
+    ids = id_array.tolist()
     sent = choice.get("token_ids")
     if sent is not None and (
         type(sent) is not list or sent != ids or set(map(type, sent)) != {int}
