@@ -96,6 +96,7 @@ class Lease:
         self.lost = False
         self._stop = threading.Event()
         self._renewed = time.monotonic()
+        self._renewing = threading.Lock()  # the heartbeat and confirm() renew from one token
         self._thread = threading.Thread(target=self._beat, name="harvest-lease", daemon=True)
         self._thread.start()
 
@@ -134,37 +135,60 @@ class Lease:
     def _beat(self) -> None:
         period = max(self.record.ttl_s / 3, 0.05)
         while not self._stop.wait(period):
-            beat = self.record.model_copy(update={"beat": self.record.beat + 1})
             try:
-                token = self.store.replace(LEASE, beat.model_dump_json().encode(), self.token)
+                renewed = self._renew()
             except StorageError:
-                token = ""  # the store hiccuped: try again next period, within the TTL
-            if token:
-                self.record, self.token, self._renewed = beat, token, time.monotonic()
-            elif token is None or time.monotonic() - self._renewed > self.record.ttl_s:
+                renewed = False  # the store hiccuped: try again next period, within the TTL
+            if not renewed and (self.lost or time.monotonic() - self._renewed > self.record.ttl_s):
                 self.lost = True
                 return
 
     def confirm(self) -> bool:
         """Renew now; False if another driver holds the output (then delete nothing)."""
-        if self.lost:
-            return False
-        beat = self.record.model_copy(update={"beat": self.record.beat + 1})
-        token = self.store.replace(LEASE, beat.model_dump_json().encode(), self.token)
-        if token is None:
-            self.lost = True
-            return False
-        self.record, self.token, self._renewed = beat, token, time.monotonic()
-        return True
+        return not self.lost and self._renew()
+
+    def _renew(self) -> bool:
+        """Rewrite the lease from the token we hold; sets ``lost`` if it is no longer ours.
+
+        Serialised: the heartbeat thread and ``confirm()`` swapping from the same token at once
+        would make one of them fail its swap and take itself for overtaken. A swap that reached
+        the store but whose answer was lost (a client retry then fails its precondition) is
+        told apart from a takeover by reading back what is there: our own record at this beat.
+        """
+        with self._renewing:
+            if self.lost:
+                return False
+            beat = self.record.model_copy(update={"beat": self.record.beat + 1})
+            data = beat.model_dump_json().encode()
+            token = self.store.replace(LEASE, data, self.token)
+            if token is None:
+                now = self.store.read_versioned(LEASE)
+                if now is None or now.data != data:
+                    self.lost = True
+                    return False
+                token = now.token
+            self.record, self.token, self._renewed = beat, token, time.monotonic()
+            return True
 
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        if not self.lost:
+        with self._renewing:
+            if self.lost:
+                return
             try:
-                self.store.delete_if(LEASE, self.token)
+                if not self.store.delete_if(LEASE, self.token):
+                    self._delete_if_ours()
             except StorageError:
                 pass  # it expires after its TTL
+
+    def _delete_if_ours(self) -> None:
+        """The token went stale under us (a renewal whose answer was lost): delete the lease
+        only if what is stored is still our record, under the token it has now."""
+        now = self.store.read_versioned(LEASE)
+        held = _parse(now.data) if now else None
+        if now and held and held.run_id == self.record.run_id:
+            self.store.delete_if(LEASE, now.token)
 
     def __enter__(self) -> Lease:
         return self

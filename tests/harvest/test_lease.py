@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
 
 from harvest.lease import LEASE, Lease, LeaseRecord, OutputBusy, pid_space
-from workers.storage import Store
+from workers.storage import StorageError, Store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -109,3 +110,89 @@ def test_a_holder_elsewhere_is_waited_for(store: Store, space: str) -> None:
     _planted(store, child.pid, space)
     with pytest.raises(OutputBusy, match=f"pid {child.pid} on h since then"):
         Lease.acquire(store, ttl_s=600)
+
+
+class _Renewals:
+    """A store whose ``replace`` can be held open or answered wrongly, to stage races."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.in_flight = 0
+        self.overlapped = False
+        self.beat_inside = threading.Event()
+        self.go = threading.Event()
+        self.hold_first_beat = False
+        self.answer_lost: type[BaseException] | None = None  # None: answer None; else raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def replace(self, rel: str, data: bytes, token: str) -> str | None:
+        self.in_flight += 1
+        try:
+            if self.in_flight > 1:
+                self.overlapped = True
+                self.go.set()
+            first_beat = threading.current_thread().name == "harvest-lease" and (
+                not self.beat_inside.is_set()
+            )
+            if first_beat and self.hold_first_beat:
+                self.beat_inside.set()
+                self.go.wait(timeout=2)  # released early if a second renewal comes in
+            done = self.store.replace(rel, data, token)
+            if self.answer_lost is not None or (first_beat and not self.hold_first_beat):
+                self.beat_inside.set()
+                if self.answer_lost is not None:
+                    raise self.answer_lost("answer lost after the write")
+                return None  # a client retry of a swap that did land fails its precondition
+            return done
+        finally:
+            self.in_flight -= 1
+
+
+def test_heartbeat_and_confirm_never_swap_from_the_same_token(store: Store) -> None:
+    """confirm() (before orphans are deleted) racing the heartbeat must not lose the lease."""
+    staged = _Renewals(store)
+    staged.hold_first_beat = True
+    lease = Lease(staged, *_acquired(store, ttl_s=0.3))
+    try:
+        assert staged.beat_inside.wait(timeout=60), "no heartbeat"
+        confirmed: list[bool] = []
+        racer = threading.Thread(target=lambda: confirmed.append(lease.confirm()))
+        racer.start()
+        racer.join(timeout=60)
+        assert confirmed == [True] and not staged.overlapped and not lease.lost
+    finally:
+        lease.release()
+    assert not store.exists(LEASE)  # released: the lease was still ours
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(store: Store) -> None:
+    staged = _Renewals(store)
+    lease = Lease(staged, *_acquired(store, ttl_s=0.3))
+    try:
+        assert staged.beat_inside.wait(timeout=60), "no heartbeat"
+        wait_until(lambda: holder(store).beat >= 2, "heartbeat stopped")
+        assert not lease.lost and holder(store).run_id == lease.record.run_id
+    finally:
+        lease.release()
+    assert not store.exists(LEASE)
+
+
+def test_release_after_a_renewal_that_raised_but_landed_deletes_the_lease(store: Store) -> None:
+    staged = _Renewals(store)
+    staged.answer_lost = StorageError
+    lease = Lease(staged, *_acquired(store, ttl_s=600))  # no heartbeat before release
+    with pytest.raises(StorageError):
+        lease.confirm()  # it landed: the stored token is no longer the one the lease holds
+    assert holder(store).beat == 1
+    lease.release()
+    assert not store.exists(LEASE)
+
+
+def _acquired(store: Store, ttl_s: float) -> tuple[LeaseRecord, str]:
+    """Acquire through the real store, then hand the record and token to a staged Lease."""
+    real = Lease.acquire(store, ttl_s=ttl_s)
+    real._stop.set()
+    real._thread.join()
+    return real.record, real.token
