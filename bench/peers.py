@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,8 +154,39 @@ def _key(run: dict[str, Any]) -> tuple[str, str]:
     return run["api"], run["contender"]
 
 
+MEDIANS = ("marginal_tok_per_cpu_s", "marginal_tok_per_wall_s", "e2e_tok_per_wall_s", "cpu_s")
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (api, contender): marginal tokens per CPU-s and per wall-s, peaks."""
+    """One line per (api, contender): the median over repeats of each repeat's marginal
+    figures (each repeat's own values kept beside it), the largest peaks; then the ratios."""
+    repeats = sorted({r.get("repeat", 0) for r in runs})
+    per = [_pairs([r for r in runs if r.get("repeat", 0) == i]) for i in repeats]
+    lines = []
+    for first in per[0]:
+        mine = [x for p in per for x in p if _key(x) == _key(first)]
+        line = dict(first)
+        line["repeats"] = len(mine)
+        line["finished"] = all(x["finished"] for x in mine)
+        line["peak_rss_mb_total"] = max(x["peak_rss_mb_total"] for x in mine)
+        for key in MEDIANS:
+            values = [x[key] for x in mine if key in x]
+            if values:
+                line[key] = statistics.median(values)
+                line[f"{key}_each"] = values
+        lines.append(line)
+    for line in lines:  # ratios of the medians against the peers of the same api
+        base = {x["contender"]: x for x in lines if x["api"] == line["api"]}
+        for peer in ("raydata", "bare"):
+            p = base.get(peer)
+            for key in ("marginal_tok_per_cpu_s", "marginal_tok_per_wall_s"):
+                if p and key in line and key in p:
+                    line[f"{key}_vs_{peer}"] = line[key] / p[key]
+    return lines
+
+
+def _pairs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One repeat: per (api, contender), the marginal figures of its small and large run."""
     lines = []
     for api in sorted({r["api"] for r in runs}):
         for c in CONTENDERS:
@@ -183,13 +215,6 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if s["finished"]:
                     line["e2e_tok_per_wall_s"] = s["tokens"] / s["wall_s"]
             lines.append(line)
-    for line in lines:  # ratios against the peers of the same api
-        base = {x["contender"]: x for x in lines if x["api"] == line["api"]}
-        for peer in ("raydata", "bare"):
-            p = base.get(peer)
-            for key in ("marginal_tok_per_cpu_s", "marginal_tok_per_wall_s"):
-                if p and key in line and key in p:
-                    line[f"{key}_vs_{peer}"] = line[key] / p[key]
     return lines
 
 
@@ -204,7 +229,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['ray_concurrency']}, cap {cfg['cap_s']:.0f} s. Sizes {cfg['sizes'][0]} and "
         f"{cfg['sizes'][1]} prompts (Ray Data: {cfg['raydata_sizes'][0]} and "
         f"{cfg['raydata_sizes'][1]}); marginal = difference between them. CPU of every process "
-        "of a contender (Ray's included), teacher excluded. Command: "
+        "of a contender (Ray's included), teacher excluded. "
+        f"{cfg.get('repeat', 1)} repeat(s), interleaved: figures are medians, each repeat's "
+        "own value in brackets. Command: "
         f"`{result['command']}`.",
         "",
         "| api | contender | marginal tok/CPU-s | marginal tok/s (wall) | e2e tok/s | "
@@ -215,7 +242,11 @@ def markdown(result: dict[str, Any]) -> str:
         kinds = ", ".join(f"{k} {v:.0f}" for k, v in sorted(ln["peak_rss_mb_by_kind"].items()))
 
         def num(key: str, line: dict[str, Any] = ln) -> str:
-            return f"{line[key]:,.0f}" if key in line else "-"
+            if key not in line:
+                return "-"
+            each = line.get(f"{key}_each", [])
+            tail = " (" + "; ".join(f"{v:,.0f}" for v in each) + ")" if len(each) > 1 else ""
+            return f"{line[key]:,.0f}{tail}"
 
         out.append(
             f"| {ln['api']} | {ln['contender']} | {num('marginal_tok_per_cpu_s')} | "
@@ -259,6 +290,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Ray Data's own sizes: it is ~100x slower here, the rates are comparable",
     )  # fmt: skip
     ap.add_argument("--cap-s", type=float, default=240.0)
+    ap.add_argument(
+        "--repeat", type=int, default=1,
+        help="run every size of every contender this many times (interleaved); report medians",
+    )  # fmt: skip
     ap.add_argument("--apis", nargs="+", default=["completions", "chat"])
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "peers.json")
@@ -278,17 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
-            for i in (0, 1):
-                for api in args.apis:
-                    for c in args.contenders:
-                        size = (args.raydata_sizes if c == "raydata" else sizes)[i]
-                        r = run_one(c, api, size, args, teacher.url, Path(tmp))
-                        runs.append(r)
-                        print(
-                            f"{c:8s} {api:11s} {size:5d}: finished={r['finished']} "
-                            f"wall {r['wall_s']:.1f}s cpu {r['cpu_s']:.1f}s tokens {r['tokens']}",
-                            flush=True,
-                        )
+            for rep in range(args.repeat):
+                for i in (0, 1):
+                    for api in args.apis:
+                        for c in args.contenders:
+                            size = (args.raydata_sizes if c == "raydata" else sizes)[i]
+                            r = run_one(c, api, size, args, teacher.url, Path(tmp))
+                            r["repeat"] = rep
+                            runs.append(r)
+                            print(
+                                f"[{rep}] {c:8s} {api:11s} {size:5d}: finished={r['finished']} "
+                                f"wall {r['wall_s']:.1f}s cpu {r['cpu_s']:.1f}s "
+                                f"tokens {r['tokens']}",
+                                flush=True,
+                            )
     finally:
         teacher.stop()
     result = {
@@ -306,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "ray_concurrency": args.ray_concurrency,
             "cap_s": args.cap_s,
+            "repeat": args.repeat,
         },
         "summary": summarise(runs),
         "runs": runs,

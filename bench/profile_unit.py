@@ -71,6 +71,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx")
     ap.add_argument("--no-profile", action="store_true", help="time only (cProfile adds cost)")
+    ap.add_argument("--callers", nargs="*", default=[], help="also print who calls these")
     args = ap.parse_args()
     teacher = ProcessTeacher(0.0, 100_000, memoise=True)
     try:
@@ -86,7 +87,10 @@ def main() -> int:
         teacher.stop()
     print(f"{tokens} tokens, {cpu:.2f} CPU-s, {wall:.2f} s: {tokens / cpu:,.0f} tokens/CPU-s")
     if not args.no_profile:
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+        stats = pstats.Stats(prof).sort_stats("tottime")
+        stats.print_stats(args.top)
+        for name in args.callers:
+            stats.print_callers(name)
     return 0
 
 

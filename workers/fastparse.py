@@ -93,14 +93,10 @@ def _best(
     if int(widths.min()) == wide:
         id_rows, value_rows = ids.reshape(n, wide), values.reshape(n, wide)
     else:  # some tokens carry the sampled token as a K+1st entry: pad the others, last
-        starts = np.zeros(n, np.int64)
-        np.cumsum(widths[:-1], out=starts[1:])
-        rows = np.repeat(np.arange(n), widths)
-        cols = np.arange(len(ids)) - np.repeat(starts, widths)
-        id_rows = np.zeros((n, wide), np.int64)
-        value_rows = np.full((n, wide), -np.inf)
-        id_rows[rows, cols] = ids
-        value_rows[rows, cols] = values
+        short = np.flatnonzero(widths < wide)
+        at = np.cumsum(widths)[short]  # where each short row ends in the flat arrays
+        id_rows = np.insert(ids, at, 0).reshape(n, wide)
+        value_rows = np.insert(values, at, -np.inf).reshape(n, wide)
     order = np.argsort(-value_rows, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(id_rows, order, 1), np.take_along_axis(value_rows, order, 1)
 
