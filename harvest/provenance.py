@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from harvest import manifest
+from harvest.manifest import Manifest, ResumeRefused
 from workers.writer import read_metadata
 
 # What must be identical across every shard of one output.
@@ -26,6 +27,27 @@ def shard_metadata(out_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
     m = manifest.load(str(out_dir))
     locations = [m.store.child_uri(p) for kind in ("data", "failed") for p in m.shard_paths(kind)]
     return [(loc, read_metadata(loc)) for loc in locations]
+
+
+def check_logprob_mode(held: Manifest, mode: str) -> None:
+    """Refuse to add shards of another logprob mode to an output that holds some.
+
+    A vLLM server restarted with another ``--logprobs-mode`` between two runs of one job would
+    mix raw and processed values in one output, and a reader could not tell which rows are
+    which. Known against known only: "unknown" (the probe could not tell) is never a conflict.
+    """
+    if mode == "unknown":
+        return
+    for kind in ("data", "failed"):
+        for path in held.shard_paths(kind)[:1]:
+            before = read_metadata(held.store.child_uri(path)).get("logprob_mode", "unknown")
+            if before not in ("unknown", mode):
+                raise ResumeRefused(
+                    f"{held.store.uri} holds shards of logprob mode {before}, and the teacher "
+                    f"now returns {mode} (was vLLM restarted with another --logprobs-mode?); "
+                    "restart it as before, or use another --output, or --force-new to discard"
+                )
+            return
 
 
 def teacher_identity(meta: dict[str, Any]) -> dict[str, Any]:

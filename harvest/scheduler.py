@@ -28,6 +28,7 @@ from harvest.monitor import watched_run
 from harvest.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.progress import Progress
+from harvest.provenance import check_logprob_mode
 from harvest.replicas import ReplicaError, ReplicaSet
 from harvest.sources import iter_units, scan
 from harvest.status import JobStatus
@@ -176,11 +177,15 @@ def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Start
     return _Started(kwargs, replicas)
 
 
-def _probed_pool(spec: JobSpec, started: _Started, kinds: frozenset[str]) -> Pool:
-    """Workers whose teacher answered a tiny request of each kind of row, at the job's K."""
+def _probed_pool(
+    spec: JobSpec, started: _Started, kinds: frozenset[str], manifest: Manifest
+) -> Pool:
+    """Workers whose teacher answered a tiny request of each kind of row, at the job's K, in
+    the logprob mode of the shards the output already holds."""
     pool = Pool(spec, started.actor_kwargs)
     try:
         mode, how = probe_teacher(pool.actors[0], sorted(kinds), spec.sampling.logprobs)
+        check_logprob_mode(manifest, mode)
         # The pool builds replacement workers from these same kwargs: they stamp it too.
         started.actor_kwargs["shard_meta"].update(logprob_mode=mode, logprob_mode_how=how)
         ray.get([actor.set_logprob_mode.remote(mode, how) for actor in pool.actors])
@@ -238,7 +243,7 @@ def _harvest(
     """Start workers (and replicas), run ``units`` through them, always stop what was started."""
     started = _start(spec, manifest, ray_address)
     try:
-        pool = _probed_pool(spec, started, kinds)
+        pool = _probed_pool(spec, started, kinds, manifest)
         status = JobStatus(
             job_id=manifest.job_id,
             prompts_total=total,

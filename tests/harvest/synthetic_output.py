@@ -81,10 +81,11 @@ def write_output(
     identities: list[dict[str, Any]] | None = None,
     failures: list[list[dict[str, Any]]] | None = None,
     schema: pa.Schema | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write and commit one unit per entry of ``shards`` (with ``failures[i]`` as its failure
     shard, when given); return the data shard paths. ``schema`` replaces the record schema (to
-    build shards of older layouts)."""
+    build shards of older layouts); ``extra_meta`` is added to every shard's metadata."""
     store = Store(str(out))
     manifest = Manifest.open(store, spec=SPEC, input_fp="synthetic")
     paths = []
@@ -104,7 +105,7 @@ def write_output(
         meta = {
             "schema_version": SCHEMA_VERSION, "job_id": manifest.job_id, "kind": "data",
             "teacher": ident, "sampling": SPEC.sampling.model_dump(), "unit_id": unit,
-            "authorization": AUTH,
+            "authorization": AUTH, **(extra_meta or {}),
         }  # fmt: skip
         sha = write_shard(table, store, rel, meta)
         fails = failures[i] if failures else []
