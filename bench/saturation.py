@@ -95,7 +95,7 @@ def run_one(name: str, rnd: int, args: argparse.Namespace, url: str, work: Path)
     server = server_tree(httpx.URL(url).port or 80)
     waited = wait_quiet(server, args.wait_idle)
     server_cpu0, busy0 = tree_cpu(server), _cpu_times()
-    metrics = MetricsProbe(url.removesuffix("/v1")).start()
+    metrics = MetricsProbe(url.removesuffix("/v1"), server=server).start()
     t0 = time.monotonic()
     with open(folder / "log.txt", "wb") as log:
         proc = subprocess.Popen(
@@ -129,6 +129,8 @@ def run_one(name: str, rnd: int, args: argparse.Namespace, url: str, work: Path)
         "waited_for_quiet_s": waited,
         **analyse(metrics, t0, args.in_flight),
     }
+    if "steady_t10" in res:  # where the contender's CPU goes while the teacher is saturated
+        res["cores_steady_by_kind"] = probe.cores_between(res["steady_t10"], res["steady_t90"])
     # What the rest of the machine used meanwhile (other processes), in cores.
     res["other_cores"] = res["machine_busy_cores"] - (res["cpu_s"] + res["server_cpu_s"]) / wall
     if ok:
@@ -198,6 +200,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['active_tok_s']:,.0f} | {r['steady_tok_s']:,.0f} | "
             f"{r['running_mean_steady']:.1f} | {r['first_token_s']:.1f} | {r['cpu_s']:.1f} | "
             f"{r['server_cpu_s']:.1f} | {r['other_cores']:.2f} |"
+        )
+    out += [
+        "",
+        "Cores used during the steady span (10% to 90% of the tokens), by process kind:",
+        "",
+        "| round | contender | vLLM server | contender, all | by kind |",
+        "|---|---|---:|---:|---|",
+    ]
+    for r in result["runs"]:
+        kinds = r.get("cores_steady_by_kind")
+        if not r["ok"] or not kinds:
+            continue
+        out.append(
+            f"| {r['round']} | {r['contender']} | {r.get('server_cores_steady', 0):.2f} | "
+            f"{sum(kinds.values()):.3f} | "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items()))
+            + " |"
         )
     out += [
         "",

@@ -8,6 +8,7 @@ is a descendant of that child, and nothing else is. A process that exits keeps i
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Self
 
@@ -61,6 +62,7 @@ class TreeProbe(Sampler):
         self.kind: dict[int, str] = {}
         self.peak_rss: Counter[str] = Counter()  # max over samples of the kind's summed RSS
         self.peak_total_rss = 0
+        self.timeline: list[tuple[float, dict[str, float]]] = []  # (monotonic, CPU-s by kind)
 
     def pids(self) -> list[int]:
         """Every process of the tree seen so far (for ending them after a time cap)."""
@@ -88,6 +90,15 @@ class TreeProbe(Sampler):
         for kind, value in rss.items():
             self.peak_rss[kind] = max(self.peak_rss[kind], value)
         self.peak_total_rss = max(self.peak_total_rss, sum(rss.values()))
+        self.timeline.append((time.monotonic(), self.cpu_by_kind()))
+
+    def cores_between(self, t0: float, t1: float) -> dict[str, float]:
+        """Mean cores used by each kind between two monotonic times (nearest samples)."""
+        inside = [(t, c) for t, c in self.timeline if t0 <= t <= t1]
+        if len(inside) < 2:
+            return {}
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        return {k: (b.get(k, 0.0) - a.get(k, 0.0)) / max(1e-9, tb - ta) for k in b}
 
     def cpu_by_kind(self) -> dict[str, float]:
         out: Counter[str] = Counter()

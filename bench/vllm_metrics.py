@@ -41,6 +41,7 @@ class MetricsProbe(Sampler):
     base: str  # http://host:port, without /v1
     every_s: float = 0.25
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    server: psutil.Process | None = None  # also sample this tree's CPU-s (key "cpu_s")
 
     def __post_init__(self) -> None:
         Sampler.__init__(self, self.every_s, "vllm-metrics")
@@ -51,7 +52,10 @@ class MetricsProbe(Sampler):
             text = self._http.get(self.base + "/metrics").text
         except httpx.HTTPError:
             return
-        self.samples.append((time.monotonic(), scrape(text)))
+        values = scrape(text)
+        if self.server is not None:
+            values["cpu_s"] = tree_cpu(self.server)
+        self.samples.append((time.monotonic(), values))
 
     def stop(self) -> None:
         super().stop()
@@ -81,6 +85,11 @@ def analyse(probe: MetricsProbe, t_start: float, in_flight: int) -> dict[str, fl
     t_first, t_last = gen[max(0, first - 1)][0], gen[last][0]
     t10, t90 = _at(gen, 0.1 * total), _at(gen, 0.9 * total)
     steady = [m for t, m in s if t10 <= t <= t90]
+    spans = [(t, m) for t, m in s if t10 <= t <= t90]
+    if len(spans) >= 2 and "cpu_s" in spans[0][1]:
+        (ta, a), (tb, b) = spans[0], spans[-1]
+        out["server_cores_steady"] = (b["cpu_s"] - a["cpu_s"]) / max(1e-9, tb - ta)
+    out["steady_t10"], out["steady_t90"] = t10, t90
     active = [m for t, m in s if t_first <= t <= t_last]
     out.update(
         first_token_s=t_first - t_start,
