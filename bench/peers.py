@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                     for api in args.apis:
                         for c in args.contenders:
                             size = (args.raydata_sizes if c == "raydata" else sizes)[i]
-                            r = run_one(c, api, size, args, teacher.url, Path(tmp))
+                            work = Path(tmp) / f"repeat-{rep}"
+                            work.mkdir(exist_ok=True)
+                            r = run_one(c, api, size, args, teacher.url, work)
                             r["repeat"] = rep
                             runs.append(r)
                             print(
