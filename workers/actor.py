@@ -22,6 +22,7 @@ from workers.router import EndpointDown
 from workers.stats import RequestSnapshot
 from workers.storage import StorageOptions, Store
 from workers.unit import harvest_unit
+from workers.writer import warm_up
 
 
 @dataclass
@@ -62,6 +63,7 @@ class HarvestActor:
         )
         self.progress: Counter[str] = Counter()
         self.peers: list[ray.actor.ActorHandle] = []
+        warm_up()  # one-time imports now, not in a unit's first row group
 
     def _tell_peers(self, endpoint: str, until_wall: float) -> None:
         """A 429 paused ``endpoint`` here: the other workers stay away from it too."""

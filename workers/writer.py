@@ -100,6 +100,13 @@ def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), child, type=type_)
 
 
+def warm_up() -> None:
+    """Do pyarrow's one-time work before requests flow. Its first conversion of a Python list
+    imports pandas (~0.25 CPU-s, holding the GIL): left to the first row group, that lands in
+    the middle of a unit and stalls the event loop that keeps the teacher busy."""
+    pa.array(["warm"], pa.string())
+
+
 def data_columns(k: int, logprob_dtype: str = "float32") -> Columns:
     return Columns(record_schema(k, logprob_dtype))
 

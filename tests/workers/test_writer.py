@@ -118,3 +118,26 @@ def test_compact_rows_out_of_range_or_wrong_width_are_refused() -> None:
     wide = compact(_samples(3)[1])
     with pytest.raises(ValueError, match="wide"):
         _table([wide], 2)
+
+
+def test_warm_up_leaves_no_import_for_the_first_row_group() -> None:
+    """pyarrow imports pandas on its first list conversion; the actor does it at start-up."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyarrow as pa\n"
+        "from workers.writer import warm_up, data_columns\n"
+        "warm_up()\n"
+        "before = set(sys.modules)\n"
+        "cols = data_columns(2)\n"
+        "cols.append(request_id='r', prompt_id='p', sample_index=0, api='completions',\n"
+        "            prompt='x', response='y', finish_reason='stop', prompt_tokens=1,\n"
+        "            completion_tokens=1, prompt_token_ids=[1], token_ids=[2], logprobs=[-0.5],\n"
+        "            top_token_ids=[[2, 3]], top_logprobs=[[-0.5, -1.0]], teacher='t',\n"
+        "            endpoint='e', attempts=1, latency_ms=1.0)\n"
+        "cols.table()\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'pandas'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
