@@ -177,8 +177,8 @@ async def harvest_unit(
 
 def _without_prompt_ids(done: Completion) -> MissingLogprobs:
     """A record must carry the ids the teacher saw; an answer without them is a failure row."""
-    err = MissingLogprobs(
-        "teacher returned no prompt_token_ids (return_token_ids)", endpoint=done.endpoint
+    return MissingLogprobs(
+        "teacher returned no prompt_token_ids (return_token_ids)",
+        endpoint=done.endpoint,
+        attempts=done.attempts,
     )
-    err.attempts = done.attempts
-    return err
