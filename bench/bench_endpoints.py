@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from localray import start_local_ray
 from report import RunResult, diagnostics, table
 from synthetic import (
     MODEL,
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     counts = [int(x) for x in args.endpoints.split(",")]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     by_e: dict[int, list[RunResult]] = {e: [] for e in counts}
     started, git_state = datetime.now(UTC), _git_state()
     try:

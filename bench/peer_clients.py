@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from localray import start_local_ray  # noqa: E402
+
 MODEL = "fault"
 
 
@@ -125,7 +127,7 @@ def _raydata(args: dict[str, Any], out: Path) -> None:
     import ray
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     base, k = args["url"], args["k"]
     ds = ray.data.from_items(_rows(args))
     conf = {"batch_size": args["batch_size"], "concurrency": args["ray_concurrency"]}
@@ -168,7 +170,7 @@ def _harvest(args: dict[str, Any], out: Path, transport: str = "aiohttp") -> Non
     from schemas.job import parse_job
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # as `harvest run`'s private cluster
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     spec = parse_job(
         {
             "input": args["prompts"],

@@ -36,6 +36,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
+from localray import start_local_ray  # noqa: E402
 from peer_clients import _columns, schema  # noqa: E402
 
 AUTH = {"owner": "bench", "license": "test", "attestation": "our own test model"}
@@ -96,17 +97,27 @@ async def _bare(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
     sem = asyncio.Semaphore(args["in_flight"])
     got: list[dict[str, Any]] = []
     stamps: list[float] = []
+    retries: list[int] = []
     url = args["url"] + "/completions"
     conn = aiohttp.TCPConnector(limit=args["in_flight"])
     async with aiohttp.ClientSession(connector=conn) as session:
 
+        async def post(data: bytes) -> Any:
+            headers = {"Content-Type": "application/json"}
+            for attempt in range(3):  # the server closed a kept-alive connection: a new one
+                try:
+                    async with session.post(url, data=data, headers=headers) as resp:
+                        resp.raise_for_status()
+                        return orjson.loads(await resp.read())
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    if attempt == 2:
+                        raise
+                    retries.append(attempt)
+            raise AssertionError("unreachable")
+
         async def one(row: dict[str, Any]) -> None:
             async with sem:
-                data = orjson.dumps(body(args, row["prompt"]))
-                headers = {"Content-Type": "application/json"}
-                async with session.post(url, data=data, headers=headers) as resp:
-                    resp.raise_for_status()
-                    answer = orjson.loads(await resp.read())
+                answer = await post(orjson.dumps(body(args, row["prompt"])))
             stamps.append(time.monotonic() - t0)
             got.append({"prompt_id": row["id"], **_columns(answer["choices"][0], args["k"])})
 
@@ -115,7 +126,7 @@ async def _bare(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
                 group.create_task(one(row))
     table = pa.Table.from_pylist(got, schema=schema(args["k"]))
     pq.write_table(table, out / "part-0.parquet", compression="zstd")
-    return {"first_s": min(stamps), "last_s": max(stamps)}
+    return {"first_s": min(stamps), "last_s": max(stamps), "bare_reconnects": len(retries)}
 
 
 def _harvest(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
@@ -132,14 +143,7 @@ def _harvest(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
         Pool.share_caps = lambda self: None  # type: ignore[method-assign]
     from schemas.job import parse_job
 
-    for attempt in range(2):  # a node that times out starting on a loaded machine: once more
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt:
-                raise
+    start_local_ray()
     ray_up = time.monotonic() - t0
     spec = parse_job(job(args, out / "data"), "saturation bench")
     summary = run_job(spec, out / "data", show_progress=False)
