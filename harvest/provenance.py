@@ -36,18 +36,16 @@ def check_logprob_mode(held: Manifest, mode: str) -> None:
     mix raw and processed values in one output, and a reader could not tell which rows are
     which. Known against known only: "unknown" (the probe could not tell) is never a conflict.
     """
-    if mode == "unknown":
+    first = (held.shard_paths("data") or held.shard_paths("failed"))[:1]
+    if mode == "unknown" or not first:
         return
-    for kind in ("data", "failed"):
-        for path in held.shard_paths(kind)[:1]:
-            before = read_metadata(held.store.child_uri(path)).get("logprob_mode", "unknown")
-            if before not in ("unknown", mode):
-                raise ResumeRefused(
-                    f"{held.store.uri} holds shards of logprob mode {before}, and the teacher "
-                    f"now returns {mode} (was vLLM restarted with another --logprobs-mode?); "
-                    "restart it as before, or use another --output, or --force-new to discard"
-                )
-            return
+    before = read_metadata(held.store.child_uri(first[0])).get("logprob_mode", "unknown")
+    if before not in ("unknown", mode):
+        raise ResumeRefused(
+            f"{held.store.uri} holds shards of logprob mode {before}, and the teacher now "
+            f"returns {mode} (was vLLM restarted with another --logprobs-mode?); restart it "
+            "as before, or use another --output, or --force-new to discard it"
+        )
 
 
 def teacher_identity(meta: dict[str, Any]) -> dict[str, Any]:
