@@ -11,7 +11,7 @@ as the httpx exception a client already handles (connect/read errors, a body cut
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import aiohttp
 import httpx
@@ -75,10 +75,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     request=request,
                 )
         except Exception as err:
-            mapped = _as_httpx(err, request)
-            if mapped is err:
-                raise
-            raise mapped from err
+            _raise_as_httpx(err, request)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -86,14 +83,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = None
 
 
-def _as_httpx(err: Exception, request: httpx.Request | None) -> Exception:
-    """The httpx exception for an aiohttp failure (the error itself if it is none of those)."""
+def _raise_as_httpx(err: Exception, request: httpx.Request | None) -> NoReturn:
+    """Raise the httpx exception for an aiohttp failure (from it), or the error itself when it
+    is none of those."""
     if isinstance(err, TimeoutError):  # aiohttp's sock_* timeouts (asyncio.TimeoutError)
-        return httpx.ReadTimeout(str(err) or "timed out", request=request)
+        raise httpx.ReadTimeout(str(err) or "timed out", request=request) from err
     for source, target in _ERRORS:
         if isinstance(err, source):
-            return target(f"{type(err).__name__}: {err}", request=request)
-    return err
+            raise target(f"{type(err).__name__}: {err}", request=request) from err
+    raise err
 
 
 class Reply(NamedTuple):
@@ -126,10 +124,7 @@ class DirectPost:
             ) as resp:
                 return Reply(resp.status, resp.headers, await resp.read())
         except Exception as err:  # (cancellation is no Exception: it passes through)
-            mapped = _as_httpx(err, None)
-            if mapped is err:
-                raise
-            raise mapped from err
+            _raise_as_httpx(err, None)
 
     async def aclose(self) -> None:
         if self._session is not None:
