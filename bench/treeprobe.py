@@ -27,6 +27,18 @@ def kind_of(proc: psutil.Process, root_pid: int) -> str:
     return "ray_system"
 
 
+def rates_between(
+    samples: list[tuple[float, dict[str, float]]], t0: float, t1: float
+) -> dict[str, float]:
+    """Per second, how much each cumulative counter of timed ``samples`` grew between the
+    first and the last sample taken within ``[t0, t1]``; empty with fewer than two there."""
+    inside = [(t, values) for t, values in samples if t0 <= t <= t1]
+    if len(inside) < 2:
+        return {}
+    (ta, a), (tb, b) = inside[0], inside[-1]
+    return {k: (b[k] - a.get(k, 0.0)) / max(1e-9, tb - ta) for k in b}
+
+
 class Sampler:
     """Calls ``sample()`` at ``start()``, then every ``every_s`` in a thread until ``stop()``."""
 
@@ -93,12 +105,8 @@ class TreeProbe(Sampler):
         self.timeline.append((time.monotonic(), self.cpu_by_kind()))
 
     def cores_between(self, t0: float, t1: float) -> dict[str, float]:
-        """Mean cores used by each kind between two monotonic times (nearest samples)."""
-        inside = [(t, c) for t, c in self.timeline if t0 <= t <= t1]
-        if len(inside) < 2:
-            return {}
-        (ta, a), (tb, b) = inside[0], inside[-1]
-        return {k: (b.get(k, 0.0) - a.get(k, 0.0)) / max(1e-9, tb - ta) for k in b}
+        """Mean cores used by each kind between two monotonic times."""
+        return rates_between(self.timeline, t0, t1)
 
     def cpu_by_kind(self) -> dict[str, float]:
         out: Counter[str] = Counter()

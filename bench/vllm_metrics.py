@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import psutil
-from treeprobe import Sampler
+from treeprobe import Sampler, rates_between
 
 GAUGES = {
     "vllm:generation_tokens_total": "gen",
@@ -85,10 +85,8 @@ def analyse(probe: MetricsProbe, t_start: float, in_flight: int) -> dict[str, fl
     t_first, t_last = gen[max(0, first - 1)][0], gen[last][0]
     t10, t90 = _at(gen, 0.1 * total), _at(gen, 0.9 * total)
     steady = [m for t, m in s if t10 <= t <= t90]
-    spans = [(t, m) for t, m in s if t10 <= t <= t90]
-    if len(spans) >= 2 and "cpu_s" in spans[0][1]:
-        (ta, a), (tb, b) = spans[0], spans[-1]
-        out["server_cores_steady"] = (b["cpu_s"] - a["cpu_s"]) / max(1e-9, tb - ta)
+    if "cpu_s" in (rates := rates_between(s, t10, t90)):
+        out["server_cores_steady"] = rates["cpu_s"]
     out["steady_t10"], out["steady_t90"] = t10, t90
     active = [m for t, m in s if t_first <= t <= t_last]
     out.update(
