@@ -27,7 +27,7 @@ import yaml
 from fault_jobs import N, fault_job
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from test_harvest_e2e import TINY_MODEL, write_job
-from test_resume import start, wait_for_units
+from test_resume import assert_same_content, contents, start, wait_for_units
 
 from harvest import reader
 from harvest.cli import main
@@ -193,7 +193,7 @@ def test_real_teacher_stopped_mid_job(tmp_path, ray_cluster, tiny_teacher):
                 fh.write(json.dumps({"id": f"r{i}", **row}) + "\n")
     ref_job = write_job(folders[0], tiny_teacher, **sections)
     assert main(["run", str(ref_job), "--no-progress"]) == 0
-    reference = reader.read_table(folders[0] / "out").to_pylist()
+    reference = contents(folders[0] / "out")
 
     port = free_port()
     server = VllmServer(
@@ -228,8 +228,7 @@ def test_real_teacher_stopped_mid_job(tmp_path, ray_cluster, tiny_teacher):
         assert main(["run", str(job), "--no-progress"]) == 0
     finally:
         server.stop()
-    resumed = reader.read_table(out).to_pylist()
-    assert len(resumed) == len({r["request_id"] for r in resumed})
-    keep = ("request_id", "response", "token_ids", "logprobs", "top_token_ids", "top_logprobs")
-    by_id = {r["request_id"]: {k: r[k] for k in keep} for r in resumed}
-    assert by_id == {r["request_id"]: {k: r[k] for k in keep} for r in reference}
+    resumed = reader.read_table(out)["request_id"].to_pylist()
+    assert len(resumed) == len(set(resumed))
+    # a second server batches differently: the same tokens, logprobs equal to the last bits
+    assert_same_content(out, reference)
