@@ -30,7 +30,7 @@ from workers.errors import (
     TeacherUnavailable,
     error_for_status,
 )
-from workers.parse import parse_completions
+from workers.parse import read_completions
 from workers.retry import build_retrying, parse_retry_after
 from workers.router import PauseListener, Router
 from workers.score import Scored, parse_scored, score_body, score_sampling, sequence
@@ -174,6 +174,14 @@ class TeacherClient:
         return Reply(resp.status_code, resp.headers, resp.content)
 
     async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
+        content = await self._post_bytes(endpoint, url, body)
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError as err:
+            raise InvalidResponse(f"body is not JSON: {err}", endpoint=endpoint) from err
+
+    async def _post_bytes(self, endpoint: str, url: str, body: dict[str, Any]) -> bytes:
+        """The body of a 200 answer; any other status raised as its ``HarvestError``."""
         started = time.perf_counter()
         try:
             resp = await self._send(endpoint, url, body)
@@ -188,10 +196,7 @@ class TeacherClient:
                 retry_after=parse_retry_after(resp.headers.get("retry-after")),
                 endpoint=endpoint,
             )
-        try:
-            return orjson.loads(resp.content)
-        except orjson.JSONDecodeError as err:
-            raise InvalidResponse(f"body is not JSON: {err}", endpoint=endpoint) from err
+        return resp.content
 
     async def complete(self, row: PromptRow) -> Completion:
         """All samples for one row, retried per the policy; raises a ``HarvestError`` else."""
@@ -261,11 +266,11 @@ class TeacherClient:
         permit = await self.limiter.acquire(reserve) if self.limiter else None
         used = reserve  # a failed attempt may still have cost the teacher tokens
         try:
-            sent = await self._post(endpoint, endpoint + "/completions", body)
+            url = endpoint + "/completions"
             if scored is not None:
-                answer = parse_scored(sent, scored, self.k)
-            else:
-                answer = parse_completions(sent, self.k)
+                answer = parse_scored(await self._post(endpoint, url, body), scored, self.k)
+            else:  # from the bytes: the top-K never become Python objects
+                answer = read_completions(await self._post_bytes(endpoint, url, body), self.k)
             if len(answer.samples) != body["n"]:
                 raise InvalidResponse(
                     f"asked for n={body['n']}, got {len(answer.samples)}", endpoint=endpoint

@@ -1,23 +1,35 @@
-"""The fast path of ``workers.parse``: a whole choice in C-level and numpy passes.
+"""The fast path of ``workers.parse``: a whole choice without per-alternative Python.
 
 Speed: a 256-token top-20 answer holds ~5,000 alternatives, so per-alternative Python calls
-dominated a worker's CPU. ``fast_sample`` checks a whole choice with C-level passes: types by
-``set(map(type, ...))``, all alternatives' ids from their joined bytes in a few numpy passes,
-their logprobs as one float64 array, and the best K of every token by one stable argsort. Top-K
-arrives as (tokens, K) int64 / float64 arrays. It gives up (``None``) at the first doubt; the
-per-token checked path (``workers.parse``) then decides and names the problem. The fast path
-accepts only answers the checked path accepts, and returns the same values for them
-(tests/workers/test_parse.py compares both, on real answers and random edits of them).
+dominated a worker's CPU. ``fast_sample`` checks a whole choice at once; the alternatives'
+ids and logprobs go into (tokens, K) int64 / float64 arrays, best K first, by the compiled
+``workers._topk`` (~0.1 ms per answer) or, where the package was installed without a C
+compiler, by numpy passes over the joined keys and one stable argsort (~1.1 ms). It gives up
+(``None``) at the first doubt; the per-token checked path (``workers.parse``) then decides and
+names the problem. The fast path accepts only answers the checked path accepts, and returns the
+same values for them (tests/workers/test_parse.py compares both, with and without the compiled
+core, on real answers and random edits of them).
+
+``scan`` goes one step further: the compiled core reads every top_logprobs array straight from
+the body's bytes (numbers converted exactly as orjson converts them), so orjson only builds the
+~10 % of the body that is not top-K; ``parse.read_completions`` uses it and, at any doubt,
+parses the whole body again the ordinary way (tests/workers/test_fastscan.py).
 """
 
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from schemas.wire import Sample
+
+try:  # built by ``pip install`` when a C compiler is there; the numpy passes below otherwise
+    from workers import _topk as compiled
+except ImportError:  # pragma: no cover - depends on the machine that installed the package
+    compiled = None
 
 PREFIX = "token_id:"
 _CUT = len(PREFIX)
@@ -32,7 +44,12 @@ def _numbers(values: Any) -> bool:
 def _fast_top_k(tops: Any, n: int, k: int) -> tuple[Any, Any] | None:
     """Top ``k`` ids (int64) and logprobs (float64) per token as (n, k) arrays, best first;
     None unless every entry is a dict of K or K+1 ``token_id:N`` -> float pairs."""
-    if type(tops) is not list or len(tops) != n or set(map(type, tops)) != {dict}:
+    if type(tops) is not list or len(tops) != n:
+        return None
+    if compiled is not None:
+        ids, lps = np.empty((n, k), np.int64), np.empty((n, k), np.float64)
+        return (ids, lps) if compiled.fill_top_k(tops, k, ids, lps) else None
+    if set(map(type, tops)) != {dict}:
         return None
     widths = np.fromiter(map(len, tops), np.int64, n)
     if widths.min() < k or widths.max() > k + 1:
@@ -44,7 +61,10 @@ def _fast_top_k(tops: Any, n: int, k: int) -> tuple[Any, Any] | None:
     ids = _key_ids(keys)
     if ids is None:
         return None
-    return _best(ids, np.array(values, np.float64), widths, k)
+    logprobs = np.array(values, np.float64)
+    if np.isnan(logprobs).any():  # no order to agree on (orjson never builds NaN; a dict may)
+        return None
+    return _best(ids, logprobs, widths, k)
 
 
 _PREFIX_BYTES = PREFIX.encode()
@@ -57,6 +77,9 @@ def _key_ids(keys: list[str]) -> np.ndarray | None:
     """The ids of ``token_id:N`` strings in a few numpy passes over their joined bytes; None
     unless every one is exactly the prefix and 1-18 ASCII digits (what ``_token_id`` takes,
     with the same value: leading zeros included)."""
+    if compiled is not None:
+        out = np.empty(len(keys), np.int64)
+        return out if compiled.fill_key_ids(keys, out) else None
     try:
         joined = "\n".join(keys).encode()
     except (TypeError, UnicodeEncodeError):  # a non-string, a lone surrogate
@@ -101,8 +124,56 @@ def _best(
     return np.take_along_axis(id_rows, order, 1), np.take_along_axis(value_rows, order, 1)
 
 
-def fast_sample(choice: Any, position: int, k: int) -> Sample | None:
-    """The sample of a well-formed choice, without per-alternative Python; None when unsure."""
+TopRows = tuple[np.ndarray, np.ndarray]  # (tokens, K) ids and logprobs, best first
+
+
+class Scanned(NamedTuple):
+    """A body whose top_logprobs arrays were read from its bytes (``scan``)."""
+
+    body: Any  # the JSON, each array read replaced by the string "\x00<i>"
+    tops: list[TopRows]  # the i-th array read
+
+
+_MARK = "\x00"
+_MARK_ESCAPED = b"\\u0000"
+
+
+def scan(raw: bytes, k: int) -> Scanned | None:
+    """The body with its top-K read straight from the bytes by the compiled core: no Python
+    object per alternative is ever built (orjson reads the rest, ~10 % of a top-20 body).
+    None when the core is missing, K is 0, the body could hold a forged marker (any NUL,
+    escaped or not), or any array is not surely read as orjson and ``_fast_top_k`` would."""
+    if compiled is None or not k or _MARK_ESCAPED in raw or b"\0" in raw:
+        return None
+    got = compiled.scan_top_k(raw, k)
+    if got is None:
+        return None
+    stripped, ids, lps, rows = got
+    try:
+        body = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return None
+    id_rows = np.frombuffer(ids, np.int64).reshape(-1, k)
+    lp_rows = np.frombuffer(lps, np.float64).reshape(-1, k)
+    ends = np.cumsum(rows).tolist()
+    starts = [0, *ends[:-1]]
+    tops = [(id_rows[a:b], lp_rows[a:b]) for a, b in zip(starts, ends, strict=True)]
+    return Scanned(body, tops)
+
+
+def _scanned_top_k(tops: Any, n: int, scanned: list[TopRows]) -> TopRows | None:
+    """The rows ``scan`` read for this choice's marker, if they are one per token."""
+    if type(tops) is not str or not tops.startswith(_MARK):
+        return None
+    ids, lps = scanned[int(tops[1:])]
+    return (ids, lps) if len(ids) == n else None
+
+
+def fast_sample(
+    choice: Any, position: int, k: int, scanned: list[TopRows] | None = None
+) -> Sample | None:
+    """The sample of a well-formed choice, without per-alternative Python; None when unsure.
+    With ``scanned`` (``Scanned.tops``), a marker in top_logprobs stands for rows read there."""
     if type(choice) is not dict:
         return None
     lp = choice.get("logprobs")
@@ -132,7 +203,11 @@ def fast_sample(choice: Any, position: int, k: int) -> Sample | None:
     if not (finish is None or type(finish) is str):
         return None
     if k:
-        tops = _fast_top_k(lp.get("top_logprobs"), len(ids), k)
+        raw_tops = lp.get("top_logprobs")
+        if scanned is not None and type(raw_tops) is str:
+            tops = _scanned_top_k(raw_tops, len(ids), scanned)
+        else:
+            tops = _fast_top_k(raw_tops, len(ids), k)
         if tops is None:
             return None
         top_ids, top_lps = tops

@@ -23,10 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 
 from schemas.wire import Answer, Sample
 from workers.errors import InvalidResponse, MissingLogprobs
-from workers.fastparse import MAX_DIGITS, PREFIX, empty_rows, fast_sample
+from workers.fastparse import MAX_DIGITS, PREFIX, TopRows, empty_rows, fast_sample, scan
 
 _PREFIX, _CUT = PREFIX, len(PREFIX)
 
@@ -84,8 +85,8 @@ def _by_logprob(item: tuple[str, float]) -> float:
     return item[1]
 
 
-def _sample(choice: Any, position: int, k: int) -> Sample:
-    fast = fast_sample(choice, position, k)
+def _sample(choice: Any, position: int, k: int, scanned: list[TopRows] | None = None) -> Sample:
+    fast = fast_sample(choice, position, k, scanned)
     return fast if fast is not None else _checked_sample(choice, position, k)
 
 
@@ -156,12 +157,30 @@ def _prompt_tokens(body: dict[str, Any], ids: list[int]) -> int:
     return count
 
 
-def parse_completions(body: Any, k: int) -> Answer:
-    """Parse a ``/v1/completions`` answer requested with ``logprobs: k`` and token ids on."""
+def read_completions(raw: bytes, k: int) -> Answer:
+    """``parse_completions`` of a body's bytes, with its top-K read straight from them when the
+    compiled core can (``fastparse.scan``). At any doubt or error there, the whole body is
+    parsed again the ordinary way: both ways give the same answer or the same error."""
+    scanned = scan(raw, k)
+    if scanned is not None:
+        try:
+            return parse_completions(scanned.body, k, scanned.tops)
+        except (InvalidResponse, MissingLogprobs):
+            pass
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidResponse(f"body is not JSON: {err}") from err
+    return parse_completions(body, k)
+
+
+def parse_completions(body: Any, k: int, scanned: list[TopRows] | None = None) -> Answer:
+    """Parse a ``/v1/completions`` answer requested with ``logprobs: k`` and token ids on
+    (``scanned``: the top-K rows ``fastparse.scan`` read, for its markers in ``body``)."""
     choices = body.get("choices") if type(body) is dict else None
     if type(choices) is not list or not choices:
         raise InvalidResponse("response has no 'choices' list")
-    samples = [_sample(c, i, k) for i, c in enumerate(choices)]
+    samples = [_sample(c, i, k, scanned) for i, c in enumerate(choices)]
     if sorted(s.sample_index for s in samples) != list(range(len(samples))):
         raise InvalidResponse("choice indexes are not 0..n-1")
     samples.sort(key=lambda s: s.sample_index)

@@ -24,6 +24,19 @@ from workers.parse import parse_completions
 DATA = Path(__file__).resolve().parents[1] / "data" / "vllm"
 
 
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the fast path's compiled core and with its numpy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(fastparse, "compiled", None)
+    else:
+        assert fastparse.compiled is not None, (
+            "workers._topk was not built: `pip install -e .` compiles it when a C compiler is "
+            "there (the numpy fallback costs ~10x the CPU per answer)"
+        )
+    return str(request.param)
+
+
 def body(name: str) -> dict[str, Any]:
     return json.loads((DATA / f"{name}.json").read_text())
 
@@ -266,6 +279,38 @@ def test_ties_keep_the_checked_paths_order() -> None:
         for key in entry:
             entry[key] = -1.0  # every alternative ties: the server's order decides
     fast, checked = _both(choice, 3)
+    assert fast is not None and same(fast, checked)
+
+
+def test_nan_and_subclasses_are_left_to_the_checked_path() -> None:
+    """No order to agree on for NaN; list and dict subclasses are not what orjson builds."""
+    raw = body("completions_token_ids_n2_k3")
+    choice = raw["choices"][0]
+    entry = choice["logprobs"]["top_logprobs"][2]
+    entry[next(iter(entry))] = float("nan")
+    assert fastparse.fast_sample(copy.deepcopy(choice), 0, 3) is None
+
+    class Tops(dict):
+        pass
+
+    choice = body("completions_token_ids_n2_k3")["choices"][0]
+    tops = choice["logprobs"]["top_logprobs"]
+    tops[1] = Tops(tops[1])
+    fast, checked = _both(choice, 3)
+    assert fast is None and isinstance(checked, InvalidResponse)
+
+
+@pytest.mark.parametrize("k", [1, 2, 50])
+def test_any_k_on_synthetic_answers(k: int) -> None:
+    """K below and above vLLM's default cap of 20, with K+1 entries where the sampled token is
+    outside the top K."""
+    from fake_teacher import FakeTeacher
+
+    fake = FakeTeacher(model="m", vocab=32_000)
+    req = {"model": "m", "prompt": "hi", "max_tokens": 64, "logprobs": k, "n": 1}
+    choice = fake.answer(req | {"return_token_ids": True, "seed": 3})["choices"][0]
+    assert {len(e) for e in choice["logprobs"]["top_logprobs"]} == {k, k + 1}
+    fast, checked = _both(choice, k)
     assert fast is not None and same(fast, checked)
 
 
