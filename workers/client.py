@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +52,9 @@ def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
     params = spec.sampling.model_dump(include=set(OVERRIDABLE))
     params.update(row.overrides)
     return params
+
+
+Ready = Callable[[], Awaitable[None]]  # see ``TeacherClient.complete``
 
 
 @dataclass
@@ -198,8 +201,12 @@ class TeacherClient:
             )
         return resp.content
 
-    async def complete(self, row: PromptRow) -> Completion:
-        """All samples for one row, retried per the policy; raises a ``HarvestError`` else."""
+    async def complete(self, row: PromptRow, ready: Ready | None = None) -> Completion:
+        """All samples for one row, retried per the policy; raises a ``HarvestError`` else.
+
+        ``ready`` is awaited once an endpoint slot is held, right before each attempt is sent:
+        the caller's back-pressure (a unit whose shard writer is behind), with the slot kept
+        so no other request takes its place meanwhile."""
         body = self.payload(row)
         started = time.perf_counter()
         req = _Request()
@@ -210,7 +217,7 @@ class TeacherClient:
                     attempts += 1
                     if attempts > 1:
                         self.counters["retries"] += 1
-                    answer = await self._attempt(row, body, req)
+                    answer = await self._attempt(row, body, req, ready)
         except HarvestError as err:
             self.stats.failed(type(err).__name__, str(err))
             raise err.final(attempts=attempts, endpoint=req.endpoint) from None
@@ -223,13 +230,17 @@ class TeacherClient:
             prompt_token_ids=answer.prompt_token_ids,
         )
 
-    async def _attempt(self, row: PromptRow, body: dict[str, Any], req: _Request) -> Answer:
+    async def _attempt(
+        self, row: PromptRow, body: dict[str, Any], req: _Request, ready: Ready | None
+    ) -> Answer:
         """One attempt the row is charged for. A 429 pauses the endpoint, and a failure that
         takes the endpoint out of rotation is the teacher's fault: both wait for an endpoint
         (bounded by the router's outage deadline) and try again within this attempt."""
         while True:
             before = time.monotonic()
             async with self.router.acquire() as endpoint:
+                if ready is not None:
+                    await ready()
                 req.waited_s += time.monotonic() - before
                 req.endpoint = endpoint
                 try:

@@ -1,10 +1,12 @@
 """Write one shard a row group at a time, as a unit's answers arrive.
 
 A worker used to hold a whole unit's answers (2,000 rows by default) until the unit ended; now
-it holds at most one row group per open shard (``max_rows`` rows or ``max_bytes`` of answer
-arrays, whichever comes first), so its memory no longer grows with ``rows_per_shard``. Building
-the Arrow table and encoding the row group run in a thread, one row group at a time per shard,
-so the actor's event loop keeps sending requests meanwhile. The object appears under its
+it holds per open shard one row group being written and one filling (``max_rows`` rows or
+``max_bytes`` of answer arrays, whichever comes first), plus the answers in flight, so its
+memory no longer grows with ``rows_per_shard``. Building the Arrow table and encoding the row
+group run in a thread, one row group at a time per shard, so the actor's event loop keeps
+sending requests meanwhile, until the next row group is due too (``room``): then new requests
+wait for the thread. The object appears under its
 attempt-unique name only on ``close`` and counts only once the driver commits it
 (``harvest.manifest``); an aborted shard is dropped, and leftovers are never read.
 """
@@ -62,6 +64,14 @@ class ShardWriter:
     def due(self) -> bool:
         """Enough rows buffered for a row group."""
         return len(self._cols) >= self.max_rows or self._bytes >= self.max_bytes
+
+    async def room(self) -> None:
+        """Wait while a row group is due and the previous one is still in the thread: callers
+        wait here before asking the teacher for more, so answers cannot pile up in memory
+        faster than the thread writes them (a parser faster than the writer did that)."""
+        while self.due and self._turn.locked():
+            async with self._turn:  # FIFO: the flushes queued before us run first
+                pass
 
     async def flush(self) -> None:
         """Write what is buffered as one row group, off the event loop."""

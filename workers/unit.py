@@ -57,6 +57,11 @@ class _Unit:
             if shard.due:
                 await shard.flush()
 
+    async def room(self) -> None:
+        """Before a request: wait while the shards' buffers are full (``ShardWriter.room``)."""
+        await self.data.room()
+        await self.fails.room()
+
     def _records(self, row: PromptRow | RowProblem, outcome: Outcome) -> None:
         teacher, fails = self.teacher, self.fails
         if isinstance(row, RowProblem):
@@ -114,7 +119,7 @@ async def _send_all(
     async def one(row: PromptRow) -> None:
         outcome: Outcome
         try:
-            done = await client.complete(row)
+            done = await client.complete(row, out.room)
         except FatalError:
             raise
         except HarvestError as err:

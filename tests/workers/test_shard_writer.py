@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 import httpx
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from test_unit import harvest, rows
 from test_writer import _samples, _table, one_record
 
 from schemas.records import record_schema
+from schemas.wire import PromptRow
 from workers import shard_writer
 from workers.shard_writer import ShardWriter
 from workers.storage import Store
@@ -120,3 +122,50 @@ def test_per_token_numbers_skip_dictionaries_and_floats_are_byte_stream_split(tm
     for col in ("top_token_ids", "token_ids", "prompt_token_ids", "top_logprobs"):
         assert "RLE_DICTIONARY" not in enc[col]
     assert "RLE_DICTIONARY" in enc["prompt_id"]
+
+
+def test_no_request_is_sent_while_two_row_groups_wait(tmp_path, monkeypatch) -> None:
+    """A writer thread slower than the teacher holds requests back instead of letting answers
+    pile up: while the first row group is held in the thread, the teacher gets no more than
+    one more row group's requests plus those already in flight."""
+    from schemas.job import parse_job
+
+    monkeypatch.setattr(shard_writer, "MAX_ROWS", 2)
+    sent: list[int] = []
+    real_write = ShardWriter._write
+    held: list[int] = []
+
+    def count(body, n):
+        sent.append(n)
+        return None
+
+    def slow_write(self, cols) -> None:
+        if not held:  # the first row group: held until the teacher has had every row, or ~2 s
+            for _ in range(200):
+                if len(sent) >= 40:
+                    break
+                time.sleep(0.01)
+            held.append(len(sent))
+        real_write(self, cols)
+
+    monkeypatch.setattr(ShardWriter, "_write", slow_write)
+    spec = parse_job(
+        {
+            "input": "x.jsonl",
+            "teacher": {
+                "model": "fake",
+                "endpoints": ["http://teacher-a:8000"],
+                "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
+            },
+            "sampling": {"max_tokens": 4, "n": 1, "logprobs": 2},
+            "concurrency": {"in_flight_per_endpoint": 3},
+        }
+    )
+    unit_rows = [PromptRow(f"p{i}", f"in:{i}", prompt=f"row {i}") for i in range(40)]
+    result = harvest(tmp_path, FakeTeacher(script=count), unit_rows, spec)
+    assert result.data_rows == 40 and len(sent) == 40  # nothing lost on the way
+    # held back: the first group (2), the next one filling (2) and the 3 in flight at most
+    assert len(held) == 1 and held[0] <= 2 + 2 + 3
+    data = pq.ParquetFile(tmp_path / result.data_path)
+    sizes = [data.metadata.row_group(i).num_rows for i in range(data.metadata.num_row_groups)]
+    assert max(sizes) <= 2 + 3 and sum(sizes) == 40
