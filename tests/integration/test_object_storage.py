@@ -155,17 +155,22 @@ def test_one_driver_per_output_and_takeover_after_sigkill(
     out = s3_prefix
     job_a = make_job(tmp_path / "a", tiny_teacher, out)
     job_b = make_job(tmp_path / "b", tiny_teacher, out)  # the same job, from another folder
-    first = start(job_a, ray_cluster, lease_ttl_s="10")
-    wait_for_units(first, out, 1)
-    second = start(job_b, ray_cluster)
-    _, stderr = second.communicate(timeout=300)
-    assert first.poll() is None, "the first driver must still be running for this check"
-    assert second.returncode == 2
-    [line] = stderr.strip().splitlines()
-    assert f"{out} is in use by another harvest driver: pid {first.pid} on " in line
-
-    first.kill()
-    first.wait()
+    first = start(job_a, ray_cluster, lease_ttl_s="30")
+    try:
+        wait_for_units(first, out, 1)
+        # Frozen, so it commits nothing more however fast the rest would go (a fast harvest
+        # once finished all 32 units while the second driver was starting); its lease still
+        # holds for up to 30 s without renewals.
+        first.send_signal(signal.SIGSTOP)
+        second = start(job_b, ray_cluster)
+        _, stderr = second.communicate(timeout=300)
+        assert first.poll() is None, "the first driver must still be alive for this check"
+        assert second.returncode == 2
+        [line] = stderr.strip().splitlines()
+        assert f"{out} is in use by another harvest driver: pid {first.pid} on " in line
+    finally:
+        first.kill()  # SIGKILL also ends a stopped process
+        first.wait()
     done_by_first = committed_units(out)
     assert 0 < done_by_first < PROMPTS * 2 // SHARD_ROWS
     run_after_lease_expires(job_b, ray_cluster, first.pid)
