@@ -2,13 +2,16 @@
  *
  * Why C: a 256-token top-20 answer holds ~5,000 "token_id:N" -> logprob pairs, and even
  * numpy passes over them cost ~100 ns per pair in Python-level glue (joining keys, padding,
- * argsort). Here each pair is read once from the dicts orjson built.
+ * argsort). fill_key_ids / fill_top_k read each pair once from the dicts orjson built;
+ * scan_top_k reads the top_logprobs arrays straight from the body's bytes, so those dicts are
+ * never built at all (orjson is then given the rest of the body).
  *
- * Both functions answer False at the first doubt and leave the buffers in an unspecified
- * state; the caller then falls back to the checked path (workers.parse), which names the
- * problem. They accept only what that path accepts and give the same values: exact str keys
- * "token_id:" + 1-18 ASCII digits, exact float values (ints, bools and NaN are left to the
- * checked path), K or K+1 entries per token, best K by a stable descending sort.
+ * All three give up at the first doubt (False, or None for scan_top_k; buffers are then in an
+ * unspecified state) and the caller falls back: to the checked path (workers.parse), which
+ * names the problem, or for scan_top_k to orjson over the whole body. They accept only what
+ * that path accepts and give the same values: exact str keys "token_id:" + 1-18 ASCII digits,
+ * exact float values (ints, bools and NaN are left to the checked path), K or K+1 entries per
+ * token, best K by a stable descending sort.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
