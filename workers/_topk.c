@@ -251,7 +251,9 @@ static const char *float_at(const char *p, const char *end, double *v) {
         if (m == 0)
             while (p < end && *p == '0') p++; /* leading zeros: scale only */
         const char *significant = p;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         for (; end - p >= 8 && eight_digits(p); p += 8) m = m * 100000000ULL + eight_value(p);
+#endif /* elsewhere: digit by digit below */
         for (; p < end && *p >= '0' && *p <= '9'; p++) m = m * 10 + (uint64_t)(*p - '0');
         if (p == first) return NULL;
         digits += p - significant;
