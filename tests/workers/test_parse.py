@@ -32,7 +32,7 @@ def core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     else:
         assert fastparse.compiled is not None, (
             "workers._topk was not built: `pip install -e .` compiles it when a C compiler is "
-            "there (the numpy fallback costs ~10x the CPU per answer)"
+            "there (the numpy fallback costs about twice the worker CPU per answer)"
         )
     return str(request.param)
 
