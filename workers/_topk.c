@@ -39,6 +39,19 @@ static long long key_id(PyObject *key) {
     return v;
 }
 
+/* Add (id, v) to a token's first `filled` alternatives, kept best first: a stable insertion
+ * that moves only past strictly smaller values, so ties keep the server's order. */
+static void insert_best(long long *ids, double *lps, Py_ssize_t filled, long long id, double v) {
+    Py_ssize_t j = filled;
+    while (j > 0 && lps[j - 1] < v) {
+        lps[j] = lps[j - 1];
+        ids[j] = ids[j - 1];
+        j--;
+    }
+    lps[j] = v;
+    ids[j] = id;
+}
+
 /* A writable C-contiguous buffer of at least `items` 8-byte values. */
 static int big_enough(Py_buffer *buf, Py_ssize_t items) {
     return buf->itemsize == 8 && buf->len >= items * 8;
@@ -118,15 +131,7 @@ static PyObject *fill_top_k(PyObject *self, PyObject *args) {
                 ok = 0;
                 break;
             }
-            /* Stable insertion, best first: move only past strictly smaller values. */
-            Py_ssize_t j = filled++;
-            while (j > 0 && row_lps[j - 1] < v) {
-                row_lps[j] = row_lps[j - 1];
-                row_ids[j] = row_ids[j - 1];
-                j--;
-            }
-            row_lps[j] = v;
-            row_ids[j] = id;
+            insert_best(row_ids, row_lps, filled++, id, v);
         }
         if (ok) {
             memcpy(ids + t * k, row_ids, sizeof(long long) * (size_t)k);
@@ -329,14 +334,7 @@ static const char *read_tops(const char *p, const char *end, Py_ssize_t k, Buf *
             if (num_end == NULL || filled > k) return NULL;
             for (Py_ssize_t j = 0; j < filled; j++)
                 if (row_ids[j] == id) return NULL; /* a repeated id: the dict keeps one */
-            Py_ssize_t j = filled++;
-            while (j > 0 && row_lps[j - 1] < v) {
-                row_lps[j] = row_lps[j - 1];
-                row_ids[j] = row_ids[j - 1];
-                j--;
-            }
-            row_lps[j] = v;
-            row_ids[j] = id;
+            insert_best(row_ids, row_lps, filled++, id, v);
             p = ws(num_end, end);
             if (p < end && *p == ',') {
                 p = ws(p + 1, end);
