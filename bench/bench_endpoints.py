@@ -118,8 +118,8 @@ def _start_teachers(args: argparse.Namespace, count: int) -> list[Teacher]:
 
 def run_config(args: argparse.Namespace, endpoints: int, workdir: Path) -> RunResult:
     """Harvest ``seconds x ideal`` prompts through ``endpoints`` synthetic teachers."""
-    from harvest import reader
-    from harvest.scheduler import run_job
+    from harvest.driver.scheduler import run_job
+    from harvest.training import reader
 
     ideal = endpoints * args.capacity / args.latency
     count = round(args.seconds * ideal)

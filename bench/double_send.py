@@ -26,8 +26,8 @@ from fault_teacher_server import FaultPlan, FaultTeacherServer  # noqa: E402
 
 from schemas.job import parse_job  # noqa: E402
 from schemas.wire import PromptRow  # noqa: E402
-from workers.client import TeacherClient  # noqa: E402
 from workers.errors import HarvestError  # noqa: E402
+from workers.teacher.client import TeacherClient  # noqa: E402
 
 TRIES = 40
 STALL_S = 1.3  # longer than timeout_s (1.0, as in tests/integration/test_fault_matrix.py)

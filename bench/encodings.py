@@ -37,7 +37,7 @@ sys.path.insert(0, str(BENCH))
 from storage import harvest  # noqa: E402
 
 from schemas.wire import Completion  # noqa: E402
-from workers.writer import compact, data_columns, parquet_options  # noqa: E402
+from workers.shards.columns import compact, data_columns, parquet_options  # noqa: E402
 
 LISTS = ("prompt_token_ids", "token_ids", "logprobs", "top_token_ids", "top_logprobs")
 FLOATS = ("logprobs", "top_logprobs")
@@ -73,7 +73,7 @@ def option_sets(schema: pa.Schema) -> dict[str, dict[str, Any]]:
             "compression": "zstd", **no_dict, "use_byte_stream_split": lists,
         },
         "no compression, no dictionary on lists": {"compression": None, **no_dict},
-        "what harvest writes (workers/writer.py parquet_options)": parquet_options(schema),
+        "what harvest writes (workers/shards/columns.py parquet_options)": parquet_options(schema),
         "_lists": {"lists": lists},  # not an option set: the paths, for the record
     }  # fmt: skip
 

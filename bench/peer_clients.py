@@ -166,7 +166,7 @@ def _plain(value: Any) -> Any:
 def _harvest(args: dict[str, Any], out: Path, transport: str = "aiohttp") -> None:
     import ray
 
-    from harvest.scheduler import run_job
+    from harvest.driver.scheduler import run_job
     from schemas.job import parse_job
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # as `harvest run`'s private cluster

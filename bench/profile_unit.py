@@ -26,8 +26,8 @@ from synthetic import ProcessTeacher  # noqa: E402
 
 from schemas.job import parse_job  # noqa: E402
 from schemas.wire import PromptRow, WorkUnit  # noqa: E402
-from workers.client import TeacherClient  # noqa: E402
 from workers.storage import Store  # noqa: E402
+from workers.teacher.client import TeacherClient  # noqa: E402
 from workers.unit import harvest_unit  # noqa: E402
 
 

@@ -10,7 +10,7 @@ each in a child process of its own (bench/saturation_clients.py) asking the same
   workers at nice 0 as ``harvest run`` starts them;
 - ``harvest:KEY=VAL,...``: the same with workers, rows_per_shard, transport, worker_cpus,
   niceness (of Ray's workers) or share_caps=0 (each worker keeps its even share of the
-  in-flight cap, as before ``harvest.pool.Pool.share_caps``), e.g. ``harvest:niceness=0``.
+  in-flight cap, as before ``harvest.driver.pool.Pool.share_caps``), e.g. ``harvest:niceness=0``.
 
 Throughput is reported three ways: end to end (tokens / the child's wall time: Ray's start-up
 included), active and steady from the server's own ``/metrics`` (generated tokens between the
@@ -236,7 +236,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def start_server(args: argparse.Namespace) -> tuple[Any, str]:
-    from workers.vllm_server import VllmServer
+    from workers.replica.vllm_server import VllmServer
 
     server = VllmServer(
         model=str(args.model_path),

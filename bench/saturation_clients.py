@@ -132,13 +132,13 @@ async def _bare(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
 
 def _harvest(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
     # Ray's default for its workers is 15; `harvest run` starts its private cluster at 0
-    # (harvest.scheduler.init_ray), and so does this contender unless told otherwise.
+    # (harvest.driver.scheduler.init_ray), and so does this contender unless told otherwise.
     niceness = args.get("niceness")
     os.environ["RAY_worker_niceness"] = str(0 if niceness is None else niceness)  # noqa: SIM112
     import ray
 
-    from harvest.pool import Pool
-    from harvest.scheduler import run_job
+    from harvest.driver.pool import Pool
+    from harvest.driver.scheduler import run_job
 
     if args.get("share_caps") == 0:  # as before: each worker keeps in_flight / workers
         Pool.share_caps = lambda self: None  # type: ignore[method-assign]

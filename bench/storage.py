@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.job import parse_job
 from schemas.wire import Completion, PromptRow
-from workers.client import TeacherClient
+from workers.shards.columns import compact, data_columns, write_shard
 from workers.storage import Store
-from workers.writer import compact, data_columns, write_shard
+from workers.teacher.client import TeacherClient
 
 TOP_COLUMNS = ("top_token_ids", "top_logprobs")
 

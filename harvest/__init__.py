@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from harvest.batches import iter_batches, open_dataset
+from harvest.training.batches import iter_batches, open_dataset
 
 __all__ = ["HarvestIterableDataset", "iter_batches", "open_dataset"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "HarvestIterableDataset":  # torch is an optional extra: import it only on use
-        from harvest.torch_data import HarvestIterableDataset
+        from harvest.training.torch_data import HarvestIterableDataset
 
         return HarvestIterableDataset
     raise AttributeError(f"module 'harvest' has no attribute {name!r}")

@@ -13,16 +13,16 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from harvest import logs
-from harvest.lease import OutputBusy
-from harvest.manifest import ResumeRefused
-from harvest.preflight import PreflightError
-from harvest.sources import InputError
+from harvest.driver.lease import OutputBusy
+from harvest.driver.preflight import PreflightError
+from harvest.inputs.sources import InputError
+from harvest.outputs.manifest import ResumeRefused
+from harvest.watch import logs
 from schemas.job import JobSpec, SpecError, load_job
 from workers.storage import StorageError, Store
 
 if TYPE_CHECKING:
-    from harvest.scheduler import Summary
+    from harvest.driver.scheduler import Summary
 
 EXIT_OK, EXIT_ABORTED, EXIT_BAD_JOB, EXIT_WITH_FAILURES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -35,7 +35,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from harvest.scheduler import retry_failed
+    from harvest.driver.scheduler import retry_failed
 
     out_dir = args.output
     return _harvest(
@@ -51,7 +51,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_provenance(args: argparse.Namespace) -> int:
-    from harvest.provenance import report
+    from harvest.outputs.provenance import report
 
     text, agreed = report(args.output)
     print(text)
@@ -59,7 +59,7 @@ def cmd_provenance(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from harvest.inspection import report
+    from harvest.training.inspection import report
 
     print(report(args.output, samples=args.samples, decode=not args.no_decode))
     return EXIT_OK
@@ -71,7 +71,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harvest.scheduler import run_job  # Ray loads only for the commands that use it
+    from harvest.driver.scheduler import run_job  # Ray loads only for the commands that use it
 
     spec = load_job(args.job)
     out_dir = args.output or spec.output.dir
@@ -91,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _harvest(run: Callable[[], Summary], out_dir: str, resume: str) -> int:
     """Run a harvest, turn early stops into one-line errors, then report and pick the exit code."""
-    from harvest.scheduler import ClusterUnavailable, JobAborted, ReplicaError
+    from harvest.driver.scheduler import ClusterUnavailable, JobAborted, ReplicaError
 
     try:
         summary = run()
@@ -143,7 +143,7 @@ def _error(message: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from harvest.status import read_status, render
+    from harvest.watch.status import read_status, render
 
     print(render(read_status(args.output)))
     return EXIT_OK

@@ -1,7 +1,7 @@
 """What travels between the driver and the workers, and between the client and the writer.
 
 Plain dataclasses (cheap to pickle through Ray); validation happens where data enters
-(``harvest.sources``), so these carry already-checked values.
+(``harvest.inputs.sources``), so these carry already-checked values.
 """
 
 from __future__ import annotations

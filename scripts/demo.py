@@ -16,8 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harvest import reader  # noqa: E402
-from workers.vllm_server import VllmServer  # noqa: E402
+from harvest.training import reader  # noqa: E402
+from workers.replica.vllm_server import VllmServer  # noqa: E402
 
 MODEL_DIR = ROOT / ".cache" / "teacher" / "smollm2"
 DEMO_DIR = ROOT / ".cache" / "demo"

@@ -31,7 +31,7 @@ def tiny_teacher() -> str:
     if url:
         yield url
         return
-    from workers.vllm_server import VllmServer
+    from workers.replica.vllm_server import VllmServer
 
     server = VllmServer(
         model=str(TINY_MODEL),
@@ -106,7 +106,7 @@ def ray_cluster(s3_server):
     on a port of its own (``ray_metrics_url``)."""
     import ray
 
-    from workers.vllm_server import free_port
+    from workers.replica.vllm_server import free_port
 
     for attempt in range(2):  # a node that times out starting on a loaded machine: once more
         RAY_METRICS_PORT[:] = [free_port()]

@@ -14,7 +14,7 @@ import pytest
 from fake_teacher import prompt_ids
 from fault_teacher_server import FaultTeacherServer
 
-from workers.parse import parse_completions
+from workers.answers.parse import parse_completions
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

@@ -21,10 +21,10 @@ from fault_teacher_server import FAULTS, FaultPlan, FaultTeacherServer, Record
 from schemas.job import JobSpec, parse_job
 from schemas.wire import Completion, PromptRow
 from workers import USER_AGENT
-from workers.client import TeacherClient
+from workers.answers.parse import parse_completions
 from workers.errors import InvalidResponse
-from workers.parse import parse_completions
-from workers.retry import parse_retry_after
+from workers.teacher.client import TeacherClient
+from workers.teacher.retry import parse_retry_after
 
 ALL_FAULTS_BUT_STALL = FaultPlan(
     rate_429=0.2, rate_500=0.2, rate_503=0.2, rate_reset=0.2, rate_truncated=0.2, seed=7

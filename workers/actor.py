@@ -15,14 +15,14 @@ import ray
 
 from schemas.job import JobSpec, RateLimit
 from schemas.wire import UnitResult, WorkUnit
-from workers.client import TeacherClient
-from workers.limiter import Limiter
-from workers.probe import ProbeResult, probe
-from workers.router import EndpointDown
-from workers.stats import RequestSnapshot
+from workers.shards.columns import warm_up
 from workers.storage import StorageOptions, Store
+from workers.teacher.client import TeacherClient
+from workers.teacher.limiter import Limiter
+from workers.teacher.probe import ProbeResult, probe
+from workers.teacher.router import EndpointDown
+from workers.teacher.stats import RequestSnapshot
 from workers.unit import harvest_unit
-from workers.writer import warm_up
 
 
 @dataclass
@@ -86,7 +86,7 @@ class HarvestActor:
         return result
 
     async def probe(self, kinds: list[str]) -> ProbeResult:
-        """Tiny real requests of each kind of row (see ``workers.probe``)."""
+        """Tiny real requests of each kind of row (see ``workers.teacher.probe``)."""
         return await probe(self.client, kinds)
 
     async def set_logprob_mode(self, mode: str, explained: str) -> None:
@@ -98,7 +98,7 @@ class HarvestActor:
         await self.client.router.set_endpoints(endpoints)
 
     async def set_cap(self, cap_per_endpoint: int) -> None:
-        """This worker's share of ``in_flight_per_endpoint`` changed (``harvest.pool``)."""
+        """This worker's share of ``in_flight_per_endpoint`` changed (``harvest.driver.pool``)."""
         await self.client.router.set_cap(cap_per_endpoint)
 
     async def stats(self) -> WorkerStats:

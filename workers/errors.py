@@ -8,7 +8,7 @@ Every failure the client raises is one of these classes; each branch has exactly
     │   ├── TeacherTimeout      connect/read/write timeout
     │   ├── ServerError         HTTP 408 and 5xx
     │   │   └── RateLimited     HTTP 429: pause the endpoint for every request (never a row's
-    │   │                       attempt; see workers.router)
+    │   │                       attempt; see workers.teacher.router)
     │   └── InvalidResponse     body that is not the JSON shape we asked for
     ├── RowError                record a failure row for this request; no retry
     │   ├── BadRequest          HTTP 400, 422 and other 4xx the row itself causes

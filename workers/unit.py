@@ -15,11 +15,11 @@ from typing import Any
 from schemas.job import JobSpec
 from schemas.records import FAILURE_SCHEMA, record_schema
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
-from workers.client import TeacherClient, sampling_for
 from workers.errors import FatalError, HarvestError, MissingLogprobs
-from workers.shard_writer import ShardWriter
+from workers.shards.columns import compact
+from workers.shards.writer import ShardWriter
 from workers.storage import Store
-from workers.writer import compact
+from workers.teacher.client import TeacherClient, sampling_for
 
 Outcome = Completion | HarvestError | RowProblem
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from test_harvest_e2e import write_job
 
-from harvest import reader
 from harvest.cli import main
-from workers.vllm_server import free_port
+from harvest.training import reader
+from workers.replica.vllm_server import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from fault_plan import check_attempts
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from test_fault_matrix import N, write
 
-from harvest import reader
 from harvest.cli import main
+from harvest.training import reader
 
 pytestmark = pytest.mark.integration
 

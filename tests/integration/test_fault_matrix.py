@@ -18,8 +18,8 @@ from fault_plan import check_attempts
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from windows import max_in_window
 
-from harvest import reader
 from harvest.cli import main
+from harvest.training import reader
 
 pytestmark = pytest.mark.integration
 

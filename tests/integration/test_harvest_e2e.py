@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from harvest import reader
 from harvest.cli import main
+from harvest.training import reader
 from schemas.records import SCHEMA_VERSION
-from workers.writer import read_metadata
+from workers.shards.columns import read_metadata
 
 pytestmark = pytest.mark.integration
 

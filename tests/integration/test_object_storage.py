@@ -38,9 +38,9 @@ from test_resume import (
     wait_for_units,
 )
 
-from harvest import reader
 from harvest.cli import main
-from harvest.manifest import COMMITS, load
+from harvest.outputs.manifest import COMMITS, load
+from harvest.training import reader
 from workers.storage import Store
 
 pytestmark = pytest.mark.integration

@@ -23,9 +23,9 @@ import pytest
 from fault_jobs import N, fault_job
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 
-from harvest import reader
 from harvest.cli import main
-from harvest.status import read_status
+from harvest.training import reader
+from harvest.watch.status import read_status
 
 pytestmark = pytest.mark.integration
 

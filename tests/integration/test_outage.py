@@ -29,9 +29,9 @@ from fault_teacher_server import FaultPlan, FaultTeacherServer
 from test_harvest_e2e import TINY_MODEL, write_job
 from test_resume import assert_same_content, contents, start, wait_for_units
 
-from harvest import reader
 from harvest.cli import main
-from workers.vllm_server import VllmServer, free_port
+from harvest.training import reader
+from workers.replica.vllm_server import VllmServer, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
-from harvest.pool import Pool
+from harvest.driver.pool import Pool
 from schemas.job import parse_job
 from schemas.wire import WorkUnit
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from test_harvest_e2e import write_inputs, write_job
 
-from harvest import reader
 from harvest.cli import main
-from harvest.reader import MixedTeachersError
+from harvest.training import reader
+from harvest.training.reader import MixedTeachersError
 from schemas.records import METADATA_KEY
-from workers.writer import read_metadata
+from workers.shards.columns import read_metadata
 
 pytestmark = pytest.mark.integration
 

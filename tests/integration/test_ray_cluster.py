@@ -45,9 +45,9 @@ import psutil
 import pytest
 from test_harvest_e2e import write_inputs, write_job
 
-from harvest import reader
+from harvest.training import reader
+from workers.shards.columns import read_metadata
 from workers.storage import Store
-from workers.writer import read_metadata
 
 pytestmark = pytest.mark.integration
 

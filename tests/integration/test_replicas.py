@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_resume import committed_units, start
 
-from harvest import reader
+from harvest.training import reader
 
 pytestmark = pytest.mark.integration
 

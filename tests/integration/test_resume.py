@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_harvest_e2e import write_job
 
-from harvest import reader
-from harvest.manifest import COMMITS, load, parse_record
+from harvest.outputs.manifest import COMMITS, load, parse_record
+from harvest.training import reader
 from workers.storage import Store
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from test_harvest_e2e import write_job
 
-from harvest import reader
 from harvest.cli import main
-from workers.writer import read_metadata
+from harvest.training import reader
+from workers.shards.columns import read_metadata
 
 pytestmark = pytest.mark.integration
 
@@ -189,7 +189,7 @@ def test_chat_mask_covers_exactly_both_assistant_turns(scored, tiny_teacher, tok
 
 def test_iter_batches_masks_the_scored_tokens(scored, tiny_teacher, tokenizer):
     """Position t predicts token t + 1: trained exactly where that token is a response token."""
-    batches = pytest.importorskip("harvest.batches")
+    batches = pytest.importorskip("harvest.training.batches")
     length, seen = 256, 0
     _, turns = chat_by_hand(tokenizer)
     for batch in batches.iter_batches(scored, 8, length, meta_columns=["prompt_id"]):

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from test_harvest_e2e import write_job
 
-from harvest import reader
 from harvest.cli import main
-from workers.writer import read_metadata
+from harvest.training import reader
+from workers.shards.columns import read_metadata
 
 pytestmark = pytest.mark.integration
 

@@ -108,7 +108,7 @@ def test_the_student_learns_the_teachers_distribution(out: Path) -> None:
 
 
 def test_inspect_describes_the_real_harvest(out: Path) -> None:
-    from harvest.inspection import report
+    from harvest.training.inspection import report
 
     text = report(out, samples=2)
     tokens = sum(harvest.open_dataset(out).to_table(columns=["completion_tokens"])[0].to_pylist())

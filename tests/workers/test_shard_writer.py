@@ -16,10 +16,10 @@ from test_writer import _samples, _table, one_record
 
 from schemas.records import record_schema
 from schemas.wire import PromptRow
-from workers import shard_writer
-from workers.shard_writer import ShardWriter
+from workers.shards import writer as shard_writer
+from workers.shards.columns import compact, read_metadata
+from workers.shards.writer import ShardWriter
 from workers.storage import Store
-from workers.writer import compact, read_metadata
 
 
 def _append(writer: ShardWriter, samples) -> None:

@@ -15,11 +15,11 @@ from fake_teacher import FakeTeacher, decode_prompt, encode_text, render_chat
 from test_client import make_spec
 
 from schemas.wire import Completion, PromptRow, RowProblem, Sample, WorkUnit, request_id
-from workers.client import TeacherClient, sampling_for
 from workers.errors import AuthError
+from workers.shards.columns import read_metadata
 from workers.storage import Store
+from workers.teacher.client import TeacherClient, sampling_for
 from workers.unit import harvest_unit
-from workers.writer import read_metadata
 
 
 def rows() -> list[PromptRow | RowProblem]:

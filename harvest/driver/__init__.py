@@ -1,0 +1,1 @@
+"""The driver: scheduler, worker pool, output lease, preflight, managed replicas."""

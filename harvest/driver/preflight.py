@@ -1,0 +1,213 @@
+"""Check the teacher before any prompt is sent: reachable, serving the model, returning ids.
+
+A job that cannot work should fail in seconds with one clear line, not after an hour of
+failure rows: an unreachable endpoint, a wrong model name, a bad key, or a server that does not
+return token ids and logprobs (only vLLM-compatible servers do) all stop the job here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from schemas.job import JobSpec
+from workers import USER_AGENT
+from workers.teacher.retry import parse_retry_after
+
+
+class PreflightError(RuntimeError):
+    """The teacher cannot serve this job; the message says which endpoint and why."""
+
+
+# Exercises many tokenizer paths: casing, digits, code, punctuation, non-ASCII, whitespace.
+TOKENIZER_PROBE = "Teacher-harvest probe: 12345 + 0.5 == x; def f(a): return a**2  \n\t héllo 世界!"
+CHAT_PROBE = [
+    {"role": "system", "content": "You are a probe."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "Again?"},
+]
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    model: str
+    model_root: str | None  # what the server says it loaded (path or hub id)
+    max_model_len: int | None
+    tokenizer_hash: str | None  # sha256 of the served tokenizer's ids for TOKENIZER_PROBE
+    chat_template_hash: str | None  # sha256 of the ids of CHAT_PROBE rendered by the server
+
+    def identity(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_api_key(spec: JobSpec) -> str | None:
+    """The key from the environment or a key file; errors name the source, never the key."""
+    name, path = spec.teacher.api_key_env, spec.teacher.api_key_file
+    if name is not None:
+        key = os.environ.get(name, "").strip()
+        if not key:
+            raise PreflightError(f"teacher.api_key_env: environment variable {name} is not set")
+        return key
+    if path is not None:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise PreflightError(
+                f"teacher.api_key_file: cannot read {path} ({err.strerror})"
+            ) from None
+        if not key:
+            raise PreflightError(f"teacher.api_key_file: {path} is empty")
+        return key
+    return None
+
+
+def _request(
+    http: httpx.Client, method: str, url: str, deadline: float, **kw: Any
+) -> httpx.Response:
+    """One check, honouring 429 like the harvest does: wait out Retry-After (or a growing
+    backoff) and ask again, until ``deadline`` (the outage timeout) has passed."""
+    backoff = 0.5
+    while True:
+        resp = http.request(method, url, **kw)
+        if resp.status_code != 429:
+            return resp
+        wait = parse_retry_after(resp.headers.get("retry-after"))
+        wait, backoff = (backoff if wait is None else wait), min(2 * backoff, 30.0)
+        if time.monotonic() + wait > deadline:
+            raise PreflightError(
+                f"teacher {url} kept answering HTTP 429 past teacher.outage_timeout_s"
+            )
+        time.sleep(wait)
+
+
+def _models(http: httpx.Client, endpoint: str, deadline: float) -> list[dict[str, Any]]:
+    try:
+        resp = _request(http, "GET", f"{endpoint}/models", deadline, timeout=10.0)
+    except httpx.HTTPError as err:
+        raise PreflightError(f"teacher {endpoint} unreachable: {type(err).__name__}") from None
+    if resp.status_code in (401, 403):
+        raise PreflightError(f"teacher {endpoint} refused our API key (HTTP {resp.status_code})")
+    if resp.status_code != 200:
+        raise PreflightError(f"teacher {endpoint}/models answered HTTP {resp.status_code}")
+    try:
+        return list(resp.json()["data"])
+    except (ValueError, KeyError, TypeError):
+        raise PreflightError(f"teacher {endpoint}/models is not an OpenAI model list") from None
+
+
+def _tokenize_hash(
+    http: httpx.Client, endpoint: str, model: str, deadline: float, **what: Any
+) -> str | None:
+    """Hash of the server's own tokenization (vLLM's /tokenize); None where unsupported."""
+    root = endpoint.removesuffix("/v1")
+    try:
+        resp = _request(http, "POST", f"{root}/tokenize", deadline, json={"model": model, **what})
+        tokens = resp.json()["tokens"] if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(tokens, list):
+        return None
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
+
+
+def _identify(http: httpx.Client, endpoint: str, spec: JobSpec) -> TeacherInfo:
+    deadline = time.monotonic() + spec.teacher.outage_timeout_s
+    models = {m.get("id"): m for m in _models(http, endpoint, deadline)}
+    model = spec.teacher.model
+    if model not in models:
+        raise PreflightError(
+            f"teacher {endpoint} does not serve model {model!r} "
+            f"(it serves {sorted(map(str, models))})"
+        )
+    return TeacherInfo(
+        model=model,
+        model_root=models[model].get("root"),
+        max_model_len=models[model].get("max_model_len"),
+        tokenizer_hash=_tokenize_hash(http, endpoint, model, deadline, prompt=TOKENIZER_PROBE),
+        chat_template_hash=_tokenize_hash(
+            http, endpoint, model, deadline, messages=CHAT_PROBE, add_generation_prompt=True
+        ),
+    )
+
+
+def check_teacher(
+    spec: JobSpec,
+    api_key: str | None,
+    job_id: str,
+    endpoints: list[str] | None = None,
+) -> TeacherInfo:
+    """Every endpoint must serve the same model and tokenizer.
+
+    The generation probe (token ids and logprobs come back) runs in a harvest worker, through
+    the worker's rate limiter: see ``harvest.driver.pool.probe_teacher``."""
+    endpoints = endpoints or spec.teacher.endpoints
+    headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    # One client (one connection pool) for all checks; endpoints are checked concurrently.
+    with (
+        httpx.Client(headers=headers, verify=spec.teacher.tls_verify) as http,
+        ThreadPoolExecutor(max_workers=min(16, len(endpoints))) as pool,
+    ):
+        infos = dict(
+            zip(endpoints, pool.map(lambda e: _identify(http, e, spec), endpoints), strict=True)
+        )
+    first_endpoint, first = next(iter(infos.items()))
+    for endpoint, info in infos.items():
+        for attr, what in (
+            ("tokenizer_hash", "tokenizers"),
+            ("chat_template_hash", "chat templates"),
+        ):
+            if getattr(info, attr) != getattr(first, attr):
+                raise PreflightError(
+                    f"teachers {first_endpoint} and {endpoint} serve different {what} under the "
+                    f"name {spec.teacher.model!r}; one job must use one teacher"
+                )
+    return first
+
+
+# vLLM's --logprobs-mode values, and what a record's logprobs then are.
+LOGPROB_MODES = {
+    "raw_logprobs": "the model's log-probabilities before temperature, top-p and penalties "
+    "(vLLM's default)",
+    "processed_logprobs": "log-probabilities after temperature, top-p and penalties (the "
+    "distribution actually sampled from)",
+    "raw_logits": "the model's logits (not log-probabilities) before any processing",
+    "processed_logits": "logits after temperature, top-p and penalties (not log-probabilities)",
+}
+
+
+def classify_logprob_mode(tops: dict[float, list[float]]) -> tuple[str, str]:
+    """vLLM's name for what the server returns, and why we think so.
+
+    ``tops`` maps a temperature to the first generated token's top-K values for the same
+    prompt. Raw values ignore temperature, processed ones are rescaled by it. Log-probabilities
+    are never positive and their top-K probability mass is at most 1; logits need be neither.
+    Logits that happen to look like log-probabilities (all negative, small mass) are read as
+    log-probabilities: top-K values alone cannot tell them apart.
+    """
+    if len(tops) < 2 or not all(tops.values()):
+        return "unknown", "no top logprobs to compare (logprobs: 0, or the mode probe failed)"
+    (t_a, a), (t_b, b) = sorted(tops.items(), reverse=True)[:2]
+    values = [*a, *b]
+    mass = max(sum(math.exp(min(v, 700.0)) for v in a), sum(math.exp(min(v, 700.0)) for v in b))
+    logits = max(values) > 1e-6 or mass > 1.0 + 1e-3
+    same = len(a) == len(b) and all(
+        abs(x - y) <= 1e-3 * max(1.0, abs(x)) for x, y in zip(a, b, strict=True)
+    )
+    mode = f"{'raw' if same else 'processed'}_{'logits' if logits else 'logprobs'}"
+    how = (
+        f"top-{len(a)} values {'identical' if same else 'rescaled'} at temperature {t_a:g} and "
+        f"{t_b:g}; max {max(values):.3g}, top-K probability mass {min(mass, 1e9):.3g}"
+    )
+    return mode, how

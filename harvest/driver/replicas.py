@@ -1,0 +1,116 @@
+"""Driver side of managed teacher replicas: launch them, follow their URLs, stop them.
+
+Each replica is a ``TeacherReplica`` actor that Ray restarts (up to ``max_restarts``) when its
+server dies; a restarted replica comes back on a new port. ``poll`` notices new URLs so the
+scheduler can hand them to the harvest workers' routers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from schemas.job import ReplicaSpec
+from workers.replica.actor import TeacherReplica
+
+POLL_EVERY_S = 1.0
+
+
+class ReplicaError(RuntimeError):
+    """A replica could not start or every replica is gone; the message names the log folder."""
+
+
+class ReplicaSet:
+    def __init__(self, spec: ReplicaSpec, served_name: str, log_dir: Path) -> None:
+        self.spec = spec
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        cache = Path(spec.cache_dir or Path.home() / ".cache" / "teacher-harvest" / "vllm")
+        res = spec.resources
+        self.actors = [
+            TeacherReplica.options(
+                num_gpus=res.num_gpus,
+                num_cpus=res.num_cpus,
+                resources=res.custom or None,
+                max_restarts=spec.max_restarts,
+                max_task_retries=-1,  # calls wait for a restarting replica instead of failing
+            ).remote(
+                i,
+                spec.model,
+                served_name,
+                spec.vllm_args,
+                spec.env,
+                spec.host,
+                str(log_dir),
+                str(cache),
+                spec.startup_timeout_s,
+            )
+            for i in range(spec.count)
+        ]
+        self.urls: list[str | None] = [None] * spec.count
+        self.restarts = 0
+        self._pending: dict[ray.ObjectRef, int] = {}
+        self._last_poll = 0.0
+
+    def wait_ready(self) -> list[str]:
+        """Block until every replica's server answers /health; return their URLs."""
+        refs = [a.url.remote() for a in self.actors]
+        try:
+            self.urls = list(ray.get(refs, timeout=self.spec.startup_timeout_s + 60))
+        except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            self.stop()
+            raise ReplicaError(
+                f"teacher replicas did not start ({type(err).__name__}); server logs are in "
+                f"{self.log_dir}"
+            ) from None
+        return [u for u in self.urls if u]
+
+    def poll(self) -> list[str] | None:
+        """The new URL list when a replica came back elsewhere, else None (cheap, non-blocking)."""
+        now = time.monotonic()
+        if now - self._last_poll < POLL_EVERY_S:
+            return None
+        self._last_poll = now
+        for i, actor in enumerate(self.actors):
+            if i not in self._pending.values():
+                self._pending[actor.url.remote()] = i
+        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        changed = False
+        for ref in ready:
+            i = self._pending.pop(ref)
+            try:
+                url = ray.get(ref)
+            except (RayActorError, RayTaskError):
+                url = None  # out of restarts
+            if url != self.urls[i]:
+                changed = True
+                self.urls[i] = url
+        self.restarts = sum(_restarts_of(a) for a in self.actors)
+        live = [u for u in self.urls if u]
+        if not live:
+            raise ReplicaError(f"every teacher replica is gone; server logs are in {self.log_dir}")
+        return live if changed else None
+
+    def stop(self) -> None:
+        self.restarts = sum(_restarts_of(a) for a in self.actors)
+        try:
+            ray.get([a.stop.remote() for a in self.actors], timeout=15)
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            pass
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _restarts_of(actor: ray.actor.ActorHandle) -> int:
+    """How often Ray restarted this actor, from the GCS actor table (no dashboard needed).
+
+    ``ray._private.state`` is not public API; ray is pinned (pyproject) and a test covers it.
+    """
+    try:
+        info = ray._private.state.actors(actor_id=actor._actor_id.hex())
+    except Exception:  # the table is unavailable: report what we know, never crash the job
+        return 0
+    return int(info.get("NumRestarts", 0)) if isinstance(info, dict) else 0

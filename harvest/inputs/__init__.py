@@ -1,0 +1,1 @@
+"""Inputs: reading and scanning prompt sources into work units; duplicate ids."""

@@ -1,0 +1,1 @@
+"""Outputs: the commit manifest and the provenance every shard carries."""

@@ -1,0 +1,1 @@
+"""The training side: reading shards, targets, batches, the torch dataset, inspection."""

@@ -1,0 +1,187 @@
+"""``harvest inspect OUT``: what a harvest holds, before anyone trains on it.
+
+Counts, the teacher and sampling from the shards' provenance, text histograms of response
+lengths and sampled-token logprobs, and a few records decoded with the teacher's tokenizer when
+``transformers`` can load it from the recorded ``model_root`` (else their text). Streams the
+committed shards a record batch at a time; memory grows only with the number of prompt ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from harvest.training import reader
+from harvest.training.batches import OutDirs, open_dataset
+from workers.shards.columns import read_metadata
+
+# Sampled-token logprobs are counted on a fine fixed grid (bounded memory), then merged into a
+# few bars spanning the range that actually occurs.
+LP_FLOOR, LP_STEP = -40.0, 0.05
+LP_BINS = int(-LP_FLOOR / LP_STEP)  # bin i >= 1: [FLOOR + (i-1) STEP, FLOOR + i STEP); 0 at the top
+
+
+def bars(labels: list[str], counts: list[int], width: int = 40) -> list[str]:
+    """Plain-text horizontal bars, one line per label."""
+    top = max(counts, default=0) or 1
+    pad = max((len(x) for x in labels), default=0)
+    return [
+        f"  {label:>{pad}} | {'#' * math.ceil(width * c / top) if c else '':<{width}} {c}"
+        for label, c in zip(labels, counts, strict=True)
+    ]
+
+
+def length_histogram(lengths: np.ndarray, bins: int = 8) -> list[str]:
+    if not len(lengths):
+        return ["  (none)"]
+    lo, hi = int(lengths.min()), int(lengths.max())
+    step = max(1, math.ceil((hi - lo + 1) / bins))
+    edges = list(range(lo, hi + 1, step))
+    counts = [int(((lengths >= e) & (lengths < e + step)).sum()) for e in edges]
+    labels = [f"{e}" if step == 1 else f"{e}-{e + step - 1}" for e in edges]
+    return bars(labels, counts)
+
+
+def logprob_histogram(fine: np.ndarray, bars_wanted: int = 8) -> list[str]:
+    """Merge the fine grid (index 0 = below LP_FLOOR) into a few bars over the occupied range."""
+    used = np.nonzero(fine)[0]
+    if not len(used):
+        return ["  (none)"]
+    first, last = int(used[0]), int(used[-1]) + 1
+    step = max(1, math.ceil((last - first) / bars_wanted))
+    labels, counts = [], []
+    for start in range(first, last, step):
+        stop = min(start + step, last)
+        lo = "-inf" if start == 0 else f"{LP_FLOOR + (start - 1) * LP_STEP:.2f}"
+        hi = f"{LP_FLOOR + (stop - 1) * LP_STEP:.2f})" if stop <= LP_BINS else "0]"
+        labels.append(f"[{lo}, {hi}")
+        counts.append(int(fine[start:stop].sum()))
+    return bars(labels, counts)
+
+
+def _tokenizer(model_root: str | None) -> Any:
+    """The teacher's tokenizer if transformers can load it from model_root, else None."""
+    if not model_root or not Path(model_root).is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_root, local_files_only=True)
+    except Exception:  # missing package, unreadable folder: fall back to the stored text
+        return None
+
+
+def _short(text: str | None, limit: int = 160) -> str:
+    text = "" if text is None else text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sample_lines(dataset: ds.Dataset, count: int, tokenizer: Any) -> list[str]:
+    lines = []
+    for row in dataset.head(count).to_pylist():
+        lines.append(f"  [{row['prompt_id']} #{row['sample_index']}] finish={row['finish_reason']}")
+        if tokenizer is not None and row.get("prompt_token_ids") is not None:
+            prompt = tokenizer.decode(row["prompt_token_ids"])
+            response = tokenizer.decode(row["token_ids"])
+            how = "decoded"
+        else:
+            msgs = row.get("messages")
+            prompt = row.get("prompt") or " | ".join(
+                f"{m['role']}: {m['content']}" for m in msgs or []
+            )
+            response, how = row["response"], "text"
+        lines += [
+            f"    prompt ({how}):   {_short(prompt)}",
+            f"    response ({how}): {_short(response)}",
+        ]
+    return lines
+
+
+@dataclass
+class Scan:
+    """What one pass over the committed shards counts."""
+
+    prompts: set[str] = field(default_factory=set)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    prompt_lengths: list[np.ndarray] = field(default_factory=list)
+    logprobs: np.ndarray = field(default_factory=lambda: np.zeros(LP_BINS + 1, dtype=np.int64))
+    top_mass: float = 0.0  # summed over positions
+    positions: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+
+    def add_data(self, batch: pa.RecordBatch) -> None:
+        self.prompts.update(batch.column("prompt_id").to_pylist())
+        self.lengths.append(batch.column("completion_tokens").to_numpy(zero_copy_only=False))
+        self.prompt_lengths.append(pc.drop_null(batch.column("prompt_tokens")).to_numpy())
+        lps = pc.list_flatten(batch.column("logprobs")).to_numpy(zero_copy_only=False)
+        idx = np.clip(np.floor((lps - LP_FLOOR) / LP_STEP).astype(np.int64) + 1, 0, LP_BINS)
+        self.logprobs += np.bincount(idx, minlength=LP_BINS + 1)
+        tops = pc.list_flatten(pc.list_flatten(batch.column("top_logprobs")))
+        self.top_mass += float(np.exp(tops.to_numpy(zero_copy_only=False).astype(np.float64)).sum())
+        self.positions += len(lps)
+
+    def add_failed(self, batch: pa.RecordBatch) -> None:
+        self.prompts.update(batch.column("prompt_id").to_pylist())
+        self.failures.update(batch.column("error_class").to_pylist())
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
+    """The whole inspection as text."""
+    data_files, failed_files = reader.data_files(out), reader.data_files(out, "failed")
+    scan = Scan()
+    data = open_dataset(out, allow_mixed=True) if data_files else None
+    if data is not None:
+        data_columns = ["prompt_id", "completion_tokens", "prompt_tokens", "logprobs"]
+        for batch in data.to_batches(columns=[*data_columns, "top_logprobs"], batch_size=1024):
+            scan.add_data(batch)
+    if failed_files:
+        failed = open_dataset(out, "failed", allow_mixed=True)
+        for batch in failed.to_batches(columns=["prompt_id", "error_class"]):
+            scan.add_failed(batch)
+    first = (data_files or failed_files or [None])[0]
+    meta = read_metadata(first) if first else {}
+    teacher = meta.get("teacher") or {}
+    length, p_length = _concat(scan.lengths), _concat(scan.prompt_lengths)
+    lines = [
+        f"output:    {out}",
+        f"job:       {meta.get('job_id')} (schema v{meta.get('schema_version')})",
+        f"teacher:   {teacher.get('model')} (loaded from {teacher.get('model_root')}; "
+        f"tokenizer {teacher.get('tokenizer_hash') or 'unknown'})",
+        f"sampling:  {_sampling(meta.get('sampling') or {})}",
+        f"prompts:   {len(scan.prompts)}   samples: {len(length)}   shards: {len(data_files)} "
+        f"data, {len(failed_files)} failed",
+        f"tokens:    {int(length.sum())} response, {int(p_length.sum())} prompt",
+        f"failures:  {sum(scan.failures.values())} records"
+        + "".join(f"\n  {cls}: {n}" for cls, n in sorted(scan.failures.items())),
+    ]
+    try:
+        reader.check_same_teacher(data_files)
+    except reader.MixedTeachersError as err:
+        lines.append(f"WARNING: {err}")
+    if data is not None and scan.positions:
+        k = data.schema.field("top_logprobs").type.value_type.list_size
+        mean = scan.top_mass / scan.positions
+        lines.append(f"teacher top-{k} mass per token: mean {mean:.4f} (tail {1 - mean:.4f})")
+    lines += ["", "prompt length (tokens):", *length_histogram(p_length)]
+    lines += ["", "response length (tokens):", *length_histogram(length)]
+    lines += ["", "sampled-token logprob:", *logprob_histogram(scan.logprobs)]
+    if samples and data is not None:
+        tok = _tokenizer(teacher.get("model_root")) if decode else None
+        lines += ["", f"first {samples} records:", *sample_lines(data, samples, tok)]
+    return "\n".join(lines)
+
+
+def _sampling(sampling: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None) or "unknown"

@@ -1,0 +1,1 @@
+"""Watching a job: monitor, progress, status file, run log, cluster metrics."""

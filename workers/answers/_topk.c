@@ -1,0 +1,445 @@
+/* The compiled core of workers.answers.fastparse: vLLM's top-K alternatives into flat buffers.
+ *
+ * Why C: a 256-token top-20 answer holds ~5,000 "token_id:N" -> logprob pairs, and even
+ * numpy passes over them cost ~100 ns per pair in Python-level glue (joining keys, padding,
+ * argsort). fill_key_ids / fill_top_k read each pair once from the dicts orjson built;
+ * scan_top_k reads the top_logprobs arrays straight from the body's bytes, so those dicts are
+ * never built at all (orjson is then given the rest of the body).
+ *
+ * All three give up at the first doubt (False, or None for scan_top_k; buffers are then in an
+ * unspecified state) and the caller falls back: to the checked path (workers.answers.parse), which
+ * names the problem, or for scan_top_k to orjson over the whole body. They accept only what
+ * that path accepts and give the same values: exact str keys "token_id:" + 1-18 ASCII digits,
+ * exact float values (ints, bools and NaN are left to the checked path), K or K+1 entries per
+ * token, best K by a stable descending sort.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PREFIX "token_id:"
+#define CUT 9
+#define MAX_DIGITS 18
+
+/* The id of an exact str "token_id:<1-18 ASCII digits>", or -1. */
+static long long key_id(PyObject *key) {
+    if (!PyUnicode_CheckExact(key) || !PyUnicode_IS_ASCII(key)) return -1;
+    Py_ssize_t len = PyUnicode_GET_LENGTH(key);
+    if (len <= CUT || len > CUT + MAX_DIGITS) return -1;
+    const char *s = (const char *)PyUnicode_1BYTE_DATA(key);
+    if (memcmp(s, PREFIX, CUT) != 0) return -1;
+    long long v = 0;
+    for (Py_ssize_t i = CUT; i < len; i++) {
+        unsigned d = (unsigned)(unsigned char)s[i] - (unsigned)'0';
+        if (d > 9) return -1;
+        v = v * 10 + (long long)d;
+    }
+    return v;
+}
+
+/* Add (id, v) to a token's first `filled` alternatives, kept best first: a stable insertion
+ * that moves only past strictly smaller values, so ties keep the server's order. */
+static void insert_best(long long *ids, double *lps, Py_ssize_t filled, long long id, double v) {
+    Py_ssize_t j = filled;
+    while (j > 0 && lps[j - 1] < v) {
+        lps[j] = lps[j - 1];
+        ids[j] = ids[j - 1];
+        j--;
+    }
+    lps[j] = v;
+    ids[j] = id;
+}
+
+/* A writable C-contiguous buffer of at least `items` 8-byte values. */
+static int big_enough(Py_buffer *buf, Py_ssize_t items) {
+    return buf->itemsize == 8 && buf->len >= items * 8;
+}
+
+PyDoc_STRVAR(fill_key_ids_doc,
+             "fill_key_ids(keys: list[str], out: int64 buffer) -> bool\n\n"
+             "The id of every 'token_id:N' key into out; False if any key is not exactly that.");
+
+static PyObject *fill_key_ids(PyObject *self, PyObject *args) {
+    PyObject *keys;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "O!w*", &PyList_Type, &keys, &out)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    int ok = big_enough(&out, n);
+    long long *ids = (long long *)out.buf;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        long long id = key_id(PyList_GET_ITEM(keys, i));
+        if (id < 0) ok = 0;
+        ids[i] = id;
+    }
+    PyBuffer_Release(&out);
+    return PyBool_FromLong(ok);
+}
+
+PyDoc_STRVAR(fill_top_k_doc,
+             "fill_top_k(tops: list[dict[str, float]], k: int, ids: int64 buffer, "
+             "logprobs: float64 buffer) -> bool\n\n"
+             "Per token, the k best alternatives by logprob (descending, ties in the server's "
+             "order) into row-major (len(tops), k) buffers; False unless every entry is a dict "
+             "of k or k+1 'token_id:N' -> float pairs.");
+
+static PyObject *fill_top_k(PyObject *self, PyObject *args) {
+    PyObject *tops;
+    Py_ssize_t k;
+    Py_buffer ids_buf, lps_buf;
+    if (!PyArg_ParseTuple(args, "O!nw*w*", &PyList_Type, &tops, &k, &ids_buf, &lps_buf))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(tops);
+    int ok = k > 0 && big_enough(&ids_buf, n * k) && big_enough(&lps_buf, n * k);
+    long long *row_ids = NULL;
+    double *row_lps = NULL;
+    if (ok) {
+        row_ids = PyMem_Malloc(sizeof(long long) * (size_t)(k + 1));
+        row_lps = PyMem_Malloc(sizeof(double) * (size_t)(k + 1));
+        if (row_ids == NULL || row_lps == NULL) {
+            PyMem_Free(row_ids);
+            PyMem_Free(row_lps);
+            PyBuffer_Release(&ids_buf);
+            PyBuffer_Release(&lps_buf);
+            return PyErr_NoMemory();
+        }
+    }
+    long long *ids = (long long *)ids_buf.buf;
+    double *lps = (double *)lps_buf.buf;
+    for (Py_ssize_t t = 0; ok && t < n; t++) {
+        PyObject *entry = PyList_GET_ITEM(tops, t);
+        if (!PyDict_CheckExact(entry)) {
+            ok = 0;
+            break;
+        }
+        Py_ssize_t width = PyDict_GET_SIZE(entry);
+        if (width < k || width > k + 1) {
+            ok = 0;
+            break;
+        }
+        Py_ssize_t pos = 0, filled = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(entry, &pos, &key, &value)) {
+            long long id = key_id(key);
+            if (id < 0 || !PyFloat_CheckExact(value)) {
+                ok = 0;
+                break;
+            }
+            double v = PyFloat_AS_DOUBLE(value);
+            if (v != v) { /* NaN: no order to agree on */
+                ok = 0;
+                break;
+            }
+            insert_best(row_ids, row_lps, filled++, id, v);
+        }
+        if (ok) {
+            memcpy(ids + t * k, row_ids, sizeof(long long) * (size_t)k);
+            memcpy(lps + t * k, row_lps, sizeof(double) * (size_t)k);
+        }
+    }
+    PyMem_Free(row_ids);
+    PyMem_Free(row_lps);
+    PyBuffer_Release(&ids_buf);
+    PyBuffer_Release(&lps_buf);
+    return PyBool_FromLong(ok);
+}
+
+
+/* ---- from the body's bytes: every "top_logprobs" array read without Python objects ---- */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int put(Buf *b, const void *src, Py_ssize_t n) {
+    if (b->len + n > b->cap) {
+        Py_ssize_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n) cap *= 2;
+        char *grown = PyMem_Realloc(b->data, (size_t)cap);
+        if (grown == NULL) return -1;
+        b->data = grown;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, src, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+static const char *ws(const char *p, const char *end) {
+    while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')) p++;
+    return p;
+}
+
+/* m / 10^e correctly rounded (ties to even), for 0 < m < 2^64 and 0 <= e <= 19: one exact
+ * 128-bit division. Python's own dtoa (the fallback) gives the same double but is ~10x
+ * slower on the 16-17 digit logprobs vLLM writes. */
+static double ratio(uint64_t m, int e) {
+    static const uint64_t POW10[20] = {1ULL,
+                                       10ULL,
+                                       100ULL,
+                                       1000ULL,
+                                       10000ULL,
+                                       100000ULL,
+                                       1000000ULL,
+                                       10000000ULL,
+                                       100000000ULL,
+                                       1000000000ULL,
+                                       10000000000ULL,
+                                       100000000000ULL,
+                                       1000000000000ULL,
+                                       10000000000000ULL,
+                                       100000000000000ULL,
+                                       1000000000000000ULL,
+                                       10000000000000000ULL,
+                                       100000000000000000ULL,
+                                       1000000000000000000ULL,
+                                       10000000000000000000ULL};
+    uint64_t den = POW10[e];
+    int m_bits = 64 - __builtin_clzll(m), den_bits = 64 - __builtin_clzll(den);
+    int shift = 55 + den_bits - m_bits; /* the quotient gets 55 or 56 bits, */
+    if (shift < 0) shift = 0;           /* or more when m is already long enough */
+    unsigned __int128 num = (unsigned __int128)m << shift;
+    unsigned __int128 q = num / den;
+    int sticky = num % den != 0;
+    int q_bits = 64 - __builtin_clzll((uint64_t)(q >> 8)) + 8;
+    int drop = q_bits - 53;
+    uint64_t mant = (uint64_t)(q >> drop);
+    uint64_t rest = (uint64_t)q & ((1ULL << drop) - 1), half = 1ULL << (drop - 1);
+    if (rest > half || (rest == half && (sticky || (mant & 1)))) mant++;
+    return ldexp((double)mant, drop - shift);
+}
+
+/* Whether the 8 bytes at p are all ASCII digits, and their value: the SWAR steps of the
+ * fast_float family (digits as nibbles, pairs, quads, then the whole in three multiplies). */
+static int eight_digits(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return ((v & 0xF0F0F0F0F0F0F0F0ULL) |
+            (((v + 0x0606060606060606ULL) & 0xF0F0F0F0F0F0F0F0ULL) >> 4)) == 0x3333333333333333ULL;
+}
+
+static uint64_t eight_value(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8); /* little-endian: the first digit in the lowest byte */
+    v -= 0x3030303030303030ULL;
+    v = v * 10 + (v >> 8); /* each even byte now holds two digits */
+    v = (((v & 0x000000FF000000FFULL) * 0x000F424000000064ULL) +
+         (((v >> 16) & 0x000000FF000000FFULL) * 0x0000271000000001ULL)) >> 32;
+    return v;
+}
+
+/* The JSON number at p that orjson reads as a float (it has a fraction or an exponent) into
+ * *v; past it, or NULL (an integer, not JSON, or not finite). */
+static const char *float_at(const char *p, const char *end, double *v) {
+    static const double EXACT[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                     1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                     1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    const char *start = p;
+    int negative = 0, is_float = 0;
+    Py_ssize_t digits = 0, scale = 0; /* significant digits read into m; digits after '.' */
+    uint64_t m = 0;                   /* wraps past 19 digits: then unused */
+    if (p < end && *p == '-') {
+        negative = 1;
+        p++;
+    }
+    if (p < end && *p == '0') {
+        p++;
+    } else if (p < end && *p >= '1' && *p <= '9') {
+        for (; p < end && *p >= '0' && *p <= '9'; p++, digits++) m = m * 10 + (uint64_t)(*p - '0');
+    } else {
+        return NULL;
+    }
+    if (p < end && *p == '.') {
+        const char *first = ++p;
+        if (m == 0)
+            while (p < end && *p == '0') p++; /* leading zeros: scale only */
+        const char *significant = p;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        for (; end - p >= 8 && eight_digits(p); p += 8) m = m * 100000000ULL + eight_value(p);
+#endif /* elsewhere: digit by digit below */
+        for (; p < end && *p >= '0' && *p <= '9'; p++) m = m * 10 + (uint64_t)(*p - '0');
+        if (p == first) return NULL;
+        digits += p - significant;
+        scale = p - first;
+        is_float = 1;
+    }
+    Py_ssize_t exp10 = 0;
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        int exp_negative = 0;
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) exp_negative = *p++ == '-';
+        const char *first = p;
+        for (; p < end && *p >= '0' && *p <= '9'; p++)
+            if (exp10 < 100000) exp10 = exp10 * 10 + (*p - '0');
+        if (p == first) return NULL;
+        if (exp_negative) exp10 = -exp10;
+        is_float = 1;
+    }
+    if (!is_float) return NULL;
+    Py_ssize_t e = scale - exp10; /* the value is m / 10^e */
+    if (m == 0 && digits == 0) {
+        *v = 0.0;
+    } else if (digits <= 19 && e >= 0 && e <= 22 && m <= (1ULL << 53)) {
+        *v = (double)m / EXACT[e]; /* both exact: one correctly rounded division */
+    } else if (digits <= 19 && e >= 0 && e <= 19) {
+        *v = ratio(m, (int)e);
+    } else { /* long mantissas, large exponents: Python's correctly rounded dtoa */
+        char *parsed_to;
+        *v = PyOS_string_to_double(start, &parsed_to, NULL);
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return NULL;
+        }
+        if (parsed_to != p) return NULL;
+        negative = 0; /* the sign was parsed with the rest */
+    }
+    if (negative) *v = -*v;
+    return (*v > -Py_HUGE_VAL && *v < Py_HUGE_VAL) ? p : NULL;
+}
+
+/* One '"token_id:N"' key at p; its id in *id; past the closing quote, or NULL. */
+static const char *key_at(const char *p, const char *end, long long *id) {
+    if (end - p < CUT + 3 || *p != '"' || memcmp(p + 1, PREFIX, CUT) != 0) return NULL;
+    p += 1 + CUT;
+    const char *digits = p;
+    long long v = 0;
+    while (p < end && *p >= '0' && *p <= '9' && p - digits < MAX_DIGITS) v = v * 10 + (*p++ - '0');
+    if (p == digits || p >= end || *p != '"') return NULL; /* escapes, 19+ digits: unsure */
+    *id = v;
+    return p + 1;
+}
+
+/* The top_logprobs array at p ('['): each entry's best k appended to ids / lps, one more row
+ * per entry in *rows. Past the closing ']', or NULL when anything is not as the dict path
+ * (fill_top_k over orjson's objects) would surely read it: the caller then parses it all. */
+static const char *read_tops(const char *p, const char *end, Py_ssize_t k, Buf *ids, Buf *lps,
+                             long long *row_ids, double *row_lps, Py_ssize_t *rows) {
+    p = ws(p + 1, end);
+    if (p < end && *p == ']') return NULL;
+    for (;;) {
+        if (p >= end || *p != '{') return NULL;
+        p = ws(p + 1, end);
+        Py_ssize_t filled = 0;
+        for (;;) {
+            long long id;
+            p = key_at(p, end, &id);
+            if (p == NULL) return NULL;
+            p = ws(p, end);
+            if (p >= end || *p != ':') return NULL;
+            p = ws(p + 1, end);
+            double v;
+            const char *num_end = float_at(p, end, &v);
+            if (num_end == NULL || filled > k) return NULL;
+            for (Py_ssize_t j = 0; j < filled; j++)
+                if (row_ids[j] == id) return NULL; /* a repeated id: the dict keeps one */
+            insert_best(row_ids, row_lps, filled++, id, v);
+            p = ws(num_end, end);
+            if (p < end && *p == ',') {
+                p = ws(p + 1, end);
+                continue;
+            }
+            if (p < end && *p == '}') break;
+            return NULL;
+        }
+        if (filled < k) return NULL;
+        if (put(ids, row_ids, (Py_ssize_t)sizeof(long long) * k) < 0 ||
+            put(lps, row_lps, (Py_ssize_t)sizeof(double) * k) < 0)
+            return NULL;
+        (*rows)++;
+        p = ws(p + 1, end);
+        if (p < end && *p == ',') {
+            p = ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == ']') return p + 1;
+        return NULL;
+    }
+}
+
+PyDoc_STRVAR(scan_top_k_doc,
+             "scan_top_k(body: bytes, k: int) -> (bytes, bytearray, bytearray, list[int]) | None\n\n"
+             "Every \"top_logprobs\": [...] array of the body read into row-major int64 ids and "
+             "float64 logprobs (best k per token, as fill_top_k), the body returned with each "
+             "array replaced by the JSON string \"\\u0000<i>\" (i counting arrays), and the rows "
+             "of each array. None when any array is not surely read as the dict path would.");
+
+static PyObject *scan_top_k(PyObject *self, PyObject *args) {
+    const char *body;
+    Py_ssize_t size, k;
+    if (!PyArg_ParseTuple(args, "y#n", &body, &size, &k)) return NULL;
+    if (k <= 0) Py_RETURN_NONE;
+    const char *p = body, *end = body + size, *copied = body;
+    Buf out = {0}, ids = {0}, lps = {0};
+    long long *row_ids = PyMem_Malloc(sizeof(long long) * (size_t)(k + 1));
+    double *row_lps = PyMem_Malloc(sizeof(double) * (size_t)(k + 1));
+    PyObject *rows = PyList_New(0), *result = NULL;
+    int ok = row_ids != NULL && row_lps != NULL && rows != NULL;
+    Py_ssize_t arrays = 0;
+    while (ok && p < end) {
+        const char *q = memchr(p, '"', (size_t)(end - p));
+        if (q == NULL) break;
+        const char *s = q + 1; /* the string's end, past escapes */
+        int escaped = 0;
+        while (s < end && *s != '"') {
+            if (*s == '\\') {
+                escaped = 1;
+                s++;
+            }
+            s++;
+        }
+        if (s >= end) { /* unterminated: orjson names the problem */
+            ok = 0;
+            break;
+        }
+        p = s + 1;
+        if (escaped || s - q - 1 != 12 || memcmp(q + 1, "top_logprobs", 12) != 0) continue;
+        const char *v = ws(p, end);
+        if (v >= end || *v != ':') continue; /* a value, not a key */
+        v = ws(v + 1, end);
+        if (v >= end || *v != '[') continue; /* null and the like: the checked path decides */
+        Py_ssize_t n = 0;
+        const char *after = read_tops(v, end, k, &ids, &lps, row_ids, row_lps, &n);
+        if (after == NULL) {
+            ok = 0;
+            break;
+        }
+        char marker[32];
+        int m = snprintf(marker, sizeof marker, "\"\\u0000%zd\"", arrays++);
+        PyObject *count = PyLong_FromSsize_t(n);
+        if (count == NULL || PyList_Append(rows, count) < 0 || put(&out, copied, v - copied) < 0 ||
+            put(&out, marker, m) < 0) {
+            Py_XDECREF(count);
+            ok = 0;
+            break;
+        }
+        Py_DECREF(count);
+        copied = p = after;
+    }
+    if (ok && arrays > 0 && put(&out, copied, end - copied) == 0) {
+        result = Py_BuildValue("(y#y#y#O)", out.data, out.len, ids.data, ids.len, lps.data,
+                               lps.len, rows);
+    }
+    PyMem_Free(out.data);
+    PyMem_Free(ids.data);
+    PyMem_Free(lps.data);
+    PyMem_Free(row_ids);
+    PyMem_Free(row_lps);
+    Py_XDECREF(rows);
+    if (result == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"fill_key_ids", fill_key_ids, METH_VARARGS, fill_key_ids_doc},
+    {"fill_top_k", fill_top_k, METH_VARARGS, fill_top_k_doc},
+    {"scan_top_k", scan_top_k, METH_VARARGS, scan_top_k_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_topk", "The compiled core of workers.answers.fastparse.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__topk(void) { return PyModule_Create(&module); }

@@ -1,0 +1,1 @@
+"""Shard writing: Arrow columns from answers, row groups streamed to the store."""

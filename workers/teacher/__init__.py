@@ -1,0 +1,1 @@
+"""The teacher client stack: requests, routing over endpoints, retries, limits, transports."""
