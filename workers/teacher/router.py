@@ -9,7 +9,12 @@
 - ``Retry-After``: a 429 pauses *the endpoint* for every request of this worker (and, through
   ``on_pause``, of every other worker) until the time it names has passed.
 - Outage: while no endpoint is usable (every circuit open or paused), requests wait here and are
-  not turned into failures; the outage ends with the next successful answer. If it lasts
+  not turned into failures. The outage clock starts whatever made the last endpoint unusable
+  (a circuit opening, a pause, an endpoint removed), from the first failure that began that
+  endpoint's trouble, and it is checked again before every wait, so no request can wait
+  without a deadline. It ends only with a fresh success on a usable endpoint: an answer to a
+  request sent before the endpoint's latest failure says nothing about it now (a server shut
+  down gracefully still answers what it had, while it refuses new connections). If it lasts
   ``outage_timeout_s``, every waiting request raises ``TeacherOutage`` and the job stops.
 - The endpoint set can change while requests run (a managed replica restarted on a new port):
   ``set_endpoints`` adds and removes; requests already in flight finish or fail and are retried.
@@ -30,6 +35,7 @@ from workers.errors import TeacherOutage
 
 HealthCheck = Callable[[str], Awaitable[bool]]
 PauseListener = Callable[[str, float], None]  # (endpoint, until as a wall-clock timestamp)
+Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass
@@ -43,6 +49,8 @@ class _Endpoint:
     pauses: int = 0  # consecutive 429s: backoff when the server names no Retry-After
     down_since: float | None = None  # wall clock, while open or paused
     reason: str = ""  # why it is down (error class or "429 Retry-After")
+    last_failure: float = float("-inf")  # router clock of the latest endpoint failure
+    trouble_since: float | None = None  # router clock: first failure or pause since a success
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class Router:
         pause_backoff: tuple[float, float] = (0.5, 30.0),
         on_pause: PauseListener | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         if not endpoints:
             raise ValueError("router needs at least one endpoint")
@@ -83,6 +92,7 @@ class Router:
         self.pause_backoff = pause_backoff
         self.on_pause = on_pause
         self._clock = clock
+        self._sleep = sleep  # with ``clock``: tests drive both from one virtual clock
         self._eps: dict[str, _Endpoint] = {}
         self.circuit_opened = 0  # how often any circuit opened (reported in stats)
         self.outage_since: float | None = None  # monotonic; no endpoint usable since then
@@ -98,6 +108,10 @@ class Router:
     @property
     def requests(self) -> dict[str, int]:
         return {url: ep.requests for url, ep in self._eps.items()}
+
+    def now(self) -> float:
+        """The router's clock (pass it back as ``report(sent_at=...)``)."""
+        return self._clock()
 
     def in_flight_total(self) -> int:
         return sum(ep.in_flight for ep in self._eps.values())
@@ -135,11 +149,18 @@ class Router:
         return min(usable, key=lambda ep: (ep.in_flight, ep.requests))
 
     def _update_outage(self) -> None:
-        """Start the outage clock when no endpoint is usable; only a success stops it. An alarm
-        wakes the waiting requests at the deadline, so they can give up."""
-        if self.outage_since is None and not any(map(self._usable, self._eps.values())):
-            self.outage_since = self._clock()
-            self._timers.add(asyncio.create_task(self._wake_at(self._outage_deadline())))
+        """Start the outage clock when no endpoint is usable, whatever made it so; only a fresh
+        success stops it. An alarm wakes the waiting requests at the deadline, so they can give
+        up. Called after every change of an endpoint's state and before every wait."""
+        if self.outage_since is not None or any(map(self._usable, self._eps.values())):
+            return
+        now = self._clock()
+        # Since the last usable endpoint's trouble began (its first failure, not the one that
+        # opened its circuit: a lone row's retries back off for seconds before that).
+        starts = [ep.trouble_since for ep in self._eps.values() if ep.trouble_since is not None]
+        whole = starts and len(starts) == len(self._eps)
+        self.outage_since = min(now, max(starts)) if whole else now
+        self._timers.add(asyncio.create_task(self._wake_at(self._outage_deadline())))
 
     def _outage_deadline(self) -> float:
         assert self.outage_since is not None
@@ -162,6 +183,7 @@ class Router:
             while (ep := self._pick()) is None:
                 # No timeout on the wait itself: cancelling Condition.wait can leave its lock
                 # released on Python 3.11. The outage alarm (``_update_outage``) wakes us.
+                self._update_outage()
                 if self.outage_since is not None and self._clock() >= self._outage_deadline():
                     raise self._outage_error()
                 await self._changed.wait()
@@ -174,29 +196,37 @@ class Router:
                 ep.in_flight -= 1
                 self._changed.notify()  # one slot freed: wake one waiter, not every queued row
 
-    async def report(self, endpoint: str, ok: bool, reason: str = "") -> bool:
-        """Outcome of one request: ``ok`` unless the endpoint itself failed. Returns whether the
-        endpoint is now out of rotation (its circuit open), i.e. the teacher, not the row, is at
-        fault."""
+    async def report(
+        self, endpoint: str, ok: bool, reason: str = "", sent_at: float | None = None
+    ) -> bool:
+        """Outcome of one request: ``ok`` unless the endpoint itself failed; ``sent_at`` (the
+        router's ``now()`` when it was sent) tells a fresh success from a stale one. Returns
+        whether the endpoint is now out of rotation (its circuit open), i.e. the teacher, not
+        the row, is at fault."""
         async with self._changed:
             ep = self._eps.get(endpoint)
             if ep is None:
                 return False  # removed meanwhile
             if ok:
-                ep.failures = ep.pauses = 0
-                ep.reason = ""
-                if not ep.open and ep.paused_until <= self._clock():
-                    ep.down_since = None
-                self.outage_since = None
+                if sent_at is None or sent_at >= ep.last_failure:  # news about the endpoint
+                    ep.failures = ep.pauses = 0
+                    ep.trouble_since = None
+                    if self._usable(ep):
+                        ep.reason, ep.down_since = "", None
+                        self.outage_since = None
                 return False
+            now = self._clock()
             ep.failures += 1
-            ep.reason = reason
+            ep.last_failure = now
+            if ep.trouble_since is None:
+                ep.trouble_since = now
+            ep.reason = reason or ep.reason or "endpoint failure"
             if ep.failures >= self.failure_threshold and not ep.open:
                 ep.open = True
                 ep.down_since = ep.down_since or time.time()
                 self.circuit_opened += 1
                 self._probes[endpoint] = asyncio.create_task(self._probe(endpoint))
-                self._update_outage()
+            self._update_outage()
             return ep.open
 
     async def pause(self, endpoint: str, retry_after: float | None) -> None:
@@ -228,6 +258,8 @@ class Router:
                 return
             ep.paused_until = self._clock() + delay
             ep.down_since = ep.down_since or time.time()
+            if ep.trouble_since is None:
+                ep.trouble_since = self._clock()
             ep.reason = "HTTP 429, Retry-After"
             self._update_outage()
             self._timers.add(asyncio.create_task(self._wake_at(ep.paused_until)))
@@ -238,7 +270,7 @@ class Router:
         milliseconds): a waiter woken before the time would wait again with no one to wake it,
         so this sleeps until the time has really passed."""
         while (left := when - self._clock()) >= 0:
-            await asyncio.sleep(left + 0.001)
+            await self._sleep(left + 0.001)
         async with self._changed:
             self._changed.notify_all()
         self._timers.discard(asyncio.current_task())
@@ -246,7 +278,7 @@ class Router:
     async def _probe(self, endpoint: str) -> None:
         """Every cool-down, check the endpoint's health (if we can); close it once it answers."""
         while True:
-            await asyncio.sleep(self.cooldown_s)
+            await self._sleep(self.cooldown_s)
             try:
                 healthy = self.health_check is None or await self.health_check(endpoint)
             except Exception:  # a failing check is just "not yet"
@@ -257,7 +289,7 @@ class Router:
             ep = self._eps.get(endpoint)
             if ep is not None:
                 ep.open = False
-                ep.failures = 0
+                ep.failures = 0  # its trouble (and any outage) goes on until it answers
             self._probes.pop(endpoint, None)
             self._changed.notify_all()
 
