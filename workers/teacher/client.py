@@ -241,7 +241,6 @@ class TeacherClient:
             async with self.router.acquire() as endpoint:
                 if ready is not None:
                     await ready()
-                sent = self.router.now()  # a success is news only if sent after a failure
                 req.waited_s += time.monotonic() - before
                 req.endpoint = endpoint
                 try:
@@ -260,11 +259,10 @@ class TeacherClient:
                     self.counters[type(err).__name__] += 1
                     self.stats.error(type(err).__name__, str(err))
                     failed = _endpoint_failed(err)
-                    name = type(err).__name__
-                    if await self.router.report(endpoint, not failed, name, sent_at=sent):
+                    if await self.router.report(endpoint, ok=not failed, reason=type(err).__name__):
                         continue
                     raise
-                await self.router.report(endpoint, ok=True, sent_at=sent)
+                await self.router.report(endpoint, ok=True)
                 return answer
 
     async def _generate(

@@ -12,9 +12,8 @@
   not turned into failures. The outage clock starts whatever made the last endpoint unusable
   (a circuit opening, a pause, an endpoint removed), from the first failure that began that
   endpoint's trouble, and it is checked again before every wait, so no request can wait
-  without a deadline. It ends only with a fresh success on a usable endpoint: an answer to a
-  request sent before the endpoint's latest failure says nothing about it now (a server shut
-  down gracefully still answers what it had, while it refuses new connections). If it lasts
+  without a deadline. It ends only with a success on a usable endpoint: an answer from one
+  out of rotation is to a request sent before it went out. If it lasts
   ``outage_timeout_s``, every waiting request raises ``TeacherOutage`` and the job stops.
 - The endpoint set can change while requests run (a managed replica restarted on a new port):
   ``set_endpoints`` adds and removes; requests already in flight finish or fail and are retried.
@@ -49,7 +48,6 @@ class _Endpoint:
     pauses: int = 0  # consecutive 429s: backoff when the server names no Retry-After
     down_since: float | None = None  # wall clock, while open or paused
     reason: str = ""  # why it is down (error class or "429 Retry-After")
-    last_failure: float = float("-inf")  # router clock of the latest endpoint failure
     trouble_since: float | None = None  # router clock: first failure or pause since a success
 
 
@@ -108,10 +106,6 @@ class Router:
     @property
     def requests(self) -> dict[str, int]:
         return {url: ep.requests for url, ep in self._eps.items()}
-
-    def now(self) -> float:
-        """The router's clock (pass it back as ``report(sent_at=...)``)."""
-        return self._clock()
 
     def in_flight_total(self) -> int:
         return sum(ep.in_flight for ep in self._eps.values())
@@ -196,28 +190,25 @@ class Router:
                 ep.in_flight -= 1
                 self._changed.notify()  # one slot freed: wake one waiter, not every queued row
 
-    async def report(
-        self, endpoint: str, ok: bool, reason: str = "", sent_at: float | None = None
-    ) -> bool:
-        """Outcome of one request: ``ok`` unless the endpoint itself failed; ``sent_at`` (the
-        router's ``now()`` when it was sent) tells a fresh success from a stale one. Returns
-        whether the endpoint is now out of rotation (its circuit open), i.e. the teacher, not
-        the row, is at fault."""
+    async def report(self, endpoint: str, ok: bool, reason: str = "") -> bool:
+        """Outcome of one request: ``ok`` unless the endpoint itself failed. Returns whether the
+        endpoint is now out of rotation (its circuit open), i.e. the teacher, not the row, is at
+        fault."""
         async with self._changed:
             ep = self._eps.get(endpoint)
             if ep is None:
                 return False  # removed meanwhile
             if ok:
-                if sent_at is None or sent_at >= ep.last_failure:  # news about the endpoint
-                    ep.failures = ep.pauses = 0
-                    ep.trouble_since = None
-                    if self._usable(ep):
-                        ep.reason, ep.down_since = "", None
-                        self.outage_since = None
+                ep.failures = ep.pauses = 0
+                # No request is sent to an endpoint out of rotation: an answer from one was
+                # sent before it went out, and says nothing about it now (a server shutting
+                # down still answers what it had while it refuses new connections).
+                if self._usable(ep):
+                    ep.reason, ep.down_since, ep.trouble_since = "", None, None
+                    self.outage_since = None
                 return False
             now = self._clock()
             ep.failures += 1
-            ep.last_failure = now
             if ep.trouble_since is None:
                 ep.trouble_since = now
             ep.reason = reason or ep.reason or "endpoint failure"
