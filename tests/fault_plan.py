@@ -38,6 +38,13 @@ class FaultPlan:
     capacity: int | None = None  # answers served at once; the rest queue
     seed: int = 0
     faulty_attempts: int = 2  # only attempts 1..faulty_attempts of a key may be faulted
+    # The teacher dies when its down_after-th /v1/completions request arrives (that request is
+    # never answered; outcome "down"), once per plan: a kill at an exact moment of the job.
+    down_after: int = 0
+    # How it dies: False, like a killed process (every connection reset at once); True, like a
+    # graceful shutdown (new connections refused, requests already in service still answered,
+    # any later request on a kept-alive connection dropped unanswered).
+    down_graceful: bool = False
 
     def __post_init__(self) -> None:
         rates = [getattr(self, f"rate_{f}") for f in FAULTS]

@@ -61,6 +61,9 @@ class FaultTeacherServer:
         self._sem: asyncio.Semaphore | None = None
         self._sem_size: int | None = None
         self._busy = 0
+        self._completions = 0  # /v1/completions requests seen (for ``down_after``)
+        self._draining = False  # gone down gracefully: answer what is in service, nothing new
+        self.down_at: float | None = None  # monotonic, when ``down_after`` took it down
 
     # ---- control, from the test's thread ----
     @property
@@ -108,7 +111,18 @@ class FaultTeacherServer:
 
     def come_back(self) -> None:
         """Listen again on the same port; the log and attempt counts carry on."""
+        self._draining = False
         self._call(self._listen(self.port))
+
+    async def _die(self, graceful: bool) -> None:
+        """``down_after``'s kill, from the loop thread."""
+        if not graceful:
+            await self._go_down(reset=True)
+            return
+        self._draining = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # refuse new connections; the handlers in service go on
 
     def _call(self, coro: Any) -> None:
         assert self._loop is not None, "server not started"
@@ -187,13 +201,22 @@ class FaultTeacherServer:
             self._attempts[path, key] += 1
         attempt = self._attempts[path, key] if key is not None else 0
         now, msg = time.monotonic(), ""
+        dying = False
+        if path == "/v1/completions" and method == "POST":
+            self._completions += 1
+            dying = plan.down_after > 0 and self._completions == plan.down_after
+        if dying:
+            self.down_at = now
+            asyncio.get_running_loop().create_task(self._die(plan.down_graceful))
         if plan.storm_s > 0 and method == "POST" and path in _POST_PATHS:
             if self._storm_until is None:
                 self._storm_until = now + plan.storm_s
             storm = now < self._storm_until
         else:
             storm = False
-        if storm:
+        if dying or self._draining:
+            outcome = "down"
+        elif storm:
             outcome, msg = "429", "injected 429 (storm)"
         elif method == "GET" and path in ("/health", "/v1/models"):
             outcome = "ok"
@@ -232,6 +255,9 @@ class FaultTeacherServer:
         self, w: asyncio.StreamWriter, plan: FaultPlan, rec: Record, path: str,
         body: dict[str, Any], msg: str,
     ) -> bool:  # fmt: skip
+        if rec.outcome == "down":  # gone: this request is never answered
+            w.transport.abort()
+            return False
         if rec.outcome == "reset":
             _linger_zero(w)
             w.transport.abort()  # linger 0: the kernel sends RST, no response bytes at all
@@ -273,7 +299,7 @@ class FaultTeacherServer:
         if rec.outcome == "truncated":
             data = data[: len(data) // 2]
         await _write(w, 200, data)
-        return True
+        return not self._draining  # a server shutting down closes each connection it answered
 
     def _capacity(self, plan: FaultPlan) -> contextlib.AbstractAsyncContextManager[Any]:
         if plan.capacity is None:
