@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from harvest.driver import stopping
 from harvest.driver.lease import OutputBusy
 from harvest.driver.preflight import PreflightError
 from harvest.inputs.sources import InputError
@@ -44,6 +45,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             show_progress=not args.no_progress,
             status_every_s=args.status_every,
+            stop_deadline_s=args.stop_deadline,
         ),
         out_dir,
         resume=f"harvest retry-failed {out_dir}",
@@ -83,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             show_progress=not args.no_progress,
             status_every_s=args.status_every,
+            stop_deadline_s=args.stop_deadline,
         ),
         out_dir,
         resume=f"harvest run {args.job} --output {out_dir}",
@@ -168,6 +171,14 @@ def _logging_options() -> argparse.ArgumentParser:
         help="how often the status file is rewritten, and the status line printed when stderr "
         "is not a terminal (default 5)",
     )
+    common.add_argument(
+        "--stop-deadline",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long the units in flight may take to finish before the "
+        "driver stops its workers (default 60); the process ends within this plus 20 s",
+    )
     return common
 
 
@@ -215,7 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> None:
+    """The ``harvest`` command: a stop's last-resort timer stays armed until the process ends
+    (Ray's own shutdown at exit included)."""
+    sys.exit(main(exiting=True))
+
+
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    try:
+        return _main(argv)
+    finally:
+        if not exiting:  # called in-process: the caller goes on, the timer must not end it
+            stopping.disarm()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
@@ -232,4 +257,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

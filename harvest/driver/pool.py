@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from harvest.driver import stopping
 from harvest.driver.preflight import PreflightError, classify_logprob_mode
 from harvest.errors import JobAborted
 from harvest.watch.monitor import Monitor
@@ -142,19 +143,19 @@ def dispatch(
     replica_restarts: Callable[[], int] = lambda: 0,
 ) -> tuple[int, bool]:
     """Run ``units`` through ``pool``, committing each result; return (prompts, interrupted)."""
-    stopping = StopFlag()
+    stop = StopFlag(stop_deadline_s)
     committed = 0
     exhausted = False
     stop_at: float | None = None
     try:
-        with stopping:
+        with stop:
             while True:
-                if stopping.requested and stop_at is None:
+                if stop.requested and stop_at is None:
                     stop_at = time.monotonic() + stop_deadline_s
                     monitor.note("stopping: finishing the units in flight (Ctrl-C again: now)")
                 while (
                     not exhausted
-                    and not stopping.requested
+                    and not stop.requested
                     and (len(pool.in_flight) < 2 * len(pool.actors))
                 ):
                     unit = next(units, None)
@@ -201,20 +202,24 @@ def dispatch(
         raise JobAborted(f"a worker failed: {err.cause!r}") from None
     finally:
         pool.shutdown()
-    return committed, stopping.requested
+    return committed, stop.requested
 
 
 class StopFlag:
-    """Turn the first SIGINT/SIGTERM into a graceful stop; a second one interrupts at once."""
+    """Turn the first SIGINT/SIGTERM into a graceful stop; a second one interrupts at once.
+    The first also arms the process's last resort (``harvest.driver.stopping``): whatever blocks,
+    the driver ends ``stop_deadline_s`` (plus a shutdown grace) after it."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_deadline_s: float = 60.0) -> None:
         self.requested = False
+        self.stop_deadline_s = stop_deadline_s
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        stopping.arm(self.stop_deadline_s)
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -235,6 +240,8 @@ def probe_teacher(worker: ray.actor.ActorHandle, kinds: list[str], k: int) -> tu
     and how it was told (``harvest.driver.preflight.classify_logprob_mode``)."""
     try:
         result = ray.get(worker.probe.remote(kinds))
+    except TeacherOutage as err:  # died after the driver's checks: the outage stop, exit 1
+        raise JobAborted(str(getattr(err, "cause", err))) from None
     except RayTaskError as err:
         raise PreflightError(f"teacher probe request failed: {err.cause}") from None
     if result.failed:  # one line, for the first kind (chat is probed first)

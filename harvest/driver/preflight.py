@@ -1,16 +1,20 @@
 """Check the teacher before any prompt is sent: reachable, serving the model, returning ids.
 
 A job that cannot work should fail in seconds with one clear line, not after an hour of
-failure rows: an unreachable endpoint, a wrong model name, a bad key, or a server that does not
-return token ids and logprobs (only vLLM-compatible servers do) all stop the job here.
+failure rows: a wrong model name, a bad key, or a server that does not return token ids and
+logprobs (only vLLM-compatible servers do) all stop the job here. A teacher that does not
+answer (refused, timed out, 5xx, 429) is waited for up to ``teacher.outage_timeout_s``, as
+during the harvest: a server restarting as the job starts is no configuration error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -19,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from harvest.errors import JobAborted
+from harvest.watch.logs import event
 from schemas.job import JobSpec
 from workers import USER_AGENT
 from workers.teacher.retry import parse_retry_after
@@ -71,28 +77,60 @@ def read_api_key(spec: JobSpec) -> str | None:
     return None
 
 
-def _request(
-    http: httpx.Client, method: str, url: str, deadline: float, **kw: Any
-) -> httpx.Response:
-    """One check, honouring 429 like the harvest does: wait out Retry-After (or a growing
-    backoff) and ask again, until ``deadline`` (the outage timeout) has passed."""
-    backoff = 0.5
+@dataclass
+class _Checks:
+    """What every check of one preflight shares: the client, the outage bound, the stop."""
+
+    http: httpx.Client
+    outage_s: float  # teacher.outage_timeout_s
+    stop: threading.Event  # set when the preflight ends (another endpoint failed, a signal)
+
+
+def _request(checks: _Checks, method: str, url: str, **kw: Any) -> httpx.Response:
+    """One check, waiting for the teacher as the harvest does: a 429 for its Retry-After (or a
+    growing backoff), a refused connection, a timeout or a 5xx for a short growing backoff,
+    asking again until ``outage_s`` has passed since the first of them. A teacher that is down
+    when the job starts (or goes down while it is checked) is waited for like one that goes down
+    mid-job, and the job stops the same way: exit 1, one line, rerun to resume."""
+    backoff, since, told = 0.5, 0.0, False
     while True:
-        resp = http.request(method, url, **kw)
-        if resp.status_code != 429:
-            return resp
-        wait = parse_retry_after(resp.headers.get("retry-after"))
-        wait, backoff = (backoff if wait is None else wait), min(2 * backoff, 30.0)
-        if time.monotonic() + wait > deadline:
-            raise PreflightError(
-                f"teacher {url} kept answering HTTP 429 past teacher.outage_timeout_s"
+        wait = None
+        try:
+            resp = checks.http.request(method, url, **kw)
+        except httpx.TransportError as err:
+            why = type(err).__name__
+        else:
+            if resp.status_code == 429:
+                why, wait = "HTTP 429", parse_retry_after(resp.headers.get("retry-after"))
+            elif resp.status_code >= 500:
+                why = f"HTTP {resp.status_code}"
+            else:
+                return resp
+        now = time.monotonic()
+        since = since or now
+        left = since + checks.outage_s - now
+        if wait is None:
+            wait, backoff = min(backoff, max(0.0, left)), min(2 * backoff, _MOST_WAIT_S)
+        if wait > left or left <= 0:  # a Retry-After past the deadline: no answer in time
+            raise JobAborted(
+                f"teacher {url} did not answer for {checks.outage_s:g} s "
+                f"(teacher.outage_timeout_s): {why}"
             )
-        time.sleep(wait)
+        if not told:
+            told = True
+            event("teacher_unreachable", f"teacher {url} unavailable ({why}); waiting up to "
+                  f"{checks.outage_s:g} s (teacher.outage_timeout_s)", logging.WARNING,
+                  endpoint=url, reason=why)  # fmt: skip
+        if checks.stop.wait(wait):
+            raise JobAborted("preflight stopped")
 
 
-def _models(http: httpx.Client, endpoint: str, deadline: float) -> list[dict[str, Any]]:
+_MOST_WAIT_S = 5.0  # a teacher that comes back is noticed within this
+
+
+def _models(checks: _Checks, endpoint: str) -> list[dict[str, Any]]:
     try:
-        resp = _request(http, "GET", f"{endpoint}/models", deadline, timeout=10.0)
+        resp = _request(checks, "GET", f"{endpoint}/models", timeout=10.0)
     except httpx.HTTPError as err:
         raise PreflightError(f"teacher {endpoint} unreachable: {type(err).__name__}") from None
     if resp.status_code in (401, 403):
@@ -105,24 +143,22 @@ def _models(http: httpx.Client, endpoint: str, deadline: float) -> list[dict[str
         raise PreflightError(f"teacher {endpoint}/models is not an OpenAI model list") from None
 
 
-def _tokenize_hash(
-    http: httpx.Client, endpoint: str, model: str, deadline: float, **what: Any
-) -> str | None:
-    """Hash of the server's own tokenization (vLLM's /tokenize); None where unsupported."""
+def _tokenize_hash(checks: _Checks, endpoint: str, model: str, **what: Any) -> str | None:
+    """Hash of the server's own tokenization (vLLM's /tokenize); None where unsupported (a
+    server that is down is waited for: a missing hash would be recorded as its identity)."""
     root = endpoint.removesuffix("/v1")
+    resp = _request(checks, "POST", f"{root}/tokenize", json={"model": model, **what})
     try:
-        resp = _request(http, "POST", f"{root}/tokenize", deadline, json={"model": model, **what})
         tokens = resp.json()["tokens"] if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     if not isinstance(tokens, list):
         return None
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
 
 
-def _identify(http: httpx.Client, endpoint: str, spec: JobSpec) -> TeacherInfo:
-    deadline = time.monotonic() + spec.teacher.outage_timeout_s
-    models = {m.get("id"): m for m in _models(http, endpoint, deadline)}
+def _identify(checks: _Checks, endpoint: str, spec: JobSpec) -> TeacherInfo:
+    models = {m.get("id"): m for m in _models(checks, endpoint)}
     model = spec.teacher.model
     if model not in models:
         raise PreflightError(
@@ -133,9 +169,9 @@ def _identify(http: httpx.Client, endpoint: str, spec: JobSpec) -> TeacherInfo:
         model=model,
         model_root=models[model].get("root"),
         max_model_len=models[model].get("max_model_len"),
-        tokenizer_hash=_tokenize_hash(http, endpoint, model, deadline, prompt=TOKENIZER_PROBE),
+        tokenizer_hash=_tokenize_hash(checks, endpoint, model, prompt=TOKENIZER_PROBE),
         chat_template_hash=_tokenize_hash(
-            http, endpoint, model, deadline, messages=CHAT_PROBE, add_generation_prompt=True
+            checks, endpoint, model, messages=CHAT_PROBE, add_generation_prompt=True
         ),
     )
 
@@ -155,13 +191,17 @@ def check_teacher(
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     # One client (one connection pool) for all checks; endpoints are checked concurrently.
-    with (
-        httpx.Client(headers=headers, verify=spec.teacher.tls_verify) as http,
-        ThreadPoolExecutor(max_workers=min(16, len(endpoints))) as pool,
-    ):
-        infos = dict(
-            zip(endpoints, pool.map(lambda e: _identify(http, e, spec), endpoints), strict=True)
-        )
+    # The checks end with the preflight: a signal or another endpoint's error does not leave
+    # one waiting for its teacher.
+    with httpx.Client(headers=headers, verify=spec.teacher.tls_verify) as http:
+        checks = _Checks(http, spec.teacher.outage_timeout_s, threading.Event())
+        pool = ThreadPoolExecutor(max_workers=min(16, len(endpoints)))
+        try:
+            found = pool.map(lambda e: _identify(checks, e, spec), endpoints)
+            infos = dict(zip(endpoints, found, strict=True))
+        finally:
+            checks.stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
     first_endpoint, first = next(iter(infos.items()))
     for endpoint, info in infos.items():
         for attr, what in (

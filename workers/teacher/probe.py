@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from schemas.wire import PromptRow
-from workers.errors import HarvestError
+from workers.errors import HarvestError, TeacherOutage
 from workers.teacher.client import TeacherClient
 
 KINDS = ("chat", "completions")
@@ -61,6 +61,8 @@ async def probe(client: TeacherClient, kinds: list[str]) -> ProbeResult:
     for kind in (k for k in KINDS if k in kinds):
         try:
             done = await client.complete(probe_row(kind, MODE_TEMPERATURES[0], score))
+        except TeacherOutage:
+            raise  # the teacher went away, as it may mid-job: the job's outage stop, not ours
         except HarvestError as err:
             result.failed[kind] = _why(err)
             continue
@@ -71,6 +73,8 @@ async def probe(client: TeacherClient, kinds: list[str]) -> ProbeResult:
     try:
         done = await client.complete(probe_row(mode_kind, MODE_TEMPERATURES[1], score))
         result.tops[MODE_TEMPERATURES[1]] = _first_top(done.samples)
+    except TeacherOutage:
+        raise
     except HarvestError as err:
         result.mode_error = _why(err)
     return result
