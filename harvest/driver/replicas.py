@@ -1,18 +1,23 @@
 """Driver side of managed teacher replicas: launch them, follow their URLs, stop them.
 
 Each replica is a ``TeacherReplica`` actor that Ray restarts (up to ``max_restarts``) when its
-server dies; a restarted replica comes back on a new port. ``poll`` notices new URLs so the
-scheduler can hand them to the harvest workers' routers.
+server dies; a restarted replica comes back on a new port. ``poll`` notices the death (Ray's
+restart count) and the new URL, which the scheduler hands to the harvest workers' routers as
+soon as the new server answers ``/health``; ``status`` says how long each restart took (the
+monitor adds the first answered request).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from harvest.watch.logs import event
+from harvest.watch.status import ReplicaStatus
 from schemas.job import ReplicaSpec
 from workers.replica.actor import TeacherReplica
 
@@ -51,6 +56,7 @@ class ReplicaSet:
             for i in range(spec.count)
         ]
         self.urls: list[str | None] = [None] * spec.count
+        self.status = [ReplicaStatus() for _ in range(spec.count)]
         self.restarts = 0
         self._pending: dict[ray.ObjectRef, int] = {}
         self._last_poll = 0.0
@@ -66,6 +72,8 @@ class ReplicaSet:
                 f"teacher replicas did not start ({type(err).__name__}); server logs are in "
                 f"{self.log_dir}"
             ) from None
+        for st, url in zip(self.status, self.urls, strict=True):
+            st.url = url
         return [u for u in self.urls if u]
 
     def poll(self) -> list[str] | None:
@@ -78,6 +86,7 @@ class ReplicaSet:
             if i not in self._pending.values():
                 self._pending[actor.url.remote()] = i
         ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        self._follow_restarts()
         changed = False
         for ref in ready:
             i = self._pending.pop(ref)
@@ -88,11 +97,33 @@ class ReplicaSet:
             if url != self.urls[i]:
                 changed = True
                 self.urls[i] = url
-        self.restarts = sum(_restarts_of(a) for a in self.actors)
+                self._moved(i, url)
         live = [u for u in self.urls if u]
         if not live:
             raise ReplicaError(f"every teacher replica is gone; server logs are in {self.log_dir}")
         return live if changed else None
+
+    def _follow_restarts(self) -> None:
+        """A replica whose restart count grew has lost its server: note when, and say so."""
+        for i, actor in enumerate(self.actors):
+            count = _restarts_of(actor)
+            st = self.status[i]
+            if count > st.restarts:
+                st.restarts, st.died_at = count, time.time()
+                st.healthy_after_s = st.first_answer_after_s = None
+                event("replica_down", f"teacher replica {i} ({self.urls[i]}) lost its server; "
+                      "Ray restarts it", logging.WARNING, replica=i, url=self.urls[i])  # fmt: skip
+        self.restarts = sum(st.restarts for st in self.status)
+
+    def _moved(self, i: int, url: str | None) -> None:
+        st = self.status[i]
+        st.url = url
+        if url is None or st.died_at is None:
+            return
+        st.healthy_after_s = time.time() - st.died_at
+        event("replica_back", f"teacher replica {i} is healthy again at {url}, "
+              f"{st.healthy_after_s:.1f} s after its server died; it rejoins the router",
+              logging.WARNING, replica=i, url=url, after_s=st.healthy_after_s)  # fmt: skip
 
     def stop(self) -> None:
         self.restarts = sum(_restarts_of(a) for a in self.actors)

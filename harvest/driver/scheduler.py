@@ -262,6 +262,8 @@ def _harvest(
         endpoints = started.actor_kwargs["endpoints"]
         out = manifest.store.uri
         with watched_run(out, status, progress, endpoints, spec, status_every_s) as monitor:
+            if started.replicas:
+                monitor.replicas = started.replicas.status
             summary.prompts_this_run, summary.interrupted = dispatch(
                 pool,
                 units,

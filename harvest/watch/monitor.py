@@ -20,7 +20,7 @@ from harvest.errors import JobAborted
 from harvest.watch.logs import attach_run_log, detach_run_log, event
 from harvest.watch.metrics import DriverMetrics
 from harvest.watch.progress import Progress
-from harvest.watch.status import EndpointStatus, JobStatus, State, write_status
+from harvest.watch.status import EndpointStatus, JobStatus, ReplicaStatus, State, write_status
 from schemas.job import JobSpec
 from workers.teacher.router import EndpointDown
 from workers.teacher.stats import RequestSnapshot
@@ -54,6 +54,7 @@ class Monitor:
         self._circuits = 0
         self._logged: set[tuple[str, str, str]] = set()  # first errors already logged
         self._replica_restarts = 0
+        self.replicas: list[ReplicaStatus] = []  # managed replicas (``harvest.replicas``)
         self.ended: tuple[State, str] | None = None
         write_status(out_dir, status)
 
@@ -100,6 +101,7 @@ class Monitor:
         self.metrics.workers(counters, requests)
         self._follow_endpoints(down, requests)
         self._follow_events(counters, requests, replica_restarts)
+        self._follow_replicas(requests)
         self.progress.update(
             done=s.prompts_done,
             tokens=tokens,
@@ -151,6 +153,19 @@ class Monitor:
                     if (name, cls, message) not in self._logged:
                         self._logged.add((name, cls, message))
                         event(name, f"{what}: {cls}: {message}", logging.WARNING, error_class=cls)
+
+    def _follow_replicas(self, requests: RequestSnapshot) -> None:
+        """A restarted replica's first answered request: how long it was away, all told."""
+        for i, r in enumerate(self.replicas):
+            if r.url is None or r.died_at is None or r.first_answer_after_s is not None:
+                continue
+            if requests.requests.get((r.url, "200"), 0) > 0:
+                r.first_answer_after_s = time.time() - r.died_at
+                event("replica_answers", f"teacher replica {i} at {r.url} answered its first "
+                      f"request {r.first_answer_after_s:.1f} s after its server died",
+                      logging.WARNING, replica=i, url=r.url,
+                      after_s=r.first_answer_after_s)  # fmt: skip
+        self.status.replicas = list(self.replicas)
 
     def _write(self) -> None:
         self.status.updated_at = time.time()

@@ -33,6 +33,16 @@ class EndpointStatus(BaseModel):
     reason: str = ""
 
 
+class ReplicaStatus(BaseModel):
+    """A managed replica: where it serves, and how long its latest restart kept it away."""
+
+    url: str | None = None  # None while it restarts (or once out of restarts)
+    restarts: int = 0
+    died_at: float | None = None  # wall clock: the driver saw its server gone (latest death)
+    healthy_after_s: float | None = None  # from the death to the new server's /health
+    first_answer_after_s: float | None = None  # from the death to its first answered request
+
+
 class JobStatus(BaseModel):
     """One snapshot of a run, as written to the status file."""
 
@@ -59,6 +69,7 @@ class JobStatus(BaseModel):
     latency_s: dict[str, float | None] = Field(default_factory=dict)  # p50 / p90 / p99
     worker_restarts: int = 0
     replica_restarts: int = 0
+    replicas: list[ReplicaStatus] = Field(default_factory=list)  # managed replicas only
 
     def shown_state(self, now: float | None = None) -> str:
         """The state, or "crashed (stale)" for a running job whose driver stopped writing."""
@@ -122,4 +133,14 @@ def render(status: JobStatus, now: float | None = None) -> str:
         if ep.reason:
             health += f" ({ep.reason})"
         lines.append(f"  {url}: {health}; requests {outcomes}")
+    for i, r in enumerate(s.replicas):
+        line = f"  replica {i}: {r.url or 'restarting'}, restarts {r.restarts}"
+        if r.died_at is not None:
+            line += f"; server died {_when(r.died_at)}, healthy after {_seconds(r.healthy_after_s)}"
+            line += f", first answer after {_seconds(r.first_answer_after_s)}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"

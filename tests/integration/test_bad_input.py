@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from test_harvest_e2e import write_job
 
 from harvest.cli import main
@@ -69,14 +70,12 @@ def test_every_bad_row_is_a_failure_record(tmp_path, tiny_teacher, ray_cluster, 
     [
         ("missing", "no file matches"),
         ("empty", "no rows in"),
-        ("unreachable", "unreachable"),
         ("wrong_model", "does not serve model 'nope'"),
     ],
 )
 def test_job_level_problems_are_one_line_errors(setup, message, tmp_path, tiny_teacher, capsys):
     (tmp_path / "prompts.jsonl").write_text("" if setup == "empty" else '{"prompt": "x"}\n')
-    url = f"http://127.0.0.1:{free_port()}/v1" if setup == "unreachable" else tiny_teacher
-    job = write_job(tmp_path, url)
+    job = write_job(tmp_path, tiny_teacher)
     text = job.read_text()
     if setup == "missing":
         text = text.replace("input: prompts.jsonl", "input: nowhere/*.jsonl")
@@ -87,4 +86,22 @@ def test_job_level_problems_are_one_line_errors(setup, message, tmp_path, tiny_t
     err = capsys.readouterr().err.strip()
     assert err.startswith("harvest: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_a_teacher_that_never_answers_stops_the_job_after_the_outage_timeout(
+    tmp_path, capsys, ray_cluster
+):
+    """Down when the job starts is treated as down mid-job (it may be restarting): waited for
+    up to teacher.outage_timeout_s, then exit 1 and one line naming the endpoint."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "x"}\n')
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    job = write_job(tmp_path, url)
+    spec = yaml.safe_load(job.read_text())
+    spec["teacher"]["outage_timeout_s"] = 1
+    job.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(job), "--no-progress"]) == 1
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("harvest: error:")]
+    assert len(lines) == 1 and url in lines[0] and "did not answer for 1 s" in lines[0]
+    assert "teacher.outage_timeout_s" in lines[0] and "ConnectError" in lines[0]
     assert not (tmp_path / "out" / "data").exists()

@@ -1,7 +1,11 @@
 """Managed teacher replicas: the job launches vLLM servers as Ray actors and routes across them.
 
 Two CPU replicas of the tiny model on the session's Ray cluster; the second test kills one
-replica's server mid-job and checks that the job still ends with every prompt exactly once.
+replica's server mid-job: Ray restarts the replica on a new port, the restarted server must
+serve the rest of the job beside the survivor (its URL in the summary's per-endpoint counts),
+the status file and the log must say how long it was away, and every prompt must end exactly
+once. The job is slowed by a client-side rate limit so that it outlasts a restart on a busy
+2-core machine; the test waits on the status file, not on a clock.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVED = "tiny-managed"
 
 
-def replica_job(folder: Path, prompts: int, max_tokens: int) -> Path:
+def replica_job(
+    folder: Path, prompts: int, max_tokens: int, requests_per_s: float | None = None
+) -> Path:
     with open(folder / "prompts.jsonl", "w") as fh:
         for i in range(prompts):
             row = (
@@ -56,6 +62,7 @@ def replica_job(folder: Path, prompts: int, max_tokens: int) -> Path:
             "timeout_s": 60,
             "max_attempts": 10,
             "backoff_max_s": 5,
+            "rate_limit": {"requests_per_s": requests_per_s},
         },
         "sampling": {"max_tokens": max_tokens, "n": 2, "logprobs": 5, "seed": 3},
         "output": {"dir": "out", "rows_per_shard": 20},
@@ -115,9 +122,17 @@ def test_two_managed_replicas_share_the_work(tmp_path, ray_cluster):
     assert_no_leftovers(before)  # stopped with the job
 
 
-def test_killed_replica_is_restarted_and_nothing_is_lost(tmp_path, ray_cluster):
+def read_status(out: Path) -> dict:
+    try:
+        return json.loads((out / "_harvest" / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet
+        return {}
+
+
+def test_killed_replica_is_restarted_and_serves_again(tmp_path, ray_cluster):
     before = vllm_processes()
-    job = replica_job(tmp_path, prompts=300, max_tokens=48)
+    prompts = 400  # about 4 requests/s: the job outlasts a restart under its own load
+    job = replica_job(tmp_path, prompts=prompts, max_tokens=16, requests_per_s=4)
     out = tmp_path / "out"
     proc = start(job, ray_cluster)
     deadline = time.monotonic() + 600
@@ -127,10 +142,32 @@ def test_killed_replica_is_restarted_and_nothing_is_lost(tmp_path, ray_cluster):
         time.sleep(0.2)
     servers = replica_servers()
     assert len(servers) == 2
+    cmd = servers[0].cmdline()
+    killed = cmd[cmd.index("--port") + 1]
     os.kill(servers[0].pid, signal.SIGKILL)  # the server, not the actor: a crash under load
+    # The restarted replica answers while the job still runs (the status file says when).
+    back: dict = {}
+    while not back:
+        assert proc.poll() is None, "the job ended before the restarted replica answered"
+        assert time.monotonic() < deadline
+        back = next((r for r in read_status(out).get("replicas", [])
+                     if r["first_answer_after_s"] is not None), {})  # fmt: skip
+        time.sleep(0.5)
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
+    new_url = back["url"]
+    assert f":{killed}/" not in new_url and back["restarts"] == 1
+    assert 0 < back["healthy_after_s"] <= back["first_answer_after_s"]
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["replica_restarts"] >= 1, stdout
-    check_rows(out, 300)
+    served = summary["endpoint_requests"]
+    assert served.get(new_url, 0) > 0, served  # the restarted replica served rows
+    assert sum(served.values()) == prompts  # each row answered once, by one of the three
+    check_rows(out, prompts)
+    log = [json.loads(line) for line in (out / "_harvest" / "log.jsonl").open()]
+    events = [e["event"] for e in log if e["event"].startswith("replica_")]
+    assert events[:1] == ["replica_down"] and "replica_back" in events, events
+    assert events.index("replica_back") < events.index("replica_answers"), events
+    status = read_status(out)
+    assert status["replicas"] and any(r["url"] == new_url for r in status["replicas"])
     assert_no_leftovers(before)  # the killed server's engine and the restarted replica too

@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 
+from harvest.driver.preflight import check_teacher
 from harvest.errors import JobAborted
-from harvest.preflight import check_teacher
 from schemas.job import parse_job
 from schemas.wire import PromptRow, UnitResult, WorkUnit, request_id
-from workers.client import TeacherClient, sampling_for
 from workers.errors import TeacherOutage
-from workers.probe import probe
 from workers.storage import Store
+from workers.teacher.client import TeacherClient, sampling_for
+from workers.teacher.probe import probe
 from workers.unit import harvest_unit
 
 OUTAGE_S = 1.0

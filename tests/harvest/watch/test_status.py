@@ -5,12 +5,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 
 import pytest
 
 from harvest.watch import logs
+from harvest.watch.monitor import Monitor
 from harvest.watch.progress import Progress
-from harvest.watch.status import EndpointStatus, JobStatus, read_status, render, write_status
+from harvest.watch.status import (
+    EndpointStatus,
+    JobStatus,
+    ReplicaStatus,
+    read_status,
+    render,
+    write_status,
+)
 from workers.teacher.router import EndpointDown
 from workers.teacher.stats import FAILURE_SAMPLES, LATENCY_BOUNDS_S, RequestSnapshot, RequestStats
 
@@ -122,3 +131,34 @@ def test_status_lines_off_a_terminal_and_outage_notes():
     assert "3 in flight, 2 retries, 1 failed, 1 endpoint(s) down since 00:00:00 UTC" in lines[1]
     assert lines[2].startswith("teacher answers again after")
     assert lines[3].startswith("harvest: 7/10 prompts (70.0%)") and "down" not in lines[3]
+
+
+def test_a_restarted_replica_shows_how_long_it_was_away(tmp_path):
+    died = 1_000_000.0
+    replicas = [
+        ReplicaStatus(url="http://127.0.0.1:9001/v1"),
+        ReplicaStatus(url="http://127.0.0.1:9100/v1", restarts=1, died_at=died,
+                      healthy_after_s=40.0),
+    ]  # fmt: skip
+    monitor = Monitor(tmp_path, status(), Progress(10, 0, enabled=False), endpoints=[])
+    monitor.replicas = replicas
+
+    def tick(requests: dict) -> None:
+        monitor.tick(committed_prompts=0, counters={}, down=[], outage=False, in_flight=0,
+                     requests=RequestSnapshot(requests=Counter(requests)), worker_restarts=0,
+                     replica_restarts=1)  # fmt: skip
+
+    tick({("http://127.0.0.1:9001/v1", "200"): 5})  # only the survivor answered so far
+    assert replicas[1].first_answer_after_s is None
+    tick({("http://127.0.0.1:9001/v1", "200"): 9, ("http://127.0.0.1:9100/v1", "200"): 1})
+    away = replicas[1].first_answer_after_s
+    assert away is not None and away >= 40.0  # after its /health, from the same death
+    tick({("http://127.0.0.1:9100/v1", "200"): 7})
+    assert replicas[1].first_answer_after_s == away  # the first answer, not the latest
+    monitor.finish("done")
+    shown = read_status(tmp_path)
+    assert [r.url for r in shown.replicas] == [r.url for r in replicas]
+    lines = render(shown).splitlines()
+    assert "  replica 0: http://127.0.0.1:9001/v1, restarts 0" in lines
+    assert any(line.startswith("  replica 1: http://127.0.0.1:9100/v1, restarts 1; server died")
+               and "healthy after 40.0s, first answer after" in line for line in lines)  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 from virtual_clock import VirtualClock
 
 from workers.errors import TeacherOutage
-from workers.router import Router
+from workers.teacher.router import Router
 
 TIMEOUT = 30.0
 THRESHOLD = 3
