@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -74,16 +75,32 @@ def outage_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_dead_teacher_stops_the_job_after_the_outage_timeout(tmp_path, ray_cluster):
+# End-to-end points of the kill-time sweep (tests/workers/test_outage_sweep.py has the rest):
+# killed after two units; shut down gracefully at its 150th request, the server's own stamp
+# (in-flight requests answered, new connections refused: the job once hung that way).
+KILLS = [("killed after two units", None), ("graceful at request 150", 150)]
+
+
+@pytest.mark.parametrize(("moment", "down_after"), KILLS)
+def test_dead_teacher_stops_the_job_after_the_outage_timeout(
+    tmp_path, ray_cluster, moment, down_after
+):
     prompts = 300
     reference = clean_reference(tmp_path, prompts)
-    with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
+    plan = FaultPlan(latency_s=0.05, down_after=down_after or 0, down_graceful=True)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
         job = fault_job(tmp_path / "job", server.url, fault_rows(prompts), outage_timeout_s=4)
         out = job.parent / "out"
         proc = start(job, ray_cluster)
-        wait_for_units(proc, out, 2)
-        server.go_down()
-        down_at = time.monotonic()
+        if down_after is None:
+            wait_for_units(proc, out, 2)
+            server.go_down()
+            down_at = time.monotonic()
+        else:
+            while server.down_at is None:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+            down_at = server.down_at
         _, stderr = proc.communicate(timeout=120)
         stopped_after = time.monotonic() - down_at
         assert proc.returncode == 1, stderr
@@ -91,15 +108,40 @@ def test_dead_teacher_stops_the_job_after_the_outage_timeout(tmp_path, ray_clust
         assert server.url in line and "teacher.outage_timeout_s" in line
         assert f"harvest run {job}" in line and "Committed shards are kept" in line
         assert "teacher unavailable, rows wait" in stderr and "circuit open since" in stderr
-        assert stopped_after < 4 + 30  # the deadline, plus detection and shutdown
+        assert 4 <= stopped_after < 4 + 30  # the deadline, plus detection and shutdown
         ids, failures = ids_and_failures(out)
         assert failures == 0 and not list((out / "failed").glob("*.parquet"))
-        assert 0 < len(ids) < prompts * N  # committed shards kept, the rest not failed
+        assert len(ids) < prompts * N  # committed shards kept, the rest not failed
 
         server.come_back()
         assert main(["run", str(job), "--no-progress"]) == 0
     ids, failures = ids_and_failures(out)
     assert failures == 0 and len(ids) == len(set(ids)) and set(ids) == reference
+
+
+def test_sigterm_during_an_outage_ends_the_driver_within_its_stop_deadline(tmp_path, ray_cluster):
+    """Units waiting for a dead teacher cannot finish: the stop deadline ends them."""
+    prompts = 200
+    with FaultTeacherServer(model="fault", plan=FaultPlan(latency_s=0.05)) as server:
+        job = fault_job(tmp_path, server.url, fault_rows(prompts), outage_timeout_s=600)
+        out = tmp_path / "out"
+        proc = start(job, ray_cluster, "--stop-deadline", "3")
+        wait_for_units(proc, out, 1)
+        server.go_down()
+        stderr = StderrLines(proc)
+        stderr.until("teacher unavailable, rows wait")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        text = stderr.until(None)
+        assert proc.wait(timeout=60) == 130, text
+        assert time.monotonic() - signalled < 3 + 20  # the deadline, then the last resort
+        assert "stopping: finishing the units in flight" in text
+        ids, failures = ids_and_failures(out)
+        assert failures == 0 and len(ids) == len(set(ids))
+        server.come_back()
+        assert main(["run", str(job), "--no-progress"]) == 0
+    ids, failures = ids_and_failures(out)
+    assert failures == 0 and len(set(ids)) == len(ids) == prompts * N
 
 
 class StderrLines:

@@ -53,10 +53,12 @@ def make_job(folder: Path, url: str, out: str = "out") -> Path:
 LEASE_TTL_S = "3"  # a killed driver's lease may be taken over 3 s after its last renewal
 
 
-def start(job: Path, ray_address: str, lease_ttl_s: str = LEASE_TTL_S) -> subprocess.Popen:
+def start(
+    job: Path, ray_address: str, *options: str, lease_ttl_s: str = LEASE_TTL_S
+) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray_address, "HARVEST_LEASE_TTL_S": lease_ttl_s}
     return subprocess.Popen(
-        [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress"],
+        [sys.executable, "-m", "harvest.cli", "run", str(job), "--no-progress", *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
 
