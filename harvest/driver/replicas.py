@@ -109,7 +109,7 @@ class ReplicaSet:
             count = _restarts_of(actor)
             st = self.status[i]
             if count > st.restarts:
-                st.restarts, st.died_at = count, time.time()
+                st.restarts, st.died_at, st.url = count, time.time(), None  # until it is back
                 st.healthy_after_s = st.first_answer_after_s = None
                 event("replica_down", f"teacher replica {i} ({self.urls[i]}) lost its server; "
                       "Ray restarts it", logging.WARNING, replica=i, url=self.urls[i])  # fmt: skip
