@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 BLOCKED = """
 import threading
-from harvest import stopping
+from harvest.driver import stopping
 stopping.SHUTDOWN_GRACE_S = 0.2
 stopping.arm(0.1)
 stopping.arm(600)  # a second stop request changes nothing
@@ -19,7 +19,7 @@ threading.Event().wait()  # blocked for good, as on a Ray call to a cluster that
 
 DISARMED = """
 import time
-from harvest import stopping
+from harvest.driver import stopping
 stopping.SHUTDOWN_GRACE_S = 0.2
 stopping.arm(0.1)
 stopping.disarm()  # the run ended in-process; the caller goes on
