@@ -62,7 +62,7 @@ class FaultTeacherServer:
         self._sem_size: int | None = None
         self._busy = 0
         self._completions = 0  # /v1/completions requests seen (for ``down_after``)
-        self._draining = False  # gone down gracefully: answer what is in service, nothing new
+        self._draining = False  # down_after struck: answer what is in service, nothing new
         self.down_at: float | None = None  # monotonic, when ``down_after`` took it down
 
     # ---- control, from the test's thread ----
@@ -119,7 +119,6 @@ class FaultTeacherServer:
         if not graceful:
             await self._go_down(reset=True)
             return
-        self._draining = True
         server, self._server = self._server, None
         if server is not None:
             server.close()  # refuse new connections; the handlers in service go on
@@ -205,8 +204,8 @@ class FaultTeacherServer:
         if path == "/v1/completions" and method == "POST":
             self._completions += 1
             dying = plan.down_after > 0 and self._completions == plan.down_after
-        if dying:
-            self.down_at = now
+        if dying:  # from this request on nothing is answered, before the sockets even close
+            self.down_at, self._draining = now, True
             asyncio.get_running_loop().create_task(self._die(plan.down_graceful))
         if plan.storm_s > 0 and method == "POST" and path in _POST_PATHS:
             if self._storm_until is None:
