@@ -143,9 +143,10 @@ class Router:
         return min(usable, key=lambda ep: (ep.in_flight, ep.requests))
 
     def _update_outage(self) -> None:
-        """Start the outage clock when no endpoint is usable, whatever made it so; only a fresh
-        success stops it. An alarm wakes the waiting requests at the deadline, so they can give
-        up. Called after every change of an endpoint's state and before every wait."""
+        """Start the outage clock when no endpoint is usable, whatever made it so; only a success
+        on a usable endpoint stops it (``report``). An alarm wakes the waiting requests at the
+        deadline, so they can give up. Called after every change of an endpoint's state and
+        before every wait."""
         if self.outage_since is not None or any(map(self._usable, self._eps.values())):
             return
         now = self._clock()
