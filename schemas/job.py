@@ -272,6 +272,9 @@ class TeacherSpec(_Strict):
         return name
 
 
+MAX_K = 1024  # no server limit: a sanity bound (a K=1024 record is ~12 KB per token)
+
+
 class SamplingSpec(_Strict):
     max_tokens: int = Field(256, ge=1, description="Largest number of tokens per response.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
@@ -282,9 +285,12 @@ class SamplingSpec(_Strict):
     logprobs: int = Field(
         5,
         ge=0,
-        le=20,
+        le=MAX_K,
         description="K: how many top alternatives to record per token (fixed per job; every "
-        "record carries exactly K). 0 keeps only the sampled tokens' logprobs.",
+        "record carries exactly K). 0 keeps only the sampled tokens' logprobs. The server's "
+        "--max-logprobs decides how high K may go (vLLM's default is 20): the preflight asks "
+        f"the teacher at this K and stops the job in seconds if it refuses. {MAX_K} bounds "
+        "only a typo (a record holds K alternatives per token).",
     )
 
 

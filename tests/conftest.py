@@ -37,7 +37,11 @@ def tiny_teacher() -> str:
         model=str(TINY_MODEL),
         served_name="tiny",
         workdir=ROOT / ".cache" / "test-vllm",  # kept between runs: warm compile caches
-        extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+        # --max-logprobs 128: top-64 and top-128 jobs (tests/integration/test_topk_real.py).
+        extra_args=[
+            "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+            "--max-logprobs", "128",
+        ],  # fmt: skip
     )
     server.start(timeout_s=300)
     try:

@@ -36,6 +36,7 @@ class FaultPlan:
     storm_s: float = 0.0  # from the first request on, answer everything 429 for this long
     latency_s: float = 0.0  # fixed service time of every real answer
     capacity: int | None = None  # answers served at once; the rest queue
+    max_logprobs: int | None = None  # as vLLM's --max-logprobs: a larger K gets vLLM's 400
     seed: int = 0
     faulty_attempts: int = 2  # only attempts 1..faulty_attempts of a key may be faulted
     # The teacher dies when its down_after-th /v1/completions request arrives (that request is

@@ -230,6 +230,12 @@ class FaultTeacherServer:
                 outcome, msg = "400", NO_TEMPLATE
         elif key is None or {"max_tokens", "logprobs"} - set(body):
             outcome, msg = "400", "prompt, max_tokens and logprobs are required here"
+        elif plan.max_logprobs is not None and _k(body) > plan.max_logprobs:
+            outcome = "400"  # vLLM 0.32's words and its structured param
+            msg = (
+                f"Requested sample logprobs of {_k(body)}, which is greater than max allowed: "
+                f"{plan.max_logprobs}"
+            )
         else:
             outcome = plan.decide(key, attempt)
             always = key in plan.always_400 or key in plan.always_503
@@ -264,6 +270,8 @@ class FaultTeacherServer:
         if rec.outcome in _ERROR_TYPES:
             status = int(rec.outcome)
             err = {"error": {"message": msg, "type": _ERROR_TYPES[rec.outcome], "code": status}}
+            if msg.startswith("Requested sample logprobs"):
+                err["error"]["param"] = "logprobs"
             extra = {"Retry-After": rec.retry_after} if rec.retry_after else {}
             await _write(w, status, orjson.dumps(err), extra)
             return True
@@ -313,6 +321,12 @@ NO_TEMPLATE = (
     "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
     "a chat template if the tokenizer does not define one."
 )
+
+
+def _k(body: dict[str, Any]) -> int:
+    """The K a generation request asks for (completions' logprobs, chat's top_logprobs)."""
+    k = body.get("top_logprobs") if "messages" in body else body.get("logprobs")
+    return k if type(k) is int else 0
 
 
 def _linger_zero(writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,8 @@ Every failure the client raises is one of these classes; each branch has exactly
     │   └── InvalidResponse     body that is not the JSON shape we asked for
     ├── RowError                record a failure row for this request; no retry
     │   ├── BadRequest          HTTP 400, 422 and other 4xx the row itself causes
+    │   │   └── LogprobsAboveCap  HTTP 400 naming a logprobs parameter: K is above the
+    │   │                       server's --max-logprobs (the preflight stops the job)
     │   ├── MissingLogprobs     a 200 answer without the logprobs we asked for
     │   └── InvalidInput        a row the teacher cannot score as given (score mode)
     └── FatalError              stop the job early, keep what was written
@@ -27,6 +29,7 @@ otherwise healthy: once its circuit opens, the teacher is at fault and the row w
 from __future__ import annotations
 
 import copy
+import re
 
 
 class HarvestError(Exception):
@@ -94,6 +97,31 @@ class BadRequest(RowError):
     """HTTP 400/422 (e.g. prompt longer than the context window)."""
 
 
+class LogprobsAboveCap(BadRequest):
+    """HTTP 400 whose structured error names a logprobs parameter (vLLM's ``param``:
+    ``logprobs``, ``top_logprobs`` or ``prompt_logprobs``): the job's K is above the server's
+    ``--max-logprobs``. Every row would fail the same way, so the preflight probe stops the job.
+
+    ``max_allowed`` is the server's cap when its message states it, else None."""
+
+    def __init__(self, message: str, *, max_allowed: int | None = None, **kw) -> None:
+        super().__init__(message, **kw)
+        self.max_allowed = max_allowed
+
+
+LOGPROB_PARAMS = frozenset({"logprobs", "top_logprobs", "prompt_logprobs"})
+# vLLM 0.32's body is {"error": {"message": "Requested sample logprobs of 129, which is greater
+# than max allowed: 128 (...)", "param": "logprobs", ...}}: the class comes from the structured
+# "param" field; the cap itself is in no structured field, so the message text is all there is.
+_MAX_ALLOWED = re.compile(r"max allowed: (\d+)")
+
+
+def max_allowed_of(message: str) -> int | None:
+    """The cap a vLLM logprobs refusal states in its message text, or None."""
+    found = _MAX_ALLOWED.search(message)
+    return int(found.group(1)) if found else None
+
+
 class MissingLogprobs(RowError):
     """A 200 answer lacking the requested logprobs: unusable for distillation."""
 
@@ -123,8 +151,16 @@ class TeacherOutage(FatalError):
     rerun resumes once the teacher is back."""
 
 
-def error_for_status(status: int, message: str, *, retry_after: float | None, endpoint: str):
-    """Map a non-2xx HTTP status to the class that decides the action."""
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    retry_after: float | None,
+    endpoint: str,
+    param: str | None = None,
+):
+    """Map a non-2xx HTTP status (and, for 400, the body's structured ``param``) to the class
+    that decides the action."""
     kw = {"http_status": status, "endpoint": endpoint}
     if status == 429:
         return RateLimited(message, retry_after=retry_after, **kw)
@@ -134,4 +170,6 @@ def error_for_status(status: int, message: str, *, retry_after: float | None, en
         return AuthError(message, **kw)
     if status == 404:
         return ModelNotFound(message, **kw)
+    if status == 400 and param in LOGPROB_PARAMS:
+        return LogprobsAboveCap(message, max_allowed=max_allowed_of(message), **kw)
     return BadRequest(message, **kw)

@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from harvest.driver import stopping
-from harvest.driver.preflight import PreflightError, classify_logprob_mode
+from harvest.driver.preflight import PreflightError, above_cap_line, classify_logprob_mode
 from harvest.errors import JobAborted
 from harvest.watch.monitor import Monitor
 from schemas.job import JobSpec
@@ -244,6 +244,8 @@ def probe_teacher(worker: ray.actor.ActorHandle, kinds: list[str], k: int) -> tu
         raise JobAborted(str(getattr(err, "cause", err))) from None
     except RayTaskError as err:
         raise PreflightError(f"teacher probe request failed: {err.cause}") from None
+    if result.above_cap:
+        raise PreflightError(above_cap_line(k, result.max_logprobs))
     if result.failed:  # one line, for the first kind (chat is probed first)
         kind, why = next(iter(result.failed.items()))
         raise PreflightError(f"teacher cannot serve {kind} rows at logprobs={k}: {why}")

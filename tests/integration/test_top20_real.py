@@ -1,4 +1,5 @@
-"""Top-20 against the real vLLM server under its default flags (``--max-logprobs 20``).
+"""Top-20 against the real vLLM server (started with ``--max-logprobs 128``; K=20 is vLLM's
+default cap, and tests/integration/test_topk_real.py covers K=64 and 128).
 
 Chat rows go through the server's own chat template (``/tokenize``) and ``/v1/completions`` with
 a token-id prompt, so K=20 needs no K+1 request. Every record must hold exactly 20 alternatives

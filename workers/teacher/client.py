@@ -198,6 +198,7 @@ class TeacherClient:
                 _error_message(resp),
                 retry_after=parse_retry_after(resp.headers.get("retry-after")),
                 endpoint=endpoint,
+                param=_error_param(resp),
             )
         return resp.content
 
@@ -361,6 +362,18 @@ def _endpoint_failed(err: HarvestError) -> bool:
     if isinstance(err, TeacherUnavailable | TeacherTimeout):
         return True
     return isinstance(err, ServerError) and not isinstance(err, RateLimited)
+
+
+def _error_param(resp: Reply) -> str | None:
+    """The structured ``error.param`` of an OpenAI-style error body (which request field the
+    server refused), or None."""
+    try:
+        data = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    return param if isinstance(param, str) else None
 
 
 def _error_message(resp: Reply) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from schemas.wire import PromptRow
-from workers.errors import HarvestError, TeacherOutage
+from workers.errors import HarvestError, LogprobsAboveCap, TeacherOutage
 from workers.teacher.client import TeacherClient
 
 KINDS = ("chat", "completions")
@@ -33,6 +33,9 @@ class ProbeResult:
     # temperature -> the first generated token's top-K logprobs (best first)
     tops: dict[float, list[float]] = field(default_factory=dict)
     mode_error: str | None = None
+    # The server refused the job's K (``LogprobsAboveCap``): its cap when it said, else None.
+    above_cap: bool = False
+    max_logprobs: int | None = None
 
 
 def probe_row(kind: str, temperature: float, score: bool = False) -> PromptRow:
@@ -65,6 +68,9 @@ async def probe(client: TeacherClient, kinds: list[str]) -> ProbeResult:
             raise  # the teacher went away, as it may mid-job: the job's outage stop, not ours
         except HarvestError as err:
             result.failed[kind] = _why(err)
+            if isinstance(err, LogprobsAboveCap):  # every row would fail so: stop here
+                result.above_cap, result.max_logprobs = True, err.max_allowed
+                return result
             continue
         if kind == mode_kind:
             result.tops[MODE_TEMPERATURES[0]] = _first_top(done.samples)
