@@ -39,9 +39,9 @@ def tiny_teacher() -> str:
         workdir=ROOT / ".cache" / "test-vllm",  # kept between runs: warm compile caches
         # --max-logprobs 128: top-64 and top-128 jobs (tests/integration/test_topk_real.py).
         extra_args=[
-            "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-            "--max-logprobs", "128",
-        ],  # fmt: skip
+            *("--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"),
+            *("--max-logprobs", "128"),
+        ],
     )
     server.start(timeout_s=300)
     try:

@@ -218,7 +218,7 @@ def check_teacher(
 
 def above_cap_line(k: int, max_logprobs: int | None) -> str:
     """The one line for a job whose K the teacher refused, and how to raise the server's cap."""
-    cap = f"at most {max_logprobs}" if max_logprobs is not None else "fewer (it did not say how many)"
+    cap = "fewer (it did not say how many)" if max_logprobs is None else f"at most {max_logprobs}"
     return (
         f"teacher serves {cap} logprobs per token, the job asks sampling.logprobs={k}: start the "
         f"server with --max-logprobs {k} (managed replicas: add it to teacher.replicas.vllm_args)"
