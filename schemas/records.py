@@ -18,12 +18,31 @@ MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 LOGPROB_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
-def record_schema(k: int, logprob_dtype: str = "float32") -> pa.Schema:
+TOPK_ENCODINGS = ("float32", "compact")
+# The compact encoding's one column in place of top_token_ids / top_logprobs (a binary blob per
+# record, workers/shards/topk_codec.py); its field metadata holds K.
+TOPK_COMPACT_COLUMN = "top_k_compact"
+
+
+def record_schema(
+    k: int, logprob_dtype: str = "float32", topk_encoding: str = "float32"
+) -> pa.Schema:
     """Schema of a data shard for a job recording the top ``k`` alternatives per token.
 
     ``logprob_dtype`` float16 halves the logprob columns (see bench/README.md for what it
-    costs in precision); float32 is the default."""
-    lp = LOGPROB_TYPES[logprob_dtype]
+    costs in precision); float32 is the default. ``topk_encoding`` "compact" stores the top-K
+    as one ``top_k_compact`` binary column that harvest's readers decode."""
+    schema = _record_schema(k, LOGPROB_TYPES[logprob_dtype])
+    if topk_encoding == "float32":
+        return schema
+    if topk_encoding != "compact":
+        raise ValueError(f"unknown top-K encoding {topk_encoding!r}")
+    at = schema.get_field_index("top_token_ids")
+    field = pa.field(TOPK_COMPACT_COLUMN, pa.binary(), nullable=False, metadata={b"k": b"%d" % k})
+    return schema.remove(at + 1).remove(at).insert(at, field)
+
+
+def _record_schema(k: int, lp: pa.DataType) -> pa.Schema:
     return pa.schema(
         [
             pa.field("request_id", pa.string(), nullable=False),

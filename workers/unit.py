@@ -41,7 +41,8 @@ class _Unit:
         compression = spec.output.compression
         self.data = ShardWriter(
             store, self.data_path, record_schema(spec.sampling.logprobs,
-            spec.output.logprob_dtype), {**meta, "kind": "data"}, compression,
+            spec.output.logprob_dtype, spec.output.topk_encoding), {**meta, "kind": "data"},
+            compression,
         )  # fmt: skip
         self.fails = ShardWriter(
             store, self.failed_path, FAILURE_SCHEMA, {**meta, "kind": "failed"}, compression

@@ -19,6 +19,7 @@ import pyarrow.dataset as ds
 
 from harvest.training import reader
 from harvest.training.targets import TARGET_COLUMNS, Example, collate, examples_from_batch
+from workers.shards.topk_codec import decode_batch, scan_columns, top_k_of
 
 OutDirs = str | Path | list[str | Path]
 
@@ -45,8 +46,10 @@ def _read_fragment(
     filter: ds.Expression | None,
     rows: int,
 ) -> Iterable[pa.RecordBatch]:
-    """Record batches of one shard (the only place shard data is read; tests count calls)."""
-    return fragment.to_batches(schema=schema, columns=columns, filter=filter, batch_size=rows)
+    """Record batches of one shard (the only place shard data is read; tests count calls), a
+    compact top-K decoded."""
+    batches = fragment.to_batches(schema=schema, columns=columns, filter=filter, batch_size=rows)
+    return (decode_batch(b) for b in batches)
 
 
 def iter_examples(
@@ -70,7 +73,7 @@ def iter_examples(
     whole, shared = split_fragments(len(fragments), part, parts)
     wanted = [*TARGET_COLUMNS, *(c for c in meta_columns if c not in TARGET_COLUMNS)]
     # Older layouts lack some columns (v1: prompt_token_ids); examples_from_batch says so.
-    columns = [c for c in wanted if c in dataset.schema.names]
+    columns = scan_columns(dataset.schema, wanted)
 
     def stream() -> Iterator[Example]:
         for i in whole:
@@ -148,7 +151,7 @@ def iter_batches(
     if pad_to not in ("max_len", "longest"):
         raise ValueError('pad_to is "max_len" or "longest"')
     dataset = open_dataset(out, allow_mixed=allow_mixed)
-    k = dataset.schema.field("top_token_ids").type.value_type.list_size
+    k = top_k_of(dataset.schema)
     examples = iter_examples(
         dataset,
         max_len,

@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 from harvest.training import reader
 from harvest.training.batches import OutDirs, open_dataset
 from workers.shards.columns import read_metadata
+from workers.shards.topk_codec import decode_batch, scan_columns, top_k_of
 
 # Sampled-token logprobs are counted on a fine fixed grid (bounded memory), then merged into a
 # few bars spanning the range that actually occurs.
@@ -144,8 +145,9 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
     data = open_dataset(out, allow_mixed=True) if data_files else None
     if data is not None:
         data_columns = ["prompt_id", "completion_tokens", "prompt_tokens", "logprobs"]
-        for batch in data.to_batches(columns=[*data_columns, "top_logprobs"], batch_size=1024):
-            scan.add_data(batch)
+        stored = scan_columns(data.schema, [*data_columns, "top_logprobs"])
+        for batch in data.to_batches(columns=stored, batch_size=1024):
+            scan.add_data(decode_batch(batch))
     if failed_files:
         failed = open_dataset(out, "failed", allow_mixed=True)
         for batch in failed.to_batches(columns=["prompt_id", "error_class"]):
@@ -171,9 +173,10 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
     except reader.MixedTeachersError as err:
         lines.append(f"WARNING: {err}")
     if data is not None and scan.positions:
-        k = data.schema.field("top_logprobs").type.value_type.list_size
+        k = top_k_of(data.schema)
         mean = scan.top_mass / scan.positions
         lines.append(f"teacher top-{k} mass per token: mean {mean:.4f} (tail {1 - mean:.4f})")
+    lines += topk_lines(data_files)
     lines += ["", "prompt length (tokens):", *length_histogram(p_length)]
     lines += ["", "response length (tokens):", *length_histogram(length)]
     lines += ["", "sampled-token logprob:", *logprob_histogram(scan.logprobs)]
@@ -181,6 +184,27 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
         tok = _tokenizer(teacher.get("model_root")) if decode else None
         lines += ["", f"first {samples} records:", *sample_lines(data, samples, tok)]
     return "\n".join(lines)
+
+
+def topk_lines(data_files: list[str]) -> list[str]:
+    """How the shards store the top-K and, for a lossy encoding, the error measured on each
+    shard when it was written (the largest over the shards; KL averaged over positions)."""
+    entries = [read_metadata(f).get("topk_encoding") for f in data_files]
+    if not entries:
+        return []
+    if any(e is None for e in entries):
+        return ["top-K encoding: float32 (shards written before encodings were recorded)"]
+    names = sorted({e["name"] for e in entries})
+    lossy = [e for e in entries if "mean_top_k_kl" in e]
+    if not lossy:
+        return [f"top-K encoding: {', '.join(names)}"]
+    positions = sum(e["positions"] for e in lossy)
+    kl = sum(e["mean_top_k_kl"] * e["positions"] for e in lossy) / positions if positions else 0.0
+    worst = max(e["max_abs_logprob_error"] for e in lossy)
+    return [
+        f"top-K encoding: {', '.join(names)}; error measured at write on {len(lossy)} shards: "
+        f"largest |logprob error| {worst:.4g} nats, mean top-K KL {kl:.3g} nats"
+    ]
 
 
 def _sampling(sampling: dict[str, Any]) -> str:

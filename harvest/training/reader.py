@@ -5,6 +5,11 @@ Always go through the reader (or its ``data_files`` list): an output's ``data/``
 shards of attempts that were never committed until the next run deletes them. The reader also
 refuses to mix outputs of different teachers or tokenizers (token ids would not mean the same
 thing) unless ``allow_mixed=True``.
+
+Shards written with ``output.topk_encoding: compact`` hold one ``top_k_compact`` column where
+others hold ``top_token_ids`` / ``top_logprobs``: ``read_table`` and everything built on this
+module (batches, targets, the torch dataset, ``harvest inspect``) hand back the decoded columns;
+on a raw ``dataset()`` pass each batch through ``decode_batch``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import pyarrow.dataset as ds
 from harvest.outputs import manifest
 from harvest.outputs.provenance import teacher_identity
 from workers.shards.columns import read_metadata
+from workers.shards.topk_codec import decode_batch, scan_columns
 from workers.storage import Store
 
 
@@ -67,5 +73,21 @@ def dataset(out_dirs: Outputs, kind: str = "data", *, allow_mixed: bool = False)
     return datasets[0] if len(datasets) == 1 else ds.dataset(datasets)
 
 
-def read_table(out_dirs: Outputs, kind: str = "data", *, allow_mixed: bool = False) -> pa.Table:
-    return dataset(out_dirs, kind, allow_mixed=allow_mixed).to_table()
+def read_table(
+    out_dirs: Outputs,
+    kind: str = "data",
+    *,
+    allow_mixed: bool = False,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """The committed shards as one table, any compact top-K decoded to top_token_ids /
+    top_logprobs (``columns`` names decoded columns)."""
+    data = dataset(out_dirs, kind, allow_mixed=allow_mixed)
+    stored = None if columns is None else scan_columns(data.schema, columns)
+    table = decode_batch(data.to_table(columns=stored))
+    return (
+        table if columns is None else table.select([c for c in columns if c in table.schema.names])
+    )
+
+
+__all__ = ["MixedTeachersError", "data_files", "dataset", "decode_batch", "read_table"]

@@ -16,9 +16,15 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.records import FAILURE_SCHEMA, METADATA_KEY, record_schema
+from schemas.records import FAILURE_SCHEMA, METADATA_KEY, TOPK_COMPACT_COLUMN, record_schema
 from schemas.wire import Sample
+from workers.shards import topk_codec
 from workers.storage import Store, split_location
+
+# Footer key of the top-K encoding and, for a lossy one, its error on this shard: known only
+# once every row is encoded, so written at close, beside METADATA_KEY (``read_metadata`` merges).
+TOPK_KEY = b"teacher_harvest.topk_encoding"
+TOP_K_INPUTS = ("top_token_ids", "top_logprobs")  # what a compact column is built from
 
 
 class Columns:
@@ -27,6 +33,10 @@ class Columns:
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self.data: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.compact = TOPK_COMPACT_COLUMN in schema.names
+        if self.compact:  # rows bring the top-K as usual; table() encodes them
+            self.data.update({name: [] for name in TOP_K_INPUTS})
+        self.error = topk_codec.CodecError()  # what table() cost (compact encoding only)
 
     def append(self, **values: Any) -> None:
         for name, col in self.data.items():
@@ -39,12 +49,44 @@ class Columns:
         """The accumulated rows; a null in a non-nullable column is a bug, not a record.
 
         pyarrow would write such a null as an empty list without a word; refuse it instead."""
-        arrays = [_array(self.data[f.name], f.type) for f in self.schema]
+        arrays = [
+            self._compact() if f.name == TOPK_COMPACT_COLUMN else _array(self.data[f.name], f.type)
+            for f in self.schema
+        ]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         for f in self.schema:
             if not f.nullable and table.column(f.name).null_count:
                 raise ValueError(f"shard column {f.name!r} is not nullable but holds nulls")
         return table
+
+    def _compact(self) -> pa.Array:
+        k = int(self.schema.field(TOPK_COMPACT_COLUMN).metadata[b"k"])
+        blobs = []
+        for ids, lps in zip(*(self.data[name] for name in TOP_K_INPUTS), strict=True):
+            if ids is None or lps is None:
+                blobs.append(None)  # refused below, as any null in a non-nullable column
+                continue
+            ids = np.asarray(ids, np.int64).reshape(-1, k)
+            blob, err = topk_codec.encode(ids, np.asarray(lps, np.float64).reshape(-1, k))
+            self.error.add(err)
+            blobs.append(blob)
+        return pa.array(blobs, pa.binary())
+
+
+def topk_entry(schema: pa.Schema, error: topk_codec.CodecError) -> dict[bytes, bytes]:
+    """The footer entry naming a data shard's top-K encoding (and a lossy one's error); none
+    for other shards."""
+    if TOPK_COMPACT_COLUMN in schema.names:
+        entry: dict[str, Any] = error.summary()
+    elif "top_logprobs" in schema.names:
+        lp = schema.field("top_logprobs").type.value_type.value_type
+        entry = {
+            "name": "float16" if lp == pa.float16() else "float32",
+            "lossless": lp == pa.float32(),
+        }
+    else:
+        return {}
+    return {TOPK_KEY: orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)}
 
 
 def compact(sample: Sample) -> Sample:
@@ -107,8 +149,8 @@ def warm_up() -> None:
     pa.array(["warm"], pa.string())
 
 
-def data_columns(k: int, logprob_dtype: str = "float32") -> Columns:
-    return Columns(record_schema(k, logprob_dtype))
+def data_columns(k: int, logprob_dtype: str = "float32", topk_encoding: str = "float32") -> Columns:
+    return Columns(record_schema(k, logprob_dtype, topk_encoding))
 
 
 def failure_columns() -> Columns:
@@ -124,11 +166,20 @@ def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, A
     teacher at 256 tokens top-20 this cut the encoding from ~0.75 to ~0.29 ms per answer and
     the top-K columns from 5.24 to 3.47 bytes per (token x alternative); see bench/README.md."""
     leaves = [leaf for f in schema for leaf in _leaves(f.name, f.type, in_list=False)]
-    return {
+    options: dict[str, Any] = {
         "compression": None if compression == "none" else compression,
-        "use_dictionary": [p for p, t, in_list in leaves if not (in_list and _number(t))],
+        "use_dictionary": [
+            p
+            for p, t, in_list in leaves
+            if not (in_list and _number(t)) and p != TOPK_COMPACT_COLUMN
+        ],
         "use_byte_stream_split": [p for p, t, in_list in leaves if in_list and _float(t)],
     }
+    if compression == "zstd" and TOPK_COMPACT_COLUMN in schema.names:
+        # zstd 3 on the compact blobs: 187 vs 203 B/token at K=128 for ~3 us/token more
+        # (bench/encodings.py); the other columns keep level 1.
+        options["compression_level"] = {p: 3 if p == TOPK_COMPACT_COLUMN else 1 for p, *_ in leaves}
+    return options
 
 
 def _leaves(path: str, t: pa.DataType, in_list: bool) -> list[tuple[str, pa.DataType, bool]]:
@@ -159,7 +210,12 @@ def stamped(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
 
 
 def write_shard(
-    table: pa.Table, store: Store, rel: str, metadata: dict[str, Any], compression: str = "zstd"
+    table: pa.Table,
+    store: Store,
+    rel: str,
+    metadata: dict[str, Any],
+    compression: str = "zstd",
+    error: topk_codec.CodecError | None = None,
 ) -> str:
     """Write ``table`` with our key-value metadata as the object ``rel``; return its sha256.
 
@@ -170,6 +226,7 @@ def write_shard(
         schema = stamped(table.schema, metadata)
         with pq.ParquetWriter(sink, schema, **parquet_options(schema, compression)) as writer:
             writer.write_table(table, row_group_size=max(1, len(table)))
+            writer.add_key_value_metadata(topk_entry(schema, error or topk_codec.CodecError()))
         sink.close()
     except BaseException:
         sink.abort()
@@ -181,5 +238,8 @@ def read_metadata(location: str) -> dict[str, Any]:
     """Our key-value metadata of one shard (a path or URI): the spec, teacher, schema version."""
     store, name = split_location(str(location))
     with store.open_input_file(name) as fh:
-        meta = pq.read_schema(fh).metadata or {}
-    return orjson.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+        meta = pq.read_metadata(fh).metadata or {}  # the footer's, with keys added at close
+    out = orjson.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+    if TOPK_KEY in meta:
+        out["topk_encoding"] = orjson.loads(meta[TOPK_KEY])
+    return out

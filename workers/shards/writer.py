@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.shards.columns import Columns, parquet_options, stamped
+from workers.shards.columns import Columns, parquet_options, stamped, topk_entry
+from workers.shards.topk_codec import CodecError
 from workers.storage import PieceWriter, Store
 
 MAX_ROWS = 1000  # rows per row group when answers are small
@@ -54,6 +55,7 @@ class ShardWriter:
         self._turn = asyncio.Lock()  # one row group in a thread at a time, in order
         self._io = threading.Lock()  # the thread's writes vs. an abort from the event loop
         self._aborted = False
+        self.topk_error = CodecError()  # a compact top-K's error over the rows written so far
 
     def append(self, **values: Any) -> None:
         self._cols.append(**values)
@@ -107,7 +109,8 @@ class ShardWriter:
         return self._writer
 
     def _write(self, cols: Columns) -> None:
-        table = cols.table()  # built here: the conversion is CPU too
+        table = cols.table()  # built here: the conversion (and any top-K encoding) is CPU too
+        self.topk_error.add(cols.error)
         with self._io:
             if self._aborted:
                 return
@@ -117,7 +120,9 @@ class ShardWriter:
         with self._io:
             if self._aborted:
                 raise RuntimeError(f"{self.rel}: shard was aborted")
-            self._open().close()
+            writer = self._open()
+            writer.add_key_value_metadata(topk_entry(self.schema, self.topk_error))
+            writer.close()
             assert self._sink is not None
             self._sink.close()
             return self._sink.sha256
