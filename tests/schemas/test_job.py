@@ -174,7 +174,7 @@ def test_empty_authorization_field_rejected() -> None:
 
 
 def test_several_errors_are_all_reported() -> None:
-    msg = spec_error(job(sampling={"logprobs": 99, "top_p": 0}))
+    msg = spec_error(job(sampling={"logprobs": 5000, "top_p": 0}))
     assert "sampling.logprobs" in msg
     assert "sampling.top_p" in msg
 
@@ -266,7 +266,7 @@ def test_logprobs_in_range(k: int) -> None:
     assert parse_job(job(sampling={"logprobs": k})).sampling.logprobs == k
 
 
-@pytest.mark.parametrize("k", [-1, 21])
+@pytest.mark.parametrize("k", [-1, 1025])
 def test_logprobs_out_of_range(k: int) -> None:
     assert "sampling.logprobs" in spec_error(job(sampling={"logprobs": k}))
 
@@ -400,3 +400,20 @@ def test_score_mode_refuses_several_samples_and_unknown_modes() -> None:
         parse_job(job(mode="score", sampling={"n": 2}))
     with pytest.raises(SpecError, match="mode"):
         parse_job(job(mode="distil"))
+
+
+@pytest.mark.parametrize("k", [1, 20, 64, 128, 1024])
+def test_any_k_up_to_the_sanity_bound_is_accepted(k: int) -> None:
+    assert parse_job(job(sampling={"logprobs": k})).sampling.logprobs == k
+
+
+def test_a_k_past_the_sanity_bound_is_refused() -> None:
+    assert "sampling.logprobs" in spec_error(job(sampling={"logprobs": 1025}))
+
+
+def test_the_top_k_encoding_is_part_of_the_fingerprint() -> None:
+    plain = parse_job(job())
+    compact = parse_job(job(output={"topk_encoding": "compact"}))
+    assert plain.output.topk_encoding == "float32"
+    assert plain.fingerprint() != compact.fingerprint()
+    assert "output.topk_encoding" in spec_error(job(output={"topk_encoding": "zip"}))

@@ -83,3 +83,35 @@ def test_score_mode_probes_the_scoring_path_of_each_kind() -> None:
     assert len(result.tops[1.0]) == K and result.tops[1.0] == result.tops[0.5]
     tokenized = [b for _, path, b, _ in fake.calls if path.endswith("/tokenize")]
     assert {"prompt": "Hi there", "add_special_tokens": False, "model": "fake"} in tokenized
+
+
+def test_a_refused_k_stops_the_probe_with_the_servers_cap() -> None:
+    """vLLM's 400 names the refused field in its structured ``param``: the class comes from
+    there (never from the message); the cap itself only from the message text."""
+
+    def cap(body, n):
+        if body.get("logprobs"):
+            msg = f"Requested sample logprobs of {K}, which is greater than max allowed: 2"
+            return httpx.Response(400, json={"error": {"message": msg, "param": "logprobs"}})
+        return None
+
+    fake = FakeTeacher(script=cap)
+    result = run_probe(fake, ["chat", "completions"])
+    assert result.above_cap and result.max_logprobs == 2
+    assert list(result.failed) == ["chat"]  # the first refusal ends the probe
+    assert len(completions_bodies(fake)) == 1
+    # Without the structured field it stays an ordinary refused row, whatever the text says.
+    text_only = {"error": {"message": "greater than max allowed: 2"}}
+    plain = run_probe(
+        FakeTeacher(script=lambda b, n: httpx.Response(400, json=text_only)), ["completions"]
+    )
+    assert not plain.above_cap and list(plain.failed) == ["completions"]
+
+
+def test_the_above_cap_line_says_how_to_raise_it() -> None:
+    from harvest.driver.preflight import above_cap_line
+
+    line = above_cap_line(129, 128)
+    assert "at most 128" in line and "sampling.logprobs=129" in line
+    assert "--max-logprobs 129" in line and "teacher.replicas.vllm_args" in line
+    assert "did not say" in above_cap_line(50, None) and "\n" not in line
