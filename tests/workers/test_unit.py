@@ -75,6 +75,7 @@ def test_each_row_lands_once_per_sample(tmp_path):
     assert result.error_classes == {"BadRequest": 1, "InvalidInput": 1}
     meta = read_metadata(str(data_path))
     assert meta.pop("written_at").endswith("+00:00")
+    assert meta.pop("topk_encoding") == {"name": "float32", "lossless": True}
     assert meta == {"job_id": "j", "unit_id": "u-000000", "kind": "data"}
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
         [data_path.name, failed_path.name]
