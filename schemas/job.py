@@ -320,7 +320,7 @@ class OutputSpec(_Strict):
         description="How the top-K is stored. float32: top_token_ids / top_logprobs columns "
         "any Parquet reader can read (logprob_dtype sets their type). compact: one binary "
         "top_k_compact column per record (ids sorted and delta-coded, logprobs as gaps below "
-        "the token's best in 1/16-nat steps, at most 1/32 nat off), about 60% of float32's "
+        "the token's best in 1/16-nat steps, at most 1/32 nat off), about half of float32's "
         "bytes at K=128 (bench/README.md); harvest's readers decode it, plain Parquet readers "
         "do not. Each shard's metadata names its encoding and the error measured on it.",
     )
