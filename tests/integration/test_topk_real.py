@@ -21,7 +21,6 @@ from test_harvest_e2e import write_job
 
 from harvest.cli import main
 from harvest.training import reader
-from workers.answers import fastparse
 
 pytestmark = pytest.mark.integration
 
@@ -138,23 +137,3 @@ def test_no_row_is_sent_above_the_cap(tmp_path, ray_cluster, capsys) -> None:
     assert all(r.key is None or r.key.startswith(("Hello", "Teacher-harvest")) or
                "capped" not in r.key for r in log)  # fmt: skip
     assert not list((tmp_path / "out").rglob("*.parquet"))
-
-
-def test_the_compiled_core_has_no_hidden_k_limit() -> None:
-    """fill_top_k and scan_top_k at K=128 (and 129 entries) agree with the numpy fallback."""
-    if fastparse.compiled is None:
-        pytest.skip("the compiled core is not built (tests/workers/answers says so too)")
-    k = 128
-    tops = [
-        {f"token_id:{(t * 7 + j) % 1000}": -0.01 * j - t for j in range(k + (t % 2))}
-        for t in range(5)
-    ]
-    import numpy as np
-
-    ids = np.zeros((5, k), np.int64)
-    lps = np.zeros((5, k), np.float64)
-    assert fastparse.compiled.fill_top_k(tops, k, ids, lps)
-    for t, entry in enumerate(tops):
-        best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-        assert ids[t].tolist() == [int(key.split(":")[1]) for key, _ in best]
-        assert lps[t].tolist() == [v for _, v in best]

@@ -311,17 +311,44 @@ static const char *key_at(const char *p, const char *end, long long *id) {
     return p + 1;
 }
 
+/* The ids of one entry seen so far: open addressing, a slot is in use when its stamp is the
+ * entry's, so a new entry starts empty without clearing the table. Linear in K per entry where
+ * a scan of the ids before it was quadratic (8,000 compares per token at K=128). */
+typedef struct {
+    long long id;
+    Py_ssize_t stamp;
+} Slot;
+
+typedef struct {
+    Slot *slots;
+    size_t mask;
+    Py_ssize_t stamp;
+} Seen;
+
+/* 1 if id was already seen in this entry, else 0 (and it is seen from now on). */
+static int seen_before(Seen *seen, long long id) {
+    size_t h = (size_t)(((unsigned long long)id * 0x9E3779B97F4A7C15ULL) >> 20) & seen->mask;
+    while (seen->slots[h].stamp == seen->stamp) {
+        if (seen->slots[h].id == id) return 1;
+        h = (h + 1) & seen->mask;
+    }
+    seen->slots[h].stamp = seen->stamp;
+    seen->slots[h].id = id;
+    return 0;
+}
+
 /* The top_logprobs array at p ('['): each entry's best k appended to ids / lps, one more row
  * per entry in *rows. Past the closing ']', or NULL when anything is not as the dict path
  * (fill_top_k over orjson's objects) would surely read it: the caller then parses it all. */
 static const char *read_tops(const char *p, const char *end, Py_ssize_t k, Buf *ids, Buf *lps,
-                             long long *row_ids, double *row_lps, Py_ssize_t *rows) {
+                             long long *row_ids, double *row_lps, Py_ssize_t *rows, Seen *seen) {
     p = ws(p + 1, end);
     if (p < end && *p == ']') return NULL;
     for (;;) {
         if (p >= end || *p != '{') return NULL;
         p = ws(p + 1, end);
         Py_ssize_t filled = 0;
+        seen->stamp++;
         for (;;) {
             long long id;
             p = key_at(p, end, &id);
@@ -332,8 +359,7 @@ static const char *read_tops(const char *p, const char *end, Py_ssize_t k, Buf *
             double v;
             const char *num_end = float_at(p, end, &v);
             if (num_end == NULL || filled > k) return NULL;
-            for (Py_ssize_t j = 0; j < filled; j++)
-                if (row_ids[j] == id) return NULL; /* a repeated id: the dict keeps one */
+            if (seen_before(seen, id)) return NULL; /* a repeated id: the dict keeps one */
             insert_best(row_ids, row_lps, filled++, id, v);
             p = ws(num_end, end);
             if (p < end && *p == ',') {
@@ -374,8 +400,11 @@ static PyObject *scan_top_k(PyObject *self, PyObject *args) {
     Buf out = {0}, ids = {0}, lps = {0};
     long long *row_ids = PyMem_Malloc(sizeof(long long) * (size_t)(k + 1));
     double *row_lps = PyMem_Malloc(sizeof(double) * (size_t)(k + 1));
+    size_t table = 16; /* a power of two at least twice the k + 1 ids of an entry */
+    while (table < 2 * (size_t)(k + 1)) table *= 2;
+    Seen seen = {PyMem_Calloc(table, sizeof(Slot)), table - 1, 0};
     PyObject *rows = PyList_New(0), *result = NULL;
-    int ok = row_ids != NULL && row_lps != NULL && rows != NULL;
+    int ok = row_ids != NULL && row_lps != NULL && rows != NULL && seen.slots != NULL;
     Py_ssize_t arrays = 0;
     while (ok && p < end) {
         const char *q = memchr(p, '"', (size_t)(end - p));
@@ -400,7 +429,7 @@ static PyObject *scan_top_k(PyObject *self, PyObject *args) {
         v = ws(v + 1, end);
         if (v >= end || *v != '[') continue; /* null and the like: the checked path decides */
         Py_ssize_t n = 0;
-        const char *after = read_tops(v, end, k, &ids, &lps, row_ids, row_lps, &n);
+        const char *after = read_tops(v, end, k, &ids, &lps, row_ids, row_lps, &n, &seen);
         if (after == NULL) {
             ok = 0;
             break;
@@ -426,6 +455,7 @@ static PyObject *scan_top_k(PyObject *self, PyObject *args) {
     PyMem_Free(lps.data);
     PyMem_Free(row_ids);
     PyMem_Free(row_lps);
+    PyMem_Free(seen.slots);
     Py_XDECREF(rows);
     if (result == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
     return result;
