@@ -31,11 +31,12 @@ from workers.errors import (
     TeacherUnavailable,
     error_for_status,
 )
+from workers.teacher.limits import HEALTH_LIMIT, completion_limit, tokenize_limit
 from workers.teacher.retry import build_retrying, parse_retry_after
 from workers.teacher.router import PauseListener, Router
 from workers.teacher.score import Scored, parse_scored, score_body, score_sampling, sequence
 from workers.teacher.stats import RequestStats
-from workers.teacher.transport import AiohttpTransport, DirectPost, Reply
+from workers.teacher.transport import LIMIT, AiohttpTransport, DirectPost, Reply, read_bounded
 
 
 class RateLimiter(Protocol):
@@ -157,6 +158,9 @@ class TeacherClient:
     async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> Reply:
         try:
             return await _bounded(self._exchange(url, body), self.spec.teacher.timeout_s)
+        except HarvestError as err:  # an answer past its bound (the transport stopped reading)
+            err.endpoint = err.endpoint or endpoint
+            raise
         except (httpx.TimeoutException, TimeoutError) as err:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
         except httpx.TransportError as err:
@@ -169,12 +173,24 @@ class TeacherClient:
             raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
 
     async def _exchange(self, url: str, body: dict[str, Any]) -> Reply:
+        content = orjson.dumps(body)
+        if url.endswith("/tokenize"):
+            limit = tokenize_limit(len(content))
+        else:
+            limit = completion_limit(body, len(content))
         if self._direct is not None:
-            return await self._direct.post(url, orjson.dumps(body))
-        resp = await self._http.post(
-            url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
-        )
-        return Reply(resp.status_code, resp.headers, resp.content)
+            return await self._direct.post(url, content, limit)
+        async with self._http.stream(
+            "POST",
+            url,
+            content=content,
+            headers={"Content-Type": "application/json"},
+            extensions={LIMIT: limit},
+        ) as resp:
+            declared = resp.headers.get("content-length")
+            declared_n = int(declared) if declared and declared.isdigit() else None
+            data = await read_bounded(resp.aiter_bytes(), limit, declared_n)
+        return Reply(resp.status_code, resp.headers, data)
 
     async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
         content = await self._post_bytes(endpoint, url, body)
@@ -296,8 +312,11 @@ class TeacherClient:
         """vLLM's ``/health`` (beside ``/v1``), else the model list, answers 200."""
         for url in (endpoint.removesuffix("/v1") + "/health", endpoint + "/models"):
             try:
-                resp = await self._http.get(url, timeout=5.0)
-            except httpx.HTTPError:
+                async with self._http.stream(
+                    "GET", url, timeout=5.0, extensions={LIMIT: HEALTH_LIMIT}
+                ) as resp:
+                    await read_bounded(resp.aiter_bytes(), HEALTH_LIMIT, None)
+            except (httpx.HTTPError, InvalidResponse):
                 return False
             if resp.status_code != 404:
                 return resp.status_code == 200

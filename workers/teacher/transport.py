@@ -10,11 +10,15 @@ as the httpx exception a client already handles (connect/read errors, a body cut
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import NamedTuple, NoReturn
 
 import aiohttp
 import httpx
+
+from workers.teacher.limits import HEALTH_LIMIT, too_large
+
+LIMIT = "harvest.body_limit"  # the request extension that bounds an answer's bytes
 
 # What aiohttp may raise while talking to one server, as httpx's exceptions.
 _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
@@ -67,7 +71,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
                 allow_redirects=False,
             ) as resp:
-                content = await resp.read()
+                limit = request.extensions.get(LIMIT, HEALTH_LIMIT)
+                content = await read_bounded(resp.content.iter_any(), limit, resp.content_length)
                 return httpx.Response(
                     resp.status,
                     headers=list(resp.raw_headers),
@@ -94,6 +99,21 @@ def _raise_as_httpx(err: Exception, request: httpx.Request | None) -> NoReturn:
     raise err
 
 
+async def read_bounded(chunks: AsyncIterator[bytes], limit: int, declared: int | None) -> bytes:
+    """A body read chunk by chunk, given up (``InvalidResponse``) once past ``limit`` bytes: never
+    read whole first. A Content-Length past the limit is refused before any byte is read."""
+    if declared is not None and declared > limit:
+        raise too_large(limit, declared=declared)
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 class Reply(NamedTuple):
     """What the client reads of an answer."""
 
@@ -111,7 +131,8 @@ class DirectPost:
         self._verify = verify
         self._session: aiohttp.ClientSession | None = None
 
-    async def post(self, url: str, content: bytes) -> Reply:
+    async def post(self, url: str, content: bytes, limit: int) -> Reply:
+        """The answer to one POST, its body read up to ``limit`` bytes (else InvalidResponse)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ssl=None if self._verify else False),
@@ -122,7 +143,8 @@ class DirectPost:
             async with self._session.post(
                 url, data=content, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                return Reply(resp.status, resp.headers, await resp.read())
+                body = await read_bounded(resp.content.iter_any(), limit, resp.content_length)
+                return Reply(resp.status, resp.headers, body)
         except Exception as err:  # (cancellation is no Exception: it passes through)
             _raise_as_httpx(err, None)
 
