@@ -1,9 +1,10 @@
 """Async client for a vLLM teacher's OpenAI-compatible API.
 
-Plain asyncio + httpx, no Ray: unit tests inject an ``httpx.MockTransport``. Each request goes
-through the router (which endpoint), the retry policy (how often, how long to wait) and the
-error taxonomy (what a failure means). It identifies itself with one stable User-Agent and the
-job id, and never hides who is asking.
+Plain asyncio, no Ray; HTTP goes through one ``Transport`` (aiohttp or httpx, see
+workers/teacher/transport.py): unit tests inject an ``httpx.MockTransport`` under httpx. Each
+request goes through the router (which endpoint), the retry policy (how often, how long to
+wait) and the error taxonomy (what a failure means). It identifies itself with one stable
+User-Agent and the job id, and never hides who is asking.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from workers.errors import (
     TeacherUnavailable,
     error_for_status,
 )
-from workers.teacher.limits import HEALTH_LIMIT, completion_limit, tokenize_limit
+from workers.teacher.limits import completion_limit, tokenize_limit
 from workers.teacher.retry import build_retrying, parse_retry_after
 from workers.teacher.router import PauseListener, Router
 from workers.teacher.score import Scored, parse_scored, score_body, score_sampling, sequence
 from workers.teacher.stats import RequestStats
-from workers.teacher.transport import LIMIT, AiohttpTransport, DirectPost, Reply, read_bounded
+from workers.teacher.transport import AiohttpTransport, HttpxTransport, Reply, Transport
 
 
 class RateLimiter(Protocol):
@@ -94,18 +95,8 @@ class TeacherClient:
         headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        timeout = teacher.timeout_s
         self.limiter = limiter
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            verify=teacher.tls_verify,
-            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-            # Optionally aiohttp's pool under httpx's API: httpcore's pool cost more CPU than
-            # parsing (workers/teacher/transport.py). Tests inject httpx.MockTransport here.
-            transport=transport or _transport(spec),
-        )
-        self._direct = _direct(spec, headers) if transport is None else None
+        self._transport: Transport = _transport(spec, headers, transport)
         self.counters: Counter[str] = Counter()  # retries and error classes seen
         self.stats = RequestStats()  # every exchange with an endpoint: status file, metrics
 
@@ -156,41 +147,21 @@ class TeacherClient:
         return tokens
 
     async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> Reply:
-        try:
-            return await _bounded(self._exchange(url, body), self.spec.teacher.timeout_s)
-        except HarvestError as err:  # an answer past its bound (the transport stopped reading)
-            err.endpoint = err.endpoint or endpoint
-            raise
-        except (httpx.TimeoutException, TimeoutError) as err:
-            raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
-        except httpx.TransportError as err:
-            raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
-        except (OSError, AttributeError) as err:
-            # Only the transport runs inside this try. When a server dies mid-connect, anyio can
-            # fail outside httpx's exception tree (seen: AttributeError "'NoneType' object has no
-            # attribute 'getpeername'" while a managed replica was killed): still a failed
-            # exchange with this endpoint, not a reason to abort the whole job.
-            raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
-
-    async def _exchange(self, url: str, body: dict[str, Any]) -> Reply:
+        """One exchange, bounded in time as a whole and in bytes by what ``body`` asks for; the
+        transport has already mapped its failures to ``HarvestError``s."""
         content = orjson.dumps(body)
         if url.endswith("/tokenize"):
             limit = tokenize_limit(len(content))
         else:
             limit = completion_limit(body, len(content))
-        if self._direct is not None:
-            return await self._direct.post(url, content, limit)
-        async with self._http.stream(
-            "POST",
-            url,
-            content=content,
-            headers={"Content-Type": "application/json"},
-            extensions={LIMIT: limit},
-        ) as resp:
-            declared = resp.headers.get("content-length")
-            declared_n = int(declared) if declared and declared.isdigit() else None
-            data = await read_bounded(resp.aiter_bytes(), limit, declared_n)
-        return Reply(resp.status_code, resp.headers, data)
+        try:
+            exchange = self._transport.post(url, content, limit)
+            return await _bounded(exchange, self.spec.teacher.timeout_s)
+        except HarvestError as err:
+            err.endpoint = err.endpoint or endpoint
+            raise
+        except TimeoutError as err:
+            raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
 
     async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
         content = await self._post_bytes(endpoint, url, body)
@@ -312,38 +283,27 @@ class TeacherClient:
         """vLLM's ``/health`` (beside ``/v1``), else the model list, answers 200."""
         for url in (endpoint.removesuffix("/v1") + "/health", endpoint + "/models"):
             try:
-                async with self._http.stream(
-                    "GET", url, timeout=5.0, extensions={LIMIT: HEALTH_LIMIT}
-                ) as resp:
-                    await read_bounded(resp.aiter_bytes(), HEALTH_LIMIT, None)
-            except (httpx.HTTPError, InvalidResponse):
+                status = await self._transport.health(url)
+            except HarvestError:
                 return False
-            if resp.status_code != 404:
-                return resp.status_code == 200
+            if status != 404:
+                return status == 200
         return False
 
     async def aclose(self) -> None:
         await self.router.aclose()
-        await self._http.aclose()
-        if self._direct is not None:
-            await self._direct.aclose()
+        await self._transport.aclose()
 
 
-def _direct(spec: JobSpec, headers: dict[str, str]) -> DirectPost | None:
-    """aiohttp without httpx's models for the POSTs, when the job asks for that transport."""
-    verify = spec.teacher.tls_verify
-    if spec.teacher.transport != "aiohttp" or isinstance(verify, str):  # no CA bundle yet
-        return None
-    return DirectPost(
-        {**headers, "Content-Type": "application/json"}, spec.teacher.timeout_s, verify=verify
-    )
-
-
-def _transport(spec: JobSpec) -> httpx.AsyncBaseTransport | None:
-    verify = spec.teacher.tls_verify
-    if spec.teacher.transport == "aiohttp" and not isinstance(verify, str):  # no CA bundle yet
-        return AiohttpTransport(verify=verify)
-    return None  # httpx's own
+def _transport(
+    spec: JobSpec, headers: dict[str, str], injected: httpx.AsyncBaseTransport | None
+) -> Transport:
+    """The job's transport; an injected httpx transport (tests) runs under httpx."""
+    teacher = spec.teacher
+    if teacher.transport == "aiohttp" and injected is None:
+        headers = {**headers, "Content-Type": "application/json"}
+        return AiohttpTransport(headers, teacher.timeout_s, verify=teacher.tls_verify)
+    return HttpxTransport(headers, teacher.timeout_s, verify=teacher.tls_verify, transport=injected)
 
 
 _LATE_S = 0.05  # a loop this late at the deadline was stalled, not waiting on the server
