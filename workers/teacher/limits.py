@@ -17,8 +17,7 @@ back (``return_token_ids``), and in score mode ``prompt_logprobs`` gives each pr
 
 from __future__ import annotations
 
-from typing import Any
-
+from schemas.requests import CompletionRequest
 from workers.errors import InvalidResponse
 
 OVERHEAD_BYTES = 1 << 20  # ids, usage, field names, an error message: far less in practice
@@ -29,18 +28,15 @@ TOKENIZE_LIMIT_PER_BYTE = 32  # /tokenize: ids (and optionally strings) for each
 HEALTH_LIMIT = 1 << 16  # /health and /v1/models: a status, a short model list
 
 
-def completion_limit(body: dict[str, Any], request_bytes: int) -> int:
-    """The most bytes a ``/v1/completions`` answer to ``body`` (sent as ``request_bytes``) may
-    have."""
-    n = int(body.get("n") or 1)
-    generated = int(body.get("max_tokens") or 1)
-    k = int(body.get("logprobs") or 0)
-    prompt_k = body.get("prompt_logprobs")
+def completion_limit(request: CompletionRequest, request_bytes: int) -> int:
+    """The most bytes a ``/v1/completions`` answer to ``request`` (sent as ``request_bytes``)
+    may have."""
     per_prompt_token = ID_BYTES
-    if prompt_k is not None:
-        per_prompt_token += (int(prompt_k) + 1) * PROMPT_ENTRY_BYTES
-    per_choice = generated * (k + 2) * ENTRY_BYTES + request_bytes * per_prompt_token
-    return OVERHEAD_BYTES + n * per_choice
+    if request.scoring:  # prompt_logprobs: K + 1 entries per prompt token
+        per_prompt_token += (request.k + 1) * PROMPT_ENTRY_BYTES
+    per_choice = request.max_tokens * (request.k + 2) * ENTRY_BYTES
+    per_choice += request_bytes * per_prompt_token
+    return OVERHEAD_BYTES + request.n * per_choice
 
 
 def tokenize_limit(request_bytes: int) -> int:

@@ -9,6 +9,7 @@ import pytest
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from test_fault_teacher_server import make_spec
 
+from schemas.requests import CompletionRequest
 from schemas.wire import Completion, PromptRow
 from workers.errors import InvalidResponse
 from workers.teacher.client import TeacherClient
@@ -17,14 +18,18 @@ from workers.teacher.limits import OVERHEAD_BYTES, completion_limit, tokenize_li
 SLACK = 32 << 20  # socket buffers on both ends of a loopback connection, and aiohttp's
 
 
+def _request(mode: str = "generate", **kw: int) -> CompletionRequest:
+    fields = {"max_tokens": 16, "n": 1, "k": 5} | kw
+    return CompletionRequest(mode=mode, model="m", temperature=1.0, sampling={}, **fields)
+
+
 def test_the_bound_scales_with_what_the_request_asks_for() -> None:
-    base = {"max_tokens": 16, "n": 1, "logprobs": 5}
-    one = completion_limit(base, 100)
-    assert completion_limit({**base, "n": 4}, 100) > 3 * (one - OVERHEAD_BYTES)
-    assert completion_limit({**base, "max_tokens": 160}, 100) > one
-    assert completion_limit({**base, "logprobs": 50}, 100) > one
-    assert completion_limit(base, 10_000) > one  # the prompt's ids are echoed back
-    score = {"max_tokens": 1, "n": 1, "prompt_logprobs": 20}
+    one = completion_limit(_request(), 100)
+    assert completion_limit(_request(n=4), 100) > 3 * (one - OVERHEAD_BYTES)
+    assert completion_limit(_request(max_tokens=160), 100) > one
+    assert completion_limit(_request(k=50), 100) > one
+    assert completion_limit(_request(), 10_000) > one  # the prompt's ids are echoed back
+    score = _request("score", max_tokens=1, k=20)
     # Score mode: every prompt token has K + 1 entries, so the bound grows with the prompt.
     assert completion_limit(score, 20_000) - completion_limit(score, 10_000) >= 10_000 * 21 * 100
     assert tokenize_limit(1000) > tokenize_limit(10)
@@ -52,7 +57,7 @@ def test_an_endless_body_is_cut_off_and_ends_as_invalid_response(transport: str)
         assert type(err) is InvalidResponse and err.attempts == 2, err
         assert "past the" in str(err) and err.endpoint
     assert len(endless) == 3 * 2  # every attempt was sent, and each was cut off
-    limit = completion_limit({"max_tokens": 4, "n": 2, "logprobs": 3}, 1000)
+    limit = completion_limit(_request(max_tokens=4, n=2, k=3), 1000)
     for rec in endless:
         assert 0 < rec.sent <= limit + SLACK, rec.sent  # not read to the 60 s timeout
         assert rec.rss is not None and rec.rss[1] - rec.rss[0] < 2 * SLACK, rec.rss

@@ -120,7 +120,7 @@ def test_each_transport_maps_its_own_failures_straight_to_harvest_errors(transpo
         client = TeacherClient(make_spec(url, transport=transport, max_attempts=1), job_id="t")
         try:
             try:
-                await client._send(url, url + "/completions", {"max_tokens": 1, "n": 1})
+                await client._send(url, url + "/completions", b"{}", 1 << 20)
             except TeacherUnavailable as err:
                 return err, await client.healthy(url)
             raise AssertionError("no error")
