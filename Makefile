@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Keep Ray on loopback (otherwise it advertises the machine's external address).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean sanitize
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: install
 
 test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider -rfE --durations=25
+
+# The parser's compiled core under AddressSanitizer + UBSan: its tests and a fuzz of real
+# bodies (scripts/sanitize.sh; ~1 min). A finding aborts the run.
+sanitize: install
+	PYTHON=$(BIN)/python scripts/sanitize.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
 ``python bench/saturation_clients.py CONTENDER ARGS.json`` harvests the prompts in ``ARGS.json``
 from a real vLLM server and writes Parquet and ``result.json`` under its ``out`` folder.
 
-Both ask exactly the same work: harvest's ``/v1/completions`` body (``TeacherClient.payload``:
+Both ask exactly the same work: harvest's ``/v1/completions`` body (``CompletionRequest.body``:
 model, max_tokens, temperature, top_p, n, logprobs, seed, return_tokens_as_token_ids,
 return_token_ids, prompt), with a fixed seed so the same prompt yields the same tokens on both
 sides; the caller checks that the token totals agree.
@@ -75,7 +75,7 @@ def job(args: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def body(args: dict[str, Any], prompt: str) -> dict[str, Any]:
-    """Field for field what ``TeacherClient.payload`` sends for a completions row of ``job``."""
+    """Field for field what ``CompletionRequest.body`` sends for a completions row of ``job``."""
     return {
         "model": args["model"],
         "max_tokens": args["max_tokens"],

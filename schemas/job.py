@@ -197,8 +197,8 @@ class TeacherSpec(_Strict):
         "aiohttp",
         description="HTTP library under the client. aiohttp (default) posts directly on its own "
         "pool and costs the worker far less CPU per answer than httpx, whose pool bookkeeping "
-        "grows with requests in flight (bench/README.md); httpx remains for a CA-bundle "
-        "tls_verify and as a fallback. Both raise the same error classes.",
+        "grows with requests in flight (bench/README.md); httpx remains as a fallback. Both "
+        "take a CA-bundle tls_verify and raise the same error classes.",
     )
     rate_limit: RateLimit = Field(
         default_factory=lambda: RateLimit(),

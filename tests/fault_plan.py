@@ -32,6 +32,7 @@ class FaultPlan:
     always_400: frozenset[str] | set[str] = frozenset()
     always_503: frozenset[str] | set[str] = frozenset()
     always_malformed: frozenset[str] | set[str] = frozenset()  # a wrong-shape 200 every time
+    always_endless: frozenset[str] | set[str] = frozenset()  # a 200 whose body never ends
     no_chat_template: bool = False  # /tokenize with messages: 400, as vLLM for a base model
     storm_s: float = 0.0  # from the first request on, answer everything 429 for this long
     latency_s: float = 0.0  # fixed service time of every real answer
@@ -60,6 +61,8 @@ class FaultPlan:
             return "503"
         if key in self.always_malformed:
             return "malformed"
+        if key in self.always_endless:
+            return "endless"
         if attempt > self.faulty_attempts:
             return "ok"
         digest = hashlib.blake2b(f"{self.seed}\0{attempt}\0{key}".encode(), digest_size=8)
@@ -88,6 +91,8 @@ class Record:
     t_served: float | None = None  # service began (after the capacity queue)
     busy: int = 0  # answers in service when this one began, itself included
     t_done: float | None = None  # response written, connection reset, or handler cancelled
+    sent: int = 0  # body bytes the client took (an endless answer: until it hung up)
+    rss: tuple[int, int] | None = None  # an endless answer: the reader's RSS at start, at most
 
 
 def prompt_key(body: dict[str, Any]) -> str | None:

@@ -31,6 +31,7 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
+import psutil
 from fake_teacher import FakeTeacher
 from fault_plan import FAULTS, FaultPlan, Record, prompt_key
 
@@ -277,6 +278,9 @@ class FaultTeacherServer:
             return True
         if rec.outcome == "stall":
             await asyncio.sleep(plan.stall_s)
+        if rec.outcome == "endless":
+            await self._endless(w, rec)
+            return False
         if path == "/health":
             await _write(w, 200, b"")
             return True
@@ -308,6 +312,28 @@ class FaultTeacherServer:
         await _write(w, 200, data)
         return not self._draining  # a server shutting down closes each connection it answered
 
+    async def _endless(self, w: asyncio.StreamWriter, rec: Record) -> None:
+        """A 200 whose chunked body goes on (a JSON string that never closes) until the client
+        hangs up; ``rec.sent`` counts the bytes the socket took, ``rec.rss`` the memory of the
+        process reading it (found by its socket) at the start and at most, sampled per MiB."""
+        reader = _peer_process(w)
+        head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        w.write((head + "transfer-encoding: chunked\r\n\r\n").encode("latin-1"))
+        chunk = b'{"id":"cmpl-endless","choices":[{"index":0,"text":"' + b"a" * (1 << 16)
+        try:
+            while True:
+                w.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await w.drain()
+                with self._lock:
+                    rec.sent += len(chunk)
+                    if reader is not None and rec.sent % (1 << 20) < len(chunk):
+                        rss = _rss(reader)
+                        start, peak = rec.rss or (rss, rss)
+                        rec.rss = (start, max(peak, rss))
+                chunk = b"a" * (1 << 16)
+        except ConnectionError:
+            return  # the client stopped reading and closed the connection
+
     def _capacity(self, plan: FaultPlan) -> contextlib.AbstractAsyncContextManager[Any]:
         if plan.capacity is None:
             return contextlib.nullcontext()
@@ -335,6 +361,21 @@ def _linger_zero(writer: asyncio.StreamWriter) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _peer_process(w: asyncio.StreamWriter) -> psutil.Process | None:
+    """The local process on the other end of this connection (a test's client, a Ray worker)."""
+    peer = w.get_extra_info("peername")
+    for conn in psutil.net_connections(kind="tcp4"):
+        if conn.laddr and tuple(conn.laddr) == tuple(peer[:2]) and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
+
+
+def _rss(process: psutil.Process) -> int:
+    with contextlib.suppress(psutil.Error):
+        return process.memory_info().rss
+    return 0
 
 
 def _retry_after(plan: FaultPlan) -> str | None:

@@ -19,7 +19,7 @@ from workers.errors import FatalError, HarvestError, MissingLogprobs
 from workers.shards.columns import compact
 from workers.shards.writer import ShardWriter
 from workers.storage import Store
-from workers.teacher.client import TeacherClient, sampling_for
+from workers.teacher.client import TeacherClient, request_for, sampling_for
 
 Outcome = Completion | HarvestError | RowProblem
 
@@ -51,9 +51,12 @@ class _Unit:
         self.errors: Counter[str] = Counter()
         self.tokens = self.retries = 0
 
-    async def add(self, row: PromptRow | RowProblem, outcome: Outcome) -> None:
-        """Append ``row``'s records to their shard; write a row group when one is due."""
-        self._records(row, outcome)
+    async def add(
+        self, row: PromptRow | RowProblem, outcome: Outcome, sampling: dict[str, Any] | None = None
+    ) -> None:
+        """Append ``row``'s records to their shard; write a row group when one is due.
+        ``sampling`` is the row's request's (``request_for``), computed once per row."""
+        self._records(row, outcome, sampling)
         for shard in (self.data, self.fails):
             if shard.due:
                 await shard.flush()
@@ -63,7 +66,9 @@ class _Unit:
         await self.data.room()
         await self.fails.room()
 
-    def _records(self, row: PromptRow | RowProblem, outcome: Outcome) -> None:
+    def _records(
+        self, row: PromptRow | RowProblem, outcome: Outcome, sampling: dict[str, Any] | None
+    ) -> None:
         teacher, fails = self.teacher, self.fails
         if isinstance(row, RowProblem):
             sampling = sampling_for(self.spec, PromptRow(row.prompt_id, row.source))
@@ -75,7 +80,7 @@ class _Unit:
                     error_class="InvalidInput", message=row.reason, attempts=0, teacher=teacher,
                 )  # fmt: skip
             return
-        sampling = sampling_for(self.spec, row)
+        sampling = sampling if sampling is not None else sampling_for(self.spec, row)
         if isinstance(outcome, Completion) and outcome.prompt_token_ids is None:
             outcome = _without_prompt_ids(outcome)
         if isinstance(outcome, HarvestError):
@@ -119,8 +124,9 @@ async def _send_all(
 ) -> None:
     async def one(row: PromptRow) -> None:
         outcome: Outcome
+        request = request_for(out.spec, row)
         try:
-            done = await client.complete(row, out.room)
+            done = await client.complete(row, out.room, request=request)
         except FatalError:
             raise
         except HarvestError as err:
@@ -131,7 +137,7 @@ async def _send_all(
             outcome = done
             progress["completion_tokens"] += sum(len(s.token_ids) for s in done.samples)
         progress["prompts"] += 1
-        await out.add(row, outcome)
+        await out.add(row, outcome, request.sampling)
 
     for row in rows:  # rows that cannot be sent are failure rows from the start
         if isinstance(row, RowProblem):

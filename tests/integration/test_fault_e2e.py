@@ -112,3 +112,34 @@ def test_a_kind_the_teacher_cannot_serve_stops_the_job_in_preflight(tmp_path, ra
     assert {r.key for r in sent} == {"Hello"}  # only the probes: no row was sent
     assert not list((tmp_path / "out").rglob("*.parquet"))  # and no failure row written
     assert reader.read_table(tmp_path / "only" / "out").num_rows == 10 * N
+
+
+def test_an_endless_body_ends_as_failure_rows_with_bounded_worker_memory(
+    tmp_path, ray_cluster, capsys
+):
+    """A teacher that streams a body forever: each attempt is cut off at the bound the request
+    allows (never read to the timeout), the rows end as ``InvalidResponse`` failures, and the
+    Ray worker reading it (found by its socket, measured by the server) does not grow."""
+    prompts = [f"flood {i}" for i in range(30)]
+    endless = set(prompts[3::10])  # 3 prompts whose answers never end
+    plan = FaultPlan(always_endless=endless, seed=7)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = write(tmp_path, server.url, prompts, timeout_s=TIMEOUT_S)
+        code = main(["run", str(job), "--no-progress"])
+        by_key = completions_by_key(server.log)
+    assert code == 3 and "completed with failures" in capsys.readouterr().out
+    out = tmp_path / "out"
+    data, failed = reader.read_table(out).to_pylist(), reader.read_table(out, "failed").to_pylist()
+    endless_ids = {f"p{i}" for i, text in enumerate(prompts) if text in endless}
+    assert {r["prompt_id"] for r in failed} == endless_ids and len(failed) == len(endless) * N
+    for row in failed:
+        assert (row["error_class"], row["http_status"]) == ("InvalidResponse", None)
+        assert row["attempts"] == MAX_ATTEMPTS and "past the" in row["message"]
+    assert len(data) == (len(prompts) - len(endless)) * N
+    slack = 32 << 20  # socket buffers of a loopback connection, aiohttp's read buffer
+    for text in endless:
+        recs = by_key[text]
+        assert [r.outcome for r in recs] == ["endless"] * MAX_ATTEMPTS
+        for rec in recs:
+            assert 0 < rec.sent <= (1 << 20) + 64 * 1024 + slack, rec.sent  # the bound: ~1 MiB
+            assert rec.rss is not None and rec.rss[1] - rec.rss[0] < 2 * slack, rec.rss

@@ -125,7 +125,7 @@ def test_records_carry_the_prompt_ids_the_teacher_saw(tmp_path):
 class NoPromptIds:
     """A client whose answers lack prompt ids: they cannot become records."""
 
-    async def complete(self, row, ready=None):
+    async def complete(self, row, ready=None, request=None):
         sample = Sample(0, "x", "length", [5], [-1.0], [[5, 6, 7]], [[-1.0, -2.0, -3.0]])
         return Completion([sample], 1, "http://t", attempts=2, latency_ms=1.0)
 

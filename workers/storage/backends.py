@@ -88,25 +88,68 @@ class PieceWriter:
         return self.sha.hexdigest()
 
 
+_ACCESS = "access denied: check the credentials in the environment"
+_NO_BUCKET = "the bucket does not exist"
+_UNREACHABLE = "cannot reach the storage endpoint"
+_NO_CREDENTIALS = "no credentials in the environment or the standard credential chain"
+_ACCESS_CODES = frozenset(
+    ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken",
+     "ExpiredToken", "Forbidden", "403")
+)  # fmt: skip
+
+
 def _reason(err: BaseException) -> str:
-    """A short, secret-free description of a storage failure."""
-    text = str(err)
-    codes = (
+    """A short, secret-free description of a storage failure: from the SDK's structured error
+    (boto3's class and S3 error code) where there is one, else from pyarrow.fs's text."""
+    reason = _boto_reason(err)
+    if reason is None and isinstance(err, ConnectionError | TimeoutError):
+        reason = _UNREACHABLE
+    if reason is None and isinstance(err, OSError):
+        reason = _pyarrow_reason(str(err))
+    return reason or type(err).__name__
+
+
+def _boto_reason(err: BaseException) -> str | None:
+    """boto3 (botocore) failures by class and by the S3 error code in the response."""
+    module = type(err).__module__ or ""
+    if not module.startswith("botocore"):
+        return None
+    from botocore import exceptions as bx
+
+    if isinstance(err, bx.ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _ACCESS_CODES or status == 403:
+            return _ACCESS
+        if code == "NoSuchBucket":
+            return _NO_BUCKET
+        return code or type(err).__name__
+    if isinstance(err, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return _NO_CREDENTIALS
+    if isinstance(err, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        return _UNREACHABLE
+    if isinstance(err, bx.ConnectionClosedError):
+        return _UNREACHABLE
+    return None
+
+
+def _pyarrow_reason(text: str) -> str | None:
+    """pyarrow.fs raises plain OSErrors (S3 and GCS alike) whose only detail is their message,
+    in which the C++ SDK writes its error name or curl code: matching that text is all there
+    is, so it is done here alone, for those errors alone."""
+    table = (
         (("ACCESS_DENIED", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId",
-          "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID",
-          "403", "Forbidden", "InvalidToken", "ExpiredToken"),
-         "access denied: check the credentials in the environment"),
-        (("NoSuchBucket", "NO_SUCH_BUCKET", "bucket does not exist"), "the bucket does not exist"),
+          "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "403", "Forbidden",
+          "InvalidToken", "ExpiredToken"), _ACCESS),
+        (("NoSuchBucket", "NO_SUCH_BUCKET", "bucket does not exist"), _NO_BUCKET),
         (("NETWORK_CONNECTION", "Could not connect", "Connection refused", "curlCode",
-          "EndpointConnectionError", "Couldn't connect", "timed out", "Timeout"),
-         "cannot reach the storage endpoint"),
-        (("NoCredentials", "Unable to locate credentials"),
-         "no credentials in the environment or the standard credential chain"),
+          "Couldn't connect", "timed out", "Timeout"), _UNREACHABLE),
+        (("Unable to locate credentials",), _NO_CREDENTIALS),
     )  # fmt: skip
-    for needles, reason in codes:
-        if any(n in text or n in type(err).__name__ for n in needles):
+    for needles, reason in table:
+        if any(n in text for n in needles):
             return reason
-    return type(err).__name__
+    return None
 
 
 class ObjectOps:

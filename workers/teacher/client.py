@@ -1,9 +1,10 @@
 """Async client for a vLLM teacher's OpenAI-compatible API.
 
-Plain asyncio + httpx, no Ray: unit tests inject an ``httpx.MockTransport``. Each request goes
-through the router (which endpoint), the retry policy (how often, how long to wait) and the
-error taxonomy (what a failure means). It identifies itself with one stable User-Agent and the
-job id, and never hides who is asking.
+Plain asyncio, no Ray; HTTP goes through one ``Transport`` (aiohttp or httpx, see
+workers/teacher/transport.py): unit tests inject an ``httpx.MockTransport`` under httpx. Each
+request goes through the router (which endpoint), the retry policy (how often, how long to
+wait) and the error taxonomy (what a failure means). It identifies itself with one stable
+User-Agent and the job id, and never hides who is asking.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import httpx
 import orjson
 
 from schemas.job import OVERRIDABLE, JobSpec
+from schemas.requests import CompletionRequest, TokenizeRequest
 from schemas.wire import Answer, Completion, PromptRow
 from workers import USER_AGENT
 from workers.answers.parse import read_completions
@@ -31,11 +33,12 @@ from workers.errors import (
     TeacherUnavailable,
     error_for_status,
 )
+from workers.teacher.limits import completion_limit, tokenize_limit
 from workers.teacher.retry import build_retrying, parse_retry_after
 from workers.teacher.router import PauseListener, Router
-from workers.teacher.score import Scored, parse_scored, score_body, score_sampling, sequence
+from workers.teacher.score import Scored, parse_scored, score_request, score_sampling, sequence
 from workers.teacher.stats import RequestStats
-from workers.teacher.transport import AiohttpTransport, DirectPost, Reply
+from workers.teacher.transport import AiohttpTransport, HttpxTransport, Reply, Transport
 
 
 class RateLimiter(Protocol):
@@ -52,6 +55,27 @@ def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
     params = spec.sampling.model_dump(include=set(OVERRIDABLE))
     params.update(row.overrides)
     return params
+
+
+def request_for(spec: JobSpec, row: PromptRow) -> CompletionRequest:
+    """The row's ``/v1/completions`` request, its sampling computed here, once per row (a chat
+    row's prompt is added once the server has rendered the conversation: ``render``)."""
+    params = sampling_for(spec, row)
+    if spec.mode == "score":
+        return score_request(spec, row, params)
+    return CompletionRequest(
+        mode="generate",
+        model=spec.teacher.model,
+        max_tokens=params["max_tokens"],
+        n=params["n"],
+        temperature=params["temperature"],
+        k=spec.sampling.logprobs,
+        sampling=params,
+        prompt=row.prompt if row.messages is None else None,
+        top_p=params["top_p"],
+        seed=params["seed"],
+        stop=list(params["stop"] or ()),
+    )
 
 
 Ready = Callable[[], Awaitable[None]]  # see ``TeacherClient.complete``
@@ -93,44 +117,10 @@ class TeacherClient:
         headers = {"User-Agent": USER_AGENT, "X-Harvest-Job-Id": job_id}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        timeout = teacher.timeout_s
         self.limiter = limiter
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            verify=teacher.tls_verify,
-            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-            # Optionally aiohttp's pool under httpx's API: httpcore's pool cost more CPU than
-            # parsing (workers/teacher/transport.py). Tests inject httpx.MockTransport here.
-            transport=transport or _transport(spec),
-        )
-        self._direct = _direct(spec, headers) if transport is None else None
+        self._transport: Transport = _transport(spec, headers, transport)
         self.counters: Counter[str] = Counter()  # retries and error classes seen
         self.stats = RequestStats()  # every exchange with an endpoint: status file, metrics
-
-    def payload(self, row: PromptRow) -> dict[str, Any]:
-        """The ``/v1/completions`` body for one input row (a chat row's prompt is added once the
-        server has rendered the conversation: ``render``)."""
-        if self.spec.mode == "score":
-            return score_body(self.spec, row)
-        params = sampling_for(self.spec, row)
-        body: dict[str, Any] = {
-            "model": self.spec.teacher.model,
-            "max_tokens": params["max_tokens"],
-            "temperature": params["temperature"],
-            "top_p": params["top_p"],
-            "n": params["n"],
-            "logprobs": self.k,
-            "return_tokens_as_token_ids": True,  # ids, never strings that can collide
-            "return_token_ids": True,  # the prompt's ids, as the teacher saw them
-        }
-        if params["seed"] is not None:
-            body["seed"] = params["seed"]
-        if params["stop"]:
-            body["stop"] = params["stop"]
-        if row.messages is None:
-            body["prompt"] = row.prompt
-        return body
 
     async def render(self, endpoint: str, messages: list[dict[str, str]]) -> list[int]:
         """The conversation as the server's own chat template renders it (vLLM ``/tokenize``).
@@ -143,51 +133,40 @@ class TeacherClient:
         return await self.tokenize(endpoint, {"messages": messages, "add_generation_prompt": True})
 
     async def tokenize(self, endpoint: str, body: dict[str, Any]) -> list[int]:
-        """The token ids vLLM's ``/tokenize`` gives for ``body`` (a prompt or messages)."""
-        answer = await self._post(
-            endpoint,
-            endpoint.removesuffix("/v1") + "/tokenize",
-            {"model": self.spec.teacher.model, **body},
-        )
+        """The token ids vLLM's ``/tokenize`` gives for ``body`` (a prompt or messages, in a
+        ``TokenizeRequest``'s fields)."""
+        content = orjson.dumps(TokenizeRequest(**body).body(self.spec.teacher.model))
+        url = endpoint.removesuffix("/v1") + "/tokenize"
+        answer = await self._post(endpoint, url, content, tokenize_limit(len(content)))
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise InvalidResponse("/tokenize did not answer a list of token ids", endpoint=endpoint)
         return tokens
 
-    async def _send(self, endpoint: str, url: str, body: dict[str, Any]) -> Reply:
+    async def _send(self, endpoint: str, url: str, content: bytes, limit: int) -> Reply:
+        """One exchange, bounded in time as a whole and in bytes by ``limit`` (what the request
+        asks for); the transport has already mapped its failures to ``HarvestError``s."""
         try:
-            return await _bounded(self._exchange(url, body), self.spec.teacher.timeout_s)
-        except (httpx.TimeoutException, TimeoutError) as err:
+            exchange = self._transport.post(url, content, limit)
+            return await _bounded(exchange, self.spec.teacher.timeout_s)
+        except HarvestError as err:
+            err.endpoint = err.endpoint or endpoint
+            raise
+        except TimeoutError as err:
             raise TeacherTimeout(f"timed out: {type(err).__name__}", endpoint=endpoint) from err
-        except httpx.TransportError as err:
-            raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
-        except (OSError, AttributeError) as err:
-            # Only the transport runs inside this try. When a server dies mid-connect, anyio can
-            # fail outside httpx's exception tree (seen: AttributeError "'NoneType' object has no
-            # attribute 'getpeername'" while a managed replica was killed): still a failed
-            # exchange with this endpoint, not a reason to abort the whole job.
-            raise TeacherUnavailable(f"{type(err).__name__}: {err}", endpoint=endpoint) from err
 
-    async def _exchange(self, url: str, body: dict[str, Any]) -> Reply:
-        if self._direct is not None:
-            return await self._direct.post(url, orjson.dumps(body))
-        resp = await self._http.post(
-            url, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
-        )
-        return Reply(resp.status_code, resp.headers, resp.content)
-
-    async def _post(self, endpoint: str, url: str, body: dict[str, Any]) -> Any:
-        content = await self._post_bytes(endpoint, url, body)
+    async def _post(self, endpoint: str, url: str, content: bytes, limit: int) -> Any:
+        answer = await self._post_bytes(endpoint, url, content, limit)
         try:
-            return orjson.loads(content)
+            return orjson.loads(answer)
         except orjson.JSONDecodeError as err:
             raise InvalidResponse(f"body is not JSON: {err}", endpoint=endpoint) from err
 
-    async def _post_bytes(self, endpoint: str, url: str, body: dict[str, Any]) -> bytes:
+    async def _post_bytes(self, endpoint: str, url: str, content: bytes, limit: int) -> bytes:
         """The body of a 200 answer; any other status raised as its ``HarvestError``."""
         started = time.perf_counter()
         try:
-            resp = await self._send(endpoint, url, body)
+            resp = await self._send(endpoint, url, content, limit)
         except HarvestError as err:
             self.stats.observe(endpoint, type(err).__name__, time.perf_counter() - started)
             raise
@@ -202,13 +181,16 @@ class TeacherClient:
             )
         return resp.content
 
-    async def complete(self, row: PromptRow, ready: Ready | None = None) -> Completion:
+    async def complete(
+        self, row: PromptRow, ready: Ready | None = None, request: CompletionRequest | None = None
+    ) -> Completion:
         """All samples for one row, retried per the policy; raises a ``HarvestError`` else.
 
         ``ready`` is awaited once an endpoint slot is held, right before each attempt is sent:
         the caller's back-pressure (a unit whose shard writer is behind), with the slot kept
-        so no other request takes its place meanwhile."""
-        body = self.payload(row)
+        so no other request takes its place meanwhile. ``request`` is the row's
+        (``request_for``), when the caller has built it already."""
+        body = request or request_for(self.spec, row)
         started = time.perf_counter()
         req = _Request()
         attempts = 0
@@ -232,7 +214,7 @@ class TeacherClient:
         )
 
     async def _attempt(
-        self, row: PromptRow, body: dict[str, Any], req: _Request, ready: Ready | None
+        self, row: PromptRow, body: CompletionRequest, req: _Request, ready: Ready | None
     ) -> Answer:
         """One attempt the row is charged for. A 429 pauses the endpoint, and a failure that
         takes the endpoint out of rotation is the teacher's fault: both wait for an endpoint
@@ -245,11 +227,11 @@ class TeacherClient:
                 req.waited_s += time.monotonic() - before
                 req.endpoint = endpoint
                 try:
-                    if "prompt_logprobs" in body and req.scored is None:  # score mode
+                    if body.scoring and req.scored is None:  # tokenised once for all attempts
                         req.scored = await sequence(lambda b: self.tokenize(endpoint, b), row)
-                        body["prompt"] = req.scored.ids
-                    if "prompt" not in body:  # a chat row, rendered once for all attempts
-                        body["prompt"] = await self.render(endpoint, row.messages or [])
+                        body.prompt = req.scored.ids
+                    if body.prompt is None:  # a chat row, rendered once for all attempts
+                        body.prompt = await self.render(endpoint, row.messages or [])
                     answer = await self._generate(endpoint, body, req.scored)
                 except RateLimited as err:
                     self.counters["RateLimited"] += 1
@@ -267,25 +249,29 @@ class TeacherClient:
                 return answer
 
     async def _generate(
-        self, endpoint: str, body: dict[str, Any], scored: Scored | None = None
+        self, endpoint: str, body: CompletionRequest, scored: Scored | None = None
     ) -> Answer:
         """Send the completions request under a rate-limit permit; parse what comes back.
 
         A score request reserves the tokens it scores (it generates one, discarded)."""
-        reserve = len(scored.ids) - 1 if scored else body["max_tokens"] * body["n"]
+        reserve = len(scored.ids) - 1 if scored else body.max_tokens * body.n
         # The permit is taken last, right before sending, so nothing between the limiter's
         # decision and the request leaving can bunch requests.
         permit = await self.limiter.acquire(reserve) if self.limiter else None
         used = reserve  # a failed attempt may still have cost the teacher tokens
         try:
             url = endpoint + "/completions"
+            content = orjson.dumps(body.body())
+            limit = completion_limit(body, len(content))
             if scored is not None:
-                answer = parse_scored(await self._post(endpoint, url, body), scored, self.k)
+                got = await self._post(endpoint, url, content, limit)
+                answer = parse_scored(got, scored, self.k)
             else:  # from the bytes: the top-K never become Python objects
-                answer = read_completions(await self._post_bytes(endpoint, url, body), self.k)
-            if len(answer.samples) != body["n"]:
+                got = await self._post_bytes(endpoint, url, content, limit)
+                answer = read_completions(got, self.k)
+            if len(answer.samples) != body.n:
                 raise InvalidResponse(
-                    f"asked for n={body['n']}, got {len(answer.samples)}", endpoint=endpoint
+                    f"asked for n={body.n}, got {len(answer.samples)}", endpoint=endpoint
                 )
             used = sum(len(s.token_ids) for s in answer.samples)
             return answer
@@ -297,35 +283,27 @@ class TeacherClient:
         """vLLM's ``/health`` (beside ``/v1``), else the model list, answers 200."""
         for url in (endpoint.removesuffix("/v1") + "/health", endpoint + "/models"):
             try:
-                resp = await self._http.get(url, timeout=5.0)
-            except httpx.HTTPError:
+                status = await self._transport.health(url)
+            except HarvestError:
                 return False
-            if resp.status_code != 404:
-                return resp.status_code == 200
+            if status != 404:
+                return status == 200
         return False
 
     async def aclose(self) -> None:
         await self.router.aclose()
-        await self._http.aclose()
-        if self._direct is not None:
-            await self._direct.aclose()
+        await self._transport.aclose()
 
 
-def _direct(spec: JobSpec, headers: dict[str, str]) -> DirectPost | None:
-    """aiohttp without httpx's models for the POSTs, when the job asks for that transport."""
-    verify = spec.teacher.tls_verify
-    if spec.teacher.transport != "aiohttp" or isinstance(verify, str):  # no CA bundle yet
-        return None
-    return DirectPost(
-        {**headers, "Content-Type": "application/json"}, spec.teacher.timeout_s, verify=verify
-    )
-
-
-def _transport(spec: JobSpec) -> httpx.AsyncBaseTransport | None:
-    verify = spec.teacher.tls_verify
-    if spec.teacher.transport == "aiohttp" and not isinstance(verify, str):  # no CA bundle yet
-        return AiohttpTransport(verify=verify)
-    return None  # httpx's own
+def _transport(
+    spec: JobSpec, headers: dict[str, str], injected: httpx.AsyncBaseTransport | None
+) -> Transport:
+    """The job's transport; an injected httpx transport (tests) runs under httpx."""
+    teacher = spec.teacher
+    if teacher.transport == "aiohttp" and injected is None:
+        headers = {**headers, "Content-Type": "application/json"}
+        return AiohttpTransport(headers, teacher.timeout_s, verify=teacher.tls_verify)
+    return HttpxTransport(headers, teacher.timeout_s, verify=teacher.tls_verify, transport=injected)
 
 
 _LATE_S = 0.05  # a loop this late at the deadline was stalled, not waiting on the server

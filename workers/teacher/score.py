@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.job import JobSpec
+from schemas.requests import CompletionRequest
 from schemas.wire import Answer, PromptRow, Sample
 from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
 
@@ -51,19 +52,21 @@ def score_sampling(spec: JobSpec) -> dict[str, Any]:
     return {"mode": "score", "n": 1, "logprobs": spec.sampling.logprobs}
 
 
-def score_body(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
-    """The ``/v1/completions`` body; the ids to score are added once tokenised (``sequence``).
+def score_request(spec: JobSpec, row: PromptRow, sampling: dict[str, Any]) -> CompletionRequest:
+    """The ``/v1/completions`` request; the ids to score are added once tokenised
+    (``sequence``).
 
     The temperature shapes only the discarded token; it is passed so the preflight's mode probe
     (two temperatures) can show that prompt logprobs do not depend on it."""
-    return {
-        "model": spec.teacher.model,
-        "max_tokens": 1,
-        "n": 1,
-        "temperature": row.overrides.get("temperature", spec.sampling.temperature),
-        "prompt_logprobs": spec.sampling.logprobs,
-        "return_token_ids": True,  # the ids the teacher scored, checked against ours
-    }
+    return CompletionRequest(
+        mode="score",
+        model=spec.teacher.model,
+        max_tokens=1,
+        n=1,
+        temperature=row.overrides.get("temperature", spec.sampling.temperature),
+        k=spec.sampling.logprobs,
+        sampling=sampling,
+    )
 
 
 async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:

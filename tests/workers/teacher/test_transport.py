@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import Counter
 
+import aiohttp
+import httpx
+import pytest
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from samples import same
 from test_fault_teacher_server import ALL_FAULTS_BUT_STALL, make_spec, rows
 
 from schemas.wire import Completion, PromptRow
 from workers import USER_AGENT
-from workers.errors import HarvestError
+from workers.errors import HarvestError, TeacherUnavailable
 from workers.teacher.client import TeacherClient
-from workers.teacher.transport import AiohttpTransport
+from workers.teacher.transport import AiohttpTransport, HttpxTransport
 
 
 async def _harvest(url: str, transport: str) -> list[Completion | BaseException]:
@@ -43,12 +47,10 @@ def test_aiohttp_transport_gives_httpx_answers_through_faults() -> None:
 def test_client_picks_the_transport_from_the_spec() -> None:
     async def go() -> None:
         default = TeacherClient(make_spec("http://127.0.0.1:9/v1"), job_id="t")
-        assert isinstance(default._http._transport, AiohttpTransport)
-        assert default._direct is not None  # POSTs skip httpx's models
+        assert isinstance(default._transport, AiohttpTransport)  # POSTs and health on aiohttp
         await default.aclose()
         client = TeacherClient(make_spec("http://127.0.0.1:9/v1", transport="httpx"), job_id="t")
-        assert not isinstance(client._http._transport, AiohttpTransport)
-        assert client._direct is None
+        assert isinstance(client._transport, HttpxTransport)
         await client.aclose()
 
     asyncio.run(go())
@@ -104,3 +106,28 @@ def test_an_answer_received_while_the_loop_stalled_is_not_sent_again() -> None:
         sent = Counter(r.key for r in server.log if r.key in keys)
     assert set(sent) == set(keys)
     assert max(sent.values()) == 1, sent
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_each_transport_maps_its_own_failures_straight_to_harvest_errors(transport: str) -> None:
+    """A refused connection is a TeacherUnavailable caused by the library's own exception (no
+    detour through the other library's classes), for a POST and for a health check."""
+
+    async def go() -> tuple[BaseException, bool]:
+        with socket.socket() as free:  # a port nothing listens on
+            free.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{free.getsockname()[1]}/v1"
+        client = TeacherClient(make_spec(url, transport=transport, max_attempts=1), job_id="t")
+        try:
+            try:
+                await client._send(url, url + "/completions", b"{}", 1 << 20)
+            except TeacherUnavailable as err:
+                return err, await client.healthy(url)
+            raise AssertionError("no error")
+        finally:
+            await client.aclose()
+
+    err, healthy = asyncio.run(go())
+    assert err.endpoint and not healthy
+    library = aiohttp if transport == "aiohttp" else httpx
+    assert type(err.__cause__).__module__.split(".")[0] == library.__name__, err.__cause__
