@@ -61,6 +61,12 @@ class InputSpec(_Strict):
         description="Column holding a stable prompt id. Rows without it get an id derived from "
         "the file name and line (JSONL) or row number (Parquet), stable across reruns.",
     )
+    format: Literal["rows", "harvest"] = Field(
+        "rows",
+        description="'rows': path names JSONL/Parquet files of rows. 'harvest' (score mode): "
+        "path is another harvest's output (a folder or s3:// / gs:// URI); its committed data "
+        "shards are the rows, and their token ids are scored exactly as stored.",
+    )
     overrides_field: str = Field(
         "sampling",
         description="Column holding per-row sampling overrides (a dict with any of max_tokens, "
@@ -354,6 +360,8 @@ class JobSpec(_Strict):
     def _one_record_per_scored_row(self) -> JobSpec:
         if self.mode == "score" and self.sampling.n != 1:
             raise ValueError("score mode scores the one text each row holds: sampling.n must be 1")
+        if self.input.format == "harvest" and self.mode != "score":
+            raise ValueError("input.format 'harvest' is read in score mode only")
         return self
 
     def fingerprint(self) -> str:
@@ -365,7 +373,7 @@ class JobSpec(_Strict):
             "teacher_model": self.teacher.model,
             "sampling": self.sampling.model_dump(),
             "input": self.input.model_dump(
-                exclude={"path", "response_field"} if generate else {"path"}
+                exclude={"path", "response_field", "format"} if generate else {"path", "format"}
             ),
             "rows_per_shard": self.output.rows_per_shard,  # decides the unit boundaries
         }
@@ -373,6 +381,8 @@ class JobSpec(_Strict):
             keep["logprob_dtype"] = self.output.logprob_dtype
         if not generate:
             keep["mode"] = self.mode
+        if self.input.format != "rows":  # jobs from before input.format hash as they did
+            keep["input"]["format"] = self.input.format
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

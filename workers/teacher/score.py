@@ -17,7 +17,12 @@ them to train on (the loss mask), comes from the server's own tokenizer (``/toke
   the row is an ``InvalidInput`` failure (templates that rewrite earlier turns, e.g. dropping
   reasoning, cannot be scored turn by turn).
 
-A record holds, for every token after the first (the first has no logprob), its id, its
+* ids (a row with ``token_ids``, e.g. another harvest's records): ``prompt_token_ids +
+  token_ids`` exactly as given, nothing tokenised. The record keeps the row's split (its
+  ``prompt_token_ids`` / ``token_ids``), sample index and loss mask; the teacher's logprobs
+  and top-K are those of ``token_ids``, on the same positions as the row's own logprobs.
+
+A text row's record holds, for every token after the first (the first has no logprob), its id, its
 logprob, the teacher's top-K (exactly K, best first) and whether to train on it.
 """
 
@@ -42,8 +47,10 @@ class Scored:
     """The sequence to score, which of its tokens to train on, and the response text."""
 
     ids: list[int]
-    mask: list[bool]  # as long as ids
+    mask: list[bool | None]  # as long as ids (None: an ids row without a mask)
     response: str
+    start: int = 1  # ids[:start] are the record's prompt_token_ids, the rest its token_ids
+    sample_index: int = 0
 
 
 def score_sampling(spec: JobSpec) -> dict[str, Any]:
@@ -68,6 +75,11 @@ def score_body(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
 
 async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
     """The row's ids as the teacher tokenises them, and the mask of the tokens to train on."""
+    if row.token_ids is not None and row.prompt_token_ids is not None:  # scored as given
+        prompt = list(row.prompt_token_ids)
+        mask: list[bool | None] = [False] * len(prompt)
+        mask += list(row.loss_mask) if row.loss_mask is not None else [None] * len(row.token_ids)
+        return Scored(prompt + list(row.token_ids), mask, _text(row), len(prompt), row.sample_index)
     if row.messages is None:
         prompt = await tokenize({"prompt": row.prompt})
         response = await tokenize({"prompt": row.response, "add_special_tokens": False})
@@ -95,6 +107,11 @@ async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
         raise InvalidInput("no assistant token to score after the first token")
     response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return Scored(full, mask, response)
+
+
+def _text(row: PromptRow) -> str:
+    """An ids row's response text, when its source kept one (the record's column is required)."""
+    return row.response or ""
 
 
 def _check_prefix(full: list[int], part: list[int], what: str) -> None:
@@ -160,20 +177,22 @@ def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
         raise InvalidResponse("prompt_logprobs is not a list as long as the prompt")
     if plp[0] is not None:
         raise InvalidResponse("prompt_logprobs does not start with null (the first token)")
+    start = scored.start
     logprobs, top_ids, top_lps = [], [], []
-    for entry, actual in zip(plp[1:], scored.ids[1:], strict=True):
+    for entry, actual in zip(plp[start:], scored.ids[start:], strict=True):
         own, ids, lps = _position(entry, actual, k)
         logprobs.append(own)
         top_ids.append(ids)
         top_lps.append(lps)
+    mask = scored.mask[start:]
     sample = Sample(
-        sample_index=0,
+        sample_index=scored.sample_index,
         response=scored.response,
         finish_reason=FINISH_REASON,
-        token_ids=scored.ids[1:],
+        token_ids=scored.ids[start:],
         logprobs=logprobs,
         top_token_ids=top_ids,
         top_logprobs=top_lps,
-        loss_mask=scored.mask[1:],
+        loss_mask=None if mask and mask[0] is None else mask,  # type: ignore[arg-type]
     )
-    return Answer([sample], 1, scored.ids[:1])
+    return Answer([sample], start, scored.ids[:start])
