@@ -329,7 +329,7 @@ class ConcurrencySpec(_Strict):
     worker_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each worker.")
 
 
-Mode = Literal["generate", "score"]
+Mode = Literal["generate", "score", "round"]
 
 
 class JobSpec(_Strict):
@@ -339,10 +339,19 @@ class JobSpec(_Strict):
         "already hold responses (a prompt and input.response_field, or chat messages with "
         "assistant turns) and the teacher scores them token by token (teacher forcing, vLLM's "
         "prompt_logprobs): records get each token's logprob, the top-K and a loss_mask over the "
-        "response. Of sampling, only logprobs (K) applies in score mode.",
+        "response. Of sampling, only logprobs (K) applies in score mode. 'round' (on-policy "
+        "distillation): the student samples responses to the prompts (sampling applies to it) "
+        "and the teacher scores each sample's exact token ids as it arrives; records hold the "
+        "student's ids and logprobs (student_logprobs) and the teacher's logprobs and top-K.",
     )
     input: InputSpec = Field(description="Where the prompts come from.")
     teacher: TeacherSpec = Field(description="The teacher model and how to reach it.")
+    student: TeacherSpec | None = Field(
+        None,
+        description="Round mode: the student model that samples, and how to reach it "
+        "(endpoints or replicas, key, rate limits, retries: the same fields as teacher, with "
+        "its own authorization block). Its tokenizer must be the teacher's.",
+    )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to sample.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where records go.")
     concurrency: ConcurrencySpec = Field(
@@ -362,7 +371,27 @@ class JobSpec(_Strict):
             raise ValueError("score mode scores the one text each row holds: sampling.n must be 1")
         if self.input.format == "harvest" and self.mode != "score":
             raise ValueError("input.format 'harvest' is read in score mode only")
+        if (self.mode == "round") != (self.student is not None):
+            raise ValueError("a student is given in round mode, and only there")
         return self
+
+    def student_job(self) -> JobSpec:
+        """Round mode: the student's side, a generate job (sampled-token logprobs only)."""
+        assert self.student is not None
+        sampling = self.sampling.model_copy(update={"logprobs": 0})
+        return self.model_copy(
+            update={
+                "mode": "generate",
+                "teacher": self.student,
+                "student": None,
+                "sampling": sampling,
+            }
+        )
+
+    def teacher_job(self) -> JobSpec:
+        """Round mode: the teacher's side, a score job on the student's ids at K."""
+        sampling = SamplingSpec(logprobs=self.sampling.logprobs)
+        return self.model_copy(update={"mode": "score", "student": None, "sampling": sampling})
 
     def fingerprint(self) -> str:
         """Hash of what decides the records' content: mode, teacher, sampling, input columns.
@@ -383,6 +412,8 @@ class JobSpec(_Strict):
             keep["mode"] = self.mode
         if self.input.format != "rows":  # jobs from before input.format hash as they did
             keep["input"]["format"] = self.input.format
+        if self.student is not None:
+            keep["student_model"] = self.student.model
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -435,14 +466,15 @@ def load_job(path: str | Path) -> JobSpec:
         update={
             "input": spec.input.model_copy(update={"path": _under(base, spec.input.path)}),
             "output": spec.output.model_copy(update={"dir": _under(base, spec.output.dir)}),
-            "teacher": spec.teacher.model_copy(
-                update={
-                    "api_key_file": spec.teacher.api_key_file
-                    and _under(base, spec.teacher.api_key_file)
-                }
-            ),
+            "teacher": _key_file_under(base, spec.teacher),
+            "student": spec.student and _key_file_under(base, spec.student),
         }
     )
+
+
+def _key_file_under(base: Path, model: TeacherSpec) -> TeacherSpec:
+    key_file = model.api_key_file and _under(base, model.api_key_file)
+    return model.model_copy(update={"api_key_file": key_file})
 
 
 def _under(base: Path, p: str) -> str:

@@ -16,6 +16,7 @@ from schemas.job import JobSpec
 from schemas.records import FAILURE_SCHEMA, record_schema
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
 from workers.errors import FatalError, HarvestError, MissingLogprobs
+from workers.round import RoundClients, round_row
 from workers.shards.columns import compact
 from workers.shards.writer import ShardWriter
 from workers.storage import Store
@@ -115,9 +116,15 @@ class _Unit:
 
 
 async def _send_all(
-    rows: list[PromptRow | RowProblem], client: TeacherClient, out: _Unit, progress: Counter[str]
+    rows: list[PromptRow | RowProblem],
+    client: TeacherClient | RoundClients,
+    out: _Unit,
+    progress: Counter[str],
 ) -> None:
     async def one(row: PromptRow) -> None:
+        if isinstance(client, RoundClients):  # the student samples, the teacher scores
+            await round_row(row, client, out.spec, out.add, out.room, progress)
+            return
         outcome: Outcome
         try:
             done = await client.complete(row, out.room)
@@ -149,7 +156,7 @@ async def _send_all(
 
 async def harvest_unit(
     unit: WorkUnit,
-    client: TeacherClient,
+    client: TeacherClient | RoundClients,
     spec: JobSpec,
     store: Store,
     shard_meta: dict[str, Any],

@@ -51,6 +51,8 @@ def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
         return score_sampling(spec)
     params = spec.sampling.model_dump(include=set(OVERRIDABLE))
     params.update(row.overrides)
+    if spec.mode == "round" and spec.student is not None:  # which student, and the teacher's K
+        params.update(mode="round", student=spec.student.model, k=spec.sampling.logprobs)
     return params
 
 
