@@ -33,7 +33,7 @@ from workers.errors import (
 )
 from workers.teacher.retry import build_retrying, parse_retry_after
 from workers.teacher.router import PauseListener, Router
-from workers.teacher.score import Scored, parse_scored, score_body, score_sampling, sequence
+from workers.teacher.score import Scored, read_scored, score_body, score_sampling, sequence
 from workers.teacher.stats import RequestStats
 from workers.teacher.transport import AiohttpTransport, DirectPost, Reply
 
@@ -281,7 +281,8 @@ class TeacherClient:
         try:
             url = endpoint + "/completions"
             if scored is not None:
-                answer = parse_scored(await self._post(endpoint, url, body), scored, self.k)
+                raw = await self._post_bytes(endpoint, url, body)
+                answer = read_scored(raw, scored, self.k)
             else:  # from the bytes: the top-K never become Python objects
                 answer = read_completions(await self._post_bytes(endpoint, url, body), self.k)
             if len(answer.samples) != body["n"]:

@@ -32,8 +32,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from schemas.job import JobSpec
 from schemas.wire import Answer, PromptRow, Sample
+from workers.answers.fastparse import PROMPT_MARK, scan_prompt
 from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
 
 FINISH_REASON = "score"
@@ -161,8 +164,23 @@ def _position(entry: Any, actual: int, k: int) -> tuple[float, list[int], list[f
     return own, [t for _, t in alts], [lp for lp, _ in alts]
 
 
-def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
-    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``scored``."""
+def read_scored(raw: bytes, scored: Scored, k: int) -> Answer:
+    """``parse_scored`` from the body's bytes: the prompt_logprobs are read by the compiled
+    core (``fastparse.scan_prompt``) without a Python object per alternative; at any doubt the
+    whole body goes through orjson and ``parse_scored``, which names the problem."""
+    fast = scan_prompt(raw, scored.ids, scored.start, k)
+    if fast is not None:
+        body, top_ids, top_lps, own = fast
+        if _choice(body, scored).get("prompt_logprobs") == PROMPT_MARK:
+            return _answer(scored, own, top_ids, top_lps)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidResponse(f"body is not JSON: {err}") from None
+    return parse_scored(body, scored, k)
+
+
+def _choice(body: Any, scored: Scored) -> dict[str, Any]:
     choices = body.get("choices") if type(body) is dict else None
     if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
         raise InvalidResponse("response has not exactly one choice object")
@@ -170,6 +188,12 @@ def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
     echoed = choice.get("prompt_token_ids")
     if echoed is not None and echoed != scored.ids:
         raise InvalidResponse("the teacher scored other token ids than were sent")
+    return choice
+
+
+def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
+    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``scored``."""
+    choice = _choice(body, scored)
     plp = choice.get("prompt_logprobs")
     if plp is None:
         raise MissingLogprobs("teacher returned no prompt_logprobs (a vLLM extra)")
@@ -184,6 +208,11 @@ def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
         logprobs.append(own)
         top_ids.append(ids)
         top_lps.append(lps)
+    return _answer(scored, logprobs, top_ids, top_lps)
+
+
+def _answer(scored: Scored, logprobs: Any, top_ids: Any, top_lps: Any) -> Answer:
+    start = scored.start
     mask = scored.mask[start:]
     sample = Sample(
         sample_index=scored.sample_index,
