@@ -24,6 +24,7 @@ from harvest.driver.lease import Lease
 from harvest.driver.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.driver.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.driver.replicas import ReplicaError, ReplicaSet
+from harvest.driver.retry_rows import failed_samples, to_retry
 from harvest.driver.rounds import Student, start_student
 from harvest.inputs.sources import iter_units, scan
 from harvest.outputs.manifest import RETRY_SEP, Manifest, UnitCommit, UnitState
@@ -334,11 +335,6 @@ def run_job(
     return summary
 
 
-def _failed_prompt_ids(store: Store, rel: str) -> set[str]:
-    with store.open_input_file(rel) as fh:
-        return set(pq.read_table(fh, columns=["prompt_id"])["prompt_id"].to_pylist())
-
-
 def _failed_kinds(store: Store, rel: str) -> tuple[int, set[str]]:
     """How many prompts one failure shard holds, and their kinds (chat / completions); rows
     that could not be read have neither, and are failure rows again without a request."""
@@ -375,10 +371,10 @@ def retry_failed(
         def retry_units() -> Iterator[WorkUnit]:
             for u in iter_units(inputs.files, spec, _units_per_shard(spec)):
                 if u.unit_id in failed:
-                    ids = _failed_prompt_ids(store, failed[u.unit_id])
+                    ids = failed_samples(store, failed[u.unit_id])
                     yield WorkUnit(
                         f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
-                        [row for row in u.rows if row.prompt_id in ids],
+                        [row for row in u.rows if to_retry(spec, row, ids)],
                     )
 
         summary = Summary(store.uri, manifest.job_id, prompts=total)

@@ -18,6 +18,7 @@ from fault_teacher_server import FaultTeacherServer
 from test_harvest_e2e import write_job
 
 from harvest.cli import main
+from harvest.outputs.provenance import report
 from harvest.training import reader
 from workers.shards.columns import read_metadata
 
@@ -75,6 +76,8 @@ def test_a_round_with_the_teacher_as_student_scores_the_ids_as_sampled(same):
     assert meta["student_authorization"]["owner"] == AUTH["owner"]
     assert meta["teacher"]["tokenizer_hash"] == meta["student"]["tokenizer_hash"]
     assert reader.data_files(same, "failed") == []
+    text, agreed = report(same)
+    assert agreed and "student:         tiny" in text and "mode:            round" in text
 
 
 def test_a_rerun_of_a_round_resumes_and_changes_nothing(same):
