@@ -466,7 +466,8 @@ static int hex(char c) {
 
 /* Past the JSON string at p ('"'); NULL if unterminated or anything orjson would refuse
  * (a control character, an unknown escape, bad UTF-8; an escaped lone surrogate is left to
- * orjson too). */
+ * orjson too), or an escaped NUL. Every string of a body scan_prompt_logprobs accepts passes
+ * here, so the caller need not search the body for a forged marker. */
 static const char *skip_string(const char *p, const char *end) {
     for (p++; p < end;) {
         unsigned char c = (unsigned char)*p;
@@ -480,6 +481,8 @@ static const char *skip_string(const char *p, const char *end) {
                     return NULL;
                 if ((p[2] == 'd' || p[2] == 'D') && strchr("89abcdefABCDEF", p[3]))
                     return NULL; /* surrogates: pairs and lone ones, orjson decides */
+                if (memcmp(p + 2, "0000", 4) == 0)
+                    return NULL; /* a NUL: it could forge the marker this scan writes */
                 p += 6;
             } else if (strchr("\"\\/bfnrt", e) != NULL && e != '\0') {
                 p += 2;

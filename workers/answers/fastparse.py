@@ -239,10 +239,11 @@ def scan_prompt(
 
     Returns the body (that array replaced by the marker string ``PROMPT_MARK``), the top-K
     ids and logprobs (n, K) and the actual tokens' logprobs (n) for positions ``start..`` of
-    ``ids``. None when the core is missing, the body could hold a forged marker, or anything
-    is not surely read as ``workers.teacher.score.parse_scored`` would read it (the caller
-    then uses that)."""
-    if compiled is None or _MARK_ESCAPED in raw or b"\0" in raw:
+    ``ids``. None when the core is missing or anything is not surely read as
+    ``workers.teacher.score.parse_scored`` would read it (the caller then uses that). The body
+    is not searched for a forged marker here (``scan`` does): the core gives up on any escaped
+    NUL in any string it passes, and on a "prompt_logprobs" key met twice or not an array."""
+    if compiled is None:
         return None
     got = compiled.scan_prompt_logprobs(raw, k, np.asarray(ids, np.int64), start)
     if got is None:

@@ -103,6 +103,13 @@ def test_shapes_the_fast_path_leaves_to_the_checked_path():
         cases.append(orjson.dumps(body))
     twice = orjson.dumps(good).replace(b'"usage"', b'"prompt_logprobs":[null],"usage"')
     cases.append(twice)
+    # A forged marker: the real array under a literal key, the marker string under an escaped
+    # duplicate that orjson decodes to the same key (the last one wins there).
+    forged = orjson.dumps(good).replace(
+        b'"prompt_token_ids"', b'"prompt\\u005flogprobs":"\\u0000p","prompt_token_ids"'
+    )
+    assert b"u005f" in forged
+    cases.append(forged)
     for raw in cases:
         agree(raw, scored, 3)
     assert plp[0] is None
