@@ -18,7 +18,7 @@ from workers.answers import fastparse
 from workers.errors import InvalidResponse, MissingLogprobs
 from workers.teacher.score import Scored, parse_scored, read_scored
 
-REAL = Path(__file__).resolve().parents[2] / "data" / "vllm" / "score_ids_k5.json"
+REAL = Path(__file__).resolve().parents[2] / "data" / "vllm-score" / "score_ids_k5.json"
 
 
 @pytest.fixture(autouse=True)
