@@ -147,3 +147,30 @@ def test_generate_then_score_by_ids_gives_the_stored_logprobs(round_trip):
             worst = max(worst, abs(a - b))
     assert worst < 1e-4, f"teacher and stored logprobs differ by up to {worst}"
     assert reader.data_files(scored, "failed") == []
+
+
+def test_a_harvest_on_object_storage_is_scored_by_ids(
+    tmp_path, tiny_teacher, ray_cluster, s3_prefix
+):
+    """``input.format: harvest`` on s3://: the committed shards are listed by the manifest."""
+    with open(tmp_path / "prompts.jsonl", "w") as fh:
+        for i in range(4):
+            fh.write(json.dumps({"id": f"s{i}", "prompt": f"Stored {i} is"}) + "\n")
+    sampling = {"max_tokens": 8, "n": 1, "logprobs": K, "seed": 9, "temperature": 1.0}
+    source = f"{s3_prefix}/generated"
+    job = write_job(tmp_path, tiny_teacher, sampling=sampling, output={"dir": source})
+    assert main(["run", str(job), "--no-progress"]) == 0
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    job = write_job(
+        scored, tiny_teacher, mode="score", sampling={"logprobs": K},
+        input={"path": source, "format": "harvest"}, output={"dir": f"{s3_prefix}/scored"},
+    )  # fmt: skip
+    assert main(["run", str(job), "--no-progress"]) == 0
+    gen = {r["request_id"]: r for r in reader.read_table(source).to_pylist()}
+    got = {r["request_id"]: r for r in reader.read_table(f"{s3_prefix}/scored").to_pylist()}
+    assert sorted(got) == sorted(gen) and len(got) == 4
+    for rid, g in gen.items():
+        assert got[rid]["token_ids"] == g["token_ids"]
+        for a, b in zip(got[rid]["logprobs"], g["logprobs"], strict=True):
+            assert abs(a - b) < 1e-4
