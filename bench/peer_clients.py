@@ -6,6 +6,10 @@ the same thing (``/tokenize`` first for a chat row, then ``/v1/completions`` wit
 sampling, ``logprobs: K``, ``return_tokens_as_token_ids`` and ``return_token_ids``) and writes
 the same columns: prompt_id, prompt_token_ids, token_ids, logprobs, top_token_ids and
 top_logprobs (exactly K per token, best first), response, finish_reason.
+
+Two more apis run the score path: ``score`` (rows carry ``prompt_token_ids`` + ``token_ids``;
+each is scored with ``prompt_logprobs: K``, nothing tokenised) and ``round`` (harvest only:
+the same synthetic server is student and teacher; the student samples, the teacher scores).
 """
 
 from __future__ import annotations
@@ -120,6 +124,54 @@ async def _bare(args: dict[str, Any], out: Path) -> None:
     pq.write_table(table, out / "part-0.parquet", compression="zstd")
 
 
+def _scored_columns(choice: dict[str, Any], ids: list[int], start: int, k: int) -> dict[str, Any]:
+    """A score answer as the shared columns: the response tokens' logprobs and top K."""
+    lps, top_ids, top_lps = [], [], []
+    for entry, actual in zip(choice["prompt_logprobs"][start:], ids[start:], strict=True):
+        lps.append(entry[str(actual)]["logprob"])
+        alts = [
+            (v["logprob"], int(t)) for t, v in entry.items() if len(entry) == k or int(t) != actual
+        ]
+        alts.sort(key=lambda a: (-a[0], a[1]))
+        top_ids.append([t for _, t in alts[:k]])
+        top_lps.append([v for v, _ in alts[:k]])
+    return {
+        "prompt_token_ids": ids[:start], "token_ids": ids[start:], "logprobs": lps,
+        "top_token_ids": top_ids, "top_logprobs": top_lps, "response": "",
+        "finish_reason": "score",
+    }  # fmt: skip
+
+
+async def _bare_score(args: dict[str, Any], out: Path) -> None:
+    """The score path of a bare client: ids to /v1/completions, orjson, dicts, Parquet."""
+    import aiohttp
+
+    base, k = args["url"], args["k"]
+    sem = asyncio.Semaphore(args["in_flight"])
+    got: list[dict[str, Any]] = []
+    conn = aiohttp.TCPConnector(limit=args["in_flight"])
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def one(row: dict[str, Any]) -> None:
+            ids = row["prompt_token_ids"] + row["token_ids"]
+            body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": k}
+            async with sem, session.post(
+                base + "/completions", data=orjson.dumps(body),
+                headers={"Content-Type": "application/json"},
+            ) as resp:  # fmt: skip
+                resp.raise_for_status()
+                answer = orjson.loads(await resp.read())
+            start = len(row["prompt_token_ids"])
+            got.append(
+                {"prompt_id": row["id"], **_scored_columns(answer["choices"][0], ids, start, k)}
+            )
+
+        async with asyncio.TaskGroup() as group:
+            for row in _rows(args):
+                group.create_task(one(row))
+    pq.write_table(pa.Table.from_pylist(got, schema=schema(k)), out / "part-0.parquet")
+
+
 # ---- Ray Data LLM's HTTP processor -------------------------------------------------------------
 
 
@@ -171,17 +223,23 @@ def _harvest(args: dict[str, Any], out: Path, transport: str = "aiohttp") -> Non
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # as `harvest run`'s private cluster
     start_local_ray()
+    model = {
+        "model": MODEL,
+        "endpoints": [args["url"]],
+        "authorization": {"owner": "bench", "license": "test", "attestation": "synthetic"},
+        "timeout_s": 120.0,
+        "transport": transport,
+    }
+    mode = {"score": {"mode": "score"}, "round": {"mode": "round", "student": model}}
+    sampling = {"max_tokens": args["max_tokens"], "n": 1, "logprobs": args["k"]}
+    if args["api"] == "score":
+        sampling = {"logprobs": args["k"]}
     spec = parse_job(
         {
+            **mode.get(args["api"], {}),
             "input": args["prompts"],
-            "teacher": {
-                "model": MODEL,
-                "endpoints": [args["url"]],
-                "authorization": {"owner": "bench", "license": "test", "attestation": "synthetic"},
-                "timeout_s": 120.0,
-                "transport": transport,
-            },
-            "sampling": {"max_tokens": args["max_tokens"], "n": 1, "logprobs": args["k"]},
+            "teacher": model,
+            "sampling": sampling,
             "output": {"dir": str(out), **args.get("output", {})},
             "concurrency": {
                 "workers": args["workers"],
@@ -201,7 +259,9 @@ def main(argv: list[str]) -> int:
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    if contender == "bare":
+    if contender == "bare" and args["api"] == "score":
+        asyncio.run(_bare_score(args, out))
+    elif contender == "bare":
         asyncio.run(_bare(args, out))
     elif contender == "raydata":
         _raydata(args, out)

@@ -42,11 +42,23 @@ from synthetic import ProcessTeacher, _cpu_times  # noqa: E402
 from treeprobe import TreeProbe  # noqa: E402
 
 CONTENDERS = ("harvest", "harvest-httpx", "bare", "raydata")
+# The score path (bench/peer_clients.py): which contenders run it.
+SCORE_APIS = {"score": ("harvest", "harvest-httpx", "bare"), "round": ("harvest", "harvest-httpx")}
+PROMPT_IDS = 16  # score rows: this many prompt ids, then max_tokens response ids
 
 
-def write_prompts(path: Path, api: str, count: int) -> None:
+def runs_api(contender: str, api: str) -> bool:
+    return api not in SCORE_APIS or contender in SCORE_APIS[api]
+
+
+def write_prompts(path: Path, api: str, count: int, max_tokens: int = 256) -> None:
     with open(path, "wb") as fh:
         for i in range(count):
+            if api == "score":  # ids to score as given, in a 32,000-id vocabulary
+                ids = [(i * 7919 + j * 104729) % 32_000 for j in range(PROMPT_IDS + max_tokens)]
+                row = {"id": f"score-{i}", "prompt_token_ids": ids[:PROMPT_IDS]}
+                fh.write(json.dumps({**row, "token_ids": ids[PROMPT_IDS:]}).encode() + b"\n")
+                continue
             text = f"peers {api} prompt {i}: tell me about the number {i}"
             row: dict[str, Any] = {"id": f"{api}-{i}"}
             if api == "chat":
@@ -73,7 +85,7 @@ def run_one(
 ) -> dict[str, Any]:
     folder = work / f"{contender}-{api}-{prompts}"
     folder.mkdir(parents=True)
-    write_prompts(folder / "prompts.jsonl", api, prompts)
+    write_prompts(folder / "prompts.jsonl", api, prompts, args.max_tokens)
     conf = {
         "url": url,
         "api": api,
@@ -294,7 +306,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat", type=int, default=1,
         help="run every size of every contender this many times (interleaved); report medians",
     )  # fmt: skip
-    ap.add_argument("--apis", nargs="+", default=["completions", "chat"])
+    ap.add_argument(
+        "--apis", nargs="+", default=["completions", "chat"],
+        choices=["completions", "chat", "score", "round"],
+        help="score: rows of ids scored with prompt_logprobs; round: student samples, teacher "
+        "scores (the same synthetic server plays both)",
+    )  # fmt: skip
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "peers.json")
     args = ap.parse_args(argv)
@@ -317,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i in (0, 1):
                     for api in args.apis:
                         for c in args.contenders:
+                            if not runs_api(c, api):
+                                continue
                             size = (args.raydata_sizes if c == "raydata" else sizes)[i]
                             work = Path(tmp) / f"repeat-{rep}"
                             work.mkdir(exist_ok=True)

@@ -41,14 +41,20 @@ async def run(url: str, args: argparse.Namespace, out: Path) -> int:
                 "transport": args.transport,
                 "authorization": {"owner": "bench", "license": "test", "attestation": "synthetic"},
             },
-            "sampling": {"max_tokens": args.max_tokens, "n": 1, "logprobs": args.k},
+            "sampling": {"logprobs": args.k}
+            if args.api == "score"
+            else {"max_tokens": args.max_tokens, "n": 1, "logprobs": args.k},
+            "mode": "score" if args.api == "score" else "generate",
             "concurrency": {"in_flight_per_endpoint": args.in_flight},
         }
     )
     rows: list[PromptRow] = []
     for i in range(args.prompts):
         text = f"profile prompt {i}"
-        if args.api == "chat":
+        if args.api == "score":  # ids scored as given: 16 prompt ids, max_tokens response ids
+            ids = [(i * 7919 + j * 104729) % 32_000 for j in range(16 + args.max_tokens)]
+            rows.append(PromptRow(f"p{i}", f"x:{i}", prompt_token_ids=ids[:16], token_ids=ids[16:]))
+        elif args.api == "chat":
             rows.append(PromptRow(f"p{i}", f"x:{i}", messages=[{"role": "user", "content": text}]))
         else:
             rows.append(PromptRow(f"p{i}", f"x:{i}", prompt=text))
@@ -64,7 +70,7 @@ async def run(url: str, args: argparse.Namespace, out: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--prompts", type=int, default=400)
-    ap.add_argument("--api", choices=["completions", "chat"], default="completions")
+    ap.add_argument("--api", choices=["completions", "chat", "score"], default="completions")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--in-flight", type=int, default=32)

@@ -52,8 +52,46 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
     make = fake.answer
     cache: dict[tuple[Any, ...], dict[str, Any]] = {}
 
+    scoring: dict[int, list[dict[str, Any]]] = {}  # K -> per-slot top-K entries
+
+    def score(body: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+        """A score answer for exactly these ids: each position's actual token first (outside
+        the top K, as vLLM adds it), then one of ``variants`` memoised top-K entries whose ids
+        (>= 10 x vocab) never collide with a sequence's."""
+        k = body["prompt_logprobs"]
+        tops = scoring.get(k)
+        if tops is None:
+            tops = scoring[k] = [
+                {
+                    str(10 * vocab + 97 * v + j): {
+                        "logprob": -0.5 - j * 0.25 - v * 0.01, "rank": j + 1,
+                        "decoded_token": f"<{j}>",
+                    }
+                    for j in range(k)
+                }
+                for v in range(variants)
+            ]  # fmt: skip
+        plp: list[Any] = [None]
+        for j, actual in enumerate(ids[1:]):
+            own = {"logprob": -9.0 - (actual % 7) * 0.125, "rank": k + 3, "decoded_token": "x"}
+            plp.append({str(actual): own, **tops[j % variants]})
+        choice = {
+            "index": 0, "text": "x", "logprobs": None, "finish_reason": "length",
+            "stop_reason": None, "token_ids": [5], "prompt_logprobs": plp,
+            "prompt_token_ids": ids if body.get("return_token_ids") else None,
+        }  # fmt: skip
+        usage = {"prompt_tokens": len(ids), "completion_tokens": 1}
+        return {
+            "object": "text_completion",
+            "model": fake.model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
     def answer(body: dict[str, Any]) -> dict[str, Any]:
         ids = prompt_ids(body)
+        if body.get("prompt_logprobs") is not None:
+            return score(body, ids)
         slot = sum(ids) % variants
         key = (body.get("max_tokens"), body.get("logprobs"), body.get("n", 1), body.get("seed"))
         key += (bool(body.get("return_token_ids")), slot)

@@ -61,6 +61,12 @@ class InputSpec(_Strict):
         description="Column holding a stable prompt id. Rows without it get an id derived from "
         "the file name and line (JSONL) or row number (Parquet), stable across reruns.",
     )
+    format: Literal["rows", "harvest"] = Field(
+        "rows",
+        description="'rows': path names JSONL/Parquet files of rows. 'harvest' (score mode): "
+        "path is another harvest's output (a folder or s3:// / gs:// URI); its committed data "
+        "shards are the rows, and their token ids are scored exactly as stored.",
+    )
     overrides_field: str = Field(
         "sampling",
         description="Column holding per-row sampling overrides (a dict with any of max_tokens, "
@@ -339,7 +345,7 @@ class ConcurrencySpec(_Strict):
     worker_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each worker.")
 
 
-Mode = Literal["generate", "score"]
+Mode = Literal["generate", "score", "round"]
 
 
 class JobSpec(_Strict):
@@ -349,10 +355,19 @@ class JobSpec(_Strict):
         "already hold responses (a prompt and input.response_field, or chat messages with "
         "assistant turns) and the teacher scores them token by token (teacher forcing, vLLM's "
         "prompt_logprobs): records get each token's logprob, the top-K and a loss_mask over the "
-        "response. Of sampling, only logprobs (K) applies in score mode.",
+        "response. Of sampling, only logprobs (K) applies in score mode. 'round' (on-policy "
+        "distillation): the student samples responses to the prompts (sampling applies to it) "
+        "and the teacher scores each sample's exact token ids as it arrives; records hold the "
+        "student's ids and logprobs (student_logprobs) and the teacher's logprobs and top-K.",
     )
     input: InputSpec = Field(description="Where the prompts come from.")
     teacher: TeacherSpec = Field(description="The teacher model and how to reach it.")
+    student: TeacherSpec | None = Field(
+        None,
+        description="Round mode: the student model that samples, and how to reach it "
+        "(endpoints or replicas, key, rate limits, retries: the same fields as teacher, with "
+        "its own authorization block). Its tokenizer must be the teacher's.",
+    )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to sample.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where records go.")
     concurrency: ConcurrencySpec = Field(
@@ -370,7 +385,29 @@ class JobSpec(_Strict):
     def _one_record_per_scored_row(self) -> JobSpec:
         if self.mode == "score" and self.sampling.n != 1:
             raise ValueError("score mode scores the one text each row holds: sampling.n must be 1")
+        if self.input.format == "harvest" and self.mode != "score":
+            raise ValueError("input.format 'harvest' is read in score mode only")
+        if (self.mode == "round") != (self.student is not None):
+            raise ValueError("a student is given in round mode, and only there")
         return self
+
+    def student_job(self) -> JobSpec:
+        """Round mode: the student's side, a generate job (sampled-token logprobs only)."""
+        assert self.student is not None
+        sampling = self.sampling.model_copy(update={"logprobs": 0})
+        return self.model_copy(
+            update={
+                "mode": "generate",
+                "teacher": self.student,
+                "student": None,
+                "sampling": sampling,
+            }
+        )
+
+    def teacher_job(self) -> JobSpec:
+        """Round mode: the teacher's side, a score job on the student's ids at K."""
+        sampling = SamplingSpec(logprobs=self.sampling.logprobs)
+        return self.model_copy(update={"mode": "score", "student": None, "sampling": sampling})
 
     def fingerprint(self) -> str:
         """Hash of what decides the records' content: mode, teacher, sampling, input columns.
@@ -381,7 +418,7 @@ class JobSpec(_Strict):
             "teacher_model": self.teacher.model,
             "sampling": self.sampling.model_dump(),
             "input": self.input.model_dump(
-                exclude={"path", "response_field"} if generate else {"path"}
+                exclude={"path", "response_field", "format"} if generate else {"path", "format"}
             ),
             "rows_per_shard": self.output.rows_per_shard,  # decides the unit boundaries
         }
@@ -391,6 +428,10 @@ class JobSpec(_Strict):
             keep["topk_encoding"] = self.output.topk_encoding
         if not generate:
             keep["mode"] = self.mode
+        if self.input.format != "rows":  # jobs from before input.format hash as they did
+            keep["input"]["format"] = self.input.format
+        if self.student is not None:
+            keep["student_model"] = self.student.model
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -443,14 +484,15 @@ def load_job(path: str | Path) -> JobSpec:
         update={
             "input": spec.input.model_copy(update={"path": _under(base, spec.input.path)}),
             "output": spec.output.model_copy(update={"dir": _under(base, spec.output.dir)}),
-            "teacher": spec.teacher.model_copy(
-                update={
-                    "api_key_file": spec.teacher.api_key_file
-                    and _under(base, spec.teacher.api_key_file)
-                }
-            ),
+            "teacher": _key_file_under(base, spec.teacher),
+            "student": spec.student and _key_file_under(base, spec.student),
         }
     )
+
+
+def _key_file_under(base: Path, model: TeacherSpec) -> TeacherSpec:
+    key_file = model.api_key_file and _under(base, model.api_key_file)
+    return model.model_copy(update={"api_key_file": key_file})
 
 
 def _under(base: Path, p: str) -> str:

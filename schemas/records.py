@@ -69,6 +69,9 @@ def _record_schema(k: int, lp: pa.DataType) -> pa.Schema:
             pa.field("endpoint", pa.string()),
             pa.field("attempts", pa.int32(), nullable=False),
             pa.field("latency_ms", pa.float32()),
+            # Score mode on rows that carry ids: the source's own logprob of each of token_ids
+            # (the student's, in an on-policy round), beside the teacher's in ``logprobs``.
+            pa.field("student_logprobs", pa.list_(lp)),
         ]
     )
 

@@ -23,6 +23,14 @@ class PromptRow:
     messages: list[dict[str, str]] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     response: str | None = None  # score mode: the text to score after ``prompt``
+    # Score mode, rows that carry ids (``harvest.inputs.idrows``): the exact ids to score
+    # (nothing is re-tokenised), and what the record keeps of its source.
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    loss_mask: list[bool] | None = None  # over token_ids; None: every token is trained on
+    student_logprobs: list[float] | None = None  # the source's logprob of each of token_ids
+    request_id: str | None = None  # the source record's id, kept as the new record's
+    sample_index: int = 0
 
     @property
     def api(self) -> str:
@@ -37,6 +45,8 @@ class RowProblem:
     source: str
     reason: str
     raw: str | None = None
+    sample_index: int = 0  # an ids row's source sample, kept on its failure record
+    request_id: str | None = None
 
 
 @dataclass(slots=True)

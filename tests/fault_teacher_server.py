@@ -229,7 +229,11 @@ class FaultTeacherServer:
             msg = "prompt or messages is required"
             if plan.no_chat_template and "messages" in body:
                 outcome, msg = "400", NO_TEMPLATE
-        elif key is None or {"max_tokens", "logprobs"} - set(body):
+        elif (
+            key is None
+            or "max_tokens" not in body
+            or not {"logprobs", "prompt_logprobs"} & set(body)
+        ):
             outcome, msg = "400", "prompt, max_tokens and logprobs are required here"
         elif plan.max_logprobs is not None and _k(body) > plan.max_logprobs:
             outcome = "400"  # vLLM 0.32's words and its structured param

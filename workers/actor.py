@@ -15,6 +15,7 @@ import ray
 
 from schemas.job import JobSpec, RateLimit
 from schemas.wire import UnitResult, WorkUnit
+from workers.round import RoundClients
 from workers.shards.columns import warm_up
 from workers.storage import StorageOptions, Store
 from workers.teacher.client import TeacherClient
@@ -47,20 +48,38 @@ class HarvestActor:
         cap_per_endpoint: int,
         api_key: str | None,
         endpoints: list[str],
+        student: dict[str, Any] | None = None,
     ) -> None:
         self.spec = JobSpec.model_validate_json(spec_json)
         # Credentials come from this node's environment / credential chain, never from here.
         self.store = Store(out_uri, StorageOptions(**storage))
         self.shard_meta = shard_meta
+        round_job = self.spec.mode == "round"
+        teacher_spec = self.spec.teacher_job() if round_job else self.spec
         self.client = TeacherClient(
-            self.spec,
+            teacher_spec,
             job_id=job_id,
             api_key=api_key,
             cap_per_endpoint=cap_per_endpoint,
             endpoints=endpoints,
-            limiter=_limiter_share(self.spec),
+            limiter=_limiter_share(teacher_spec),
             on_pause=self._tell_peers,
         )
+        # Round mode: the student, a client of its own (endpoints, key, caps, limits, retries).
+        self.student: TeacherClient | None = None
+        self.work: TeacherClient | RoundClients = self.client
+        if round_job and student is not None:
+            student_spec = self.spec.student_job()
+            self.student = TeacherClient(
+                student_spec,
+                job_id=job_id,
+                api_key=student["api_key"],
+                cap_per_endpoint=student["cap_per_endpoint"],
+                endpoints=student["endpoints"],
+                limiter=_limiter_share(student_spec),
+                on_pause=self._tell_peers,
+            )
+            self.work = RoundClients(self.student, self.client)
         self.progress: Counter[str] = Counter()
         self.peers: list[ray.actor.ActorHandle] = []
         warm_up()  # one-time imports now, not in a unit's first row group
@@ -74,20 +93,30 @@ class HarvestActor:
         """The other harvest workers of this job (set again when one is replaced)."""
         self.peers = peers
 
+    def _clients(self) -> list[TeacherClient]:
+        return [self.client, *([self.student] if self.student else [])]
+
     async def pause_endpoint(self, endpoint: str, until_wall: float) -> None:
         """Another worker got a 429 from ``endpoint``: no request until ``until_wall``."""
-        await self.client.router.pause_until(endpoint, until_wall)
+        for client in self._clients():
+            if endpoint in client.router.endpoints:
+                await client.router.pause_until(endpoint, until_wall)
 
     async def run_unit(self, unit: WorkUnit) -> UnitResult:
         result = await harvest_unit(
-            unit, self.client, self.spec, self.store, self.shard_meta, self.progress
+            unit, self.work, self.spec, self.store, self.shard_meta, self.progress
         )
         result.node_id = ray.get_runtime_context().get_node_id()
         return result
 
     async def probe(self, kinds: list[str]) -> ProbeResult:
-        """Tiny real requests of each kind of row (see ``workers.teacher.probe``)."""
-        return await probe(self.client, kinds)
+        """Tiny real requests of each kind of row (see ``workers.teacher.probe``); in a round,
+        the student is probed too (generating), and its failures are named as the student's."""
+        result = await probe(self.client, kinds)
+        if self.student is not None and not result.failed:
+            sampled = await probe(self.student, kinds)
+            result.failed = {k: f"the student: {why}" for k, why in sampled.failed.items()}
+        return result
 
     async def set_logprob_mode(self, mode: str, explained: str) -> None:
         """Stamp the mode the probe found on every shard this worker writes from now on."""
@@ -96,6 +125,11 @@ class HarvestActor:
     async def set_endpoints(self, endpoints: list[str]) -> None:
         """A managed replica moved (restarted on a new port): route to the new set."""
         await self.client.router.set_endpoints(endpoints)
+
+    async def set_student_endpoints(self, endpoints: list[str]) -> None:
+        """The same for a round's managed student replicas."""
+        if self.student is not None:
+            await self.student.router.set_endpoints(endpoints)
 
     async def set_cap(self, cap_per_endpoint: int) -> None:
         """This worker's share of ``in_flight_per_endpoint`` changed (``harvest.driver.pool``)."""
@@ -110,11 +144,20 @@ class HarvestActor:
             **self.client.counters,
             "circuit_opened": router.circuit_opened,
         }
+        down, outage, in_flight = router.down(), router.outage_since is not None, 0
+        if self.student is not None:  # a round: the student's requests count as the job's too
+            srouter = self.student.router
+            for key, value in self.student.counters.items():
+                counters[f"student_{key}"] = value
+            counters["student_circuit_opened"] = srouter.circuit_opened
+            down = [*down, *srouter.down()]
+            outage = outage or srouter.outage_since is not None
+            in_flight = srouter.in_flight_total()
         return WorkerStats(
             counters=counters,
-            down=router.down(),
-            outage=router.outage_since is not None,
-            in_flight=router.in_flight_total(),
+            down=down,
+            outage=outage,
+            in_flight=router.in_flight_total() + in_flight,
             requests=self.client.stats.snapshot,
         )
 
@@ -124,6 +167,8 @@ class HarvestActor:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.student is not None:
+            await self.student.aclose()
 
 
 def _limiter_share(spec: JobSpec) -> Limiter | None:

@@ -16,6 +16,7 @@ from schemas.job import JobSpec
 from schemas.records import FAILURE_SCHEMA, record_schema
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
 from workers.errors import FatalError, HarvestError, MissingLogprobs
+from workers.round import RoundClients, round_row
 from workers.shards.columns import compact
 from workers.shards.writer import ShardWriter
 from workers.storage import Store
@@ -73,9 +74,9 @@ class _Unit:
         if isinstance(row, RowProblem):
             sampling = sampling_for(self.spec, PromptRow(row.prompt_id, row.source))
             self.errors["InvalidInput"] += 1
-            for s in range(sampling["n"]):
+            for s in _indices(row, sampling["n"]):
                 fails.append(
-                    request_id=request_id(row.prompt_id, s, teacher, sampling),
+                    request_id=_rid(row, s, teacher, sampling),
                     prompt_id=row.prompt_id, sample_index=s, source=row.source, raw=row.raw,
                     error_class="InvalidInput", message=row.reason, attempts=0, teacher=teacher,
                 )  # fmt: skip
@@ -86,9 +87,9 @@ class _Unit:
         if isinstance(outcome, HarvestError):
             self.errors[type(outcome).__name__] += 1
             self.retries += outcome.attempts - 1
-            for s in range(sampling["n"]):
+            for s in _indices(row, sampling["n"]):
                 fails.append(
-                    request_id=request_id(row.prompt_id, s, teacher, sampling),
+                    request_id=_rid(row, s, teacher, sampling),
                     prompt_id=row.prompt_id, sample_index=s, source=row.source,
                     prompt=row.prompt, messages=row.messages,
                     error_class=type(outcome).__name__, http_status=outcome.http_status,
@@ -102,7 +103,7 @@ class _Unit:
         for sample in outcome.samples:
             self.tokens += len(sample.token_ids)
             self.data.append(
-                request_id=request_id(row.prompt_id, sample.sample_index, teacher, sampling),
+                request_id=_rid(row, sample.sample_index, teacher, sampling),
                 prompt_id=row.prompt_id, sample_index=sample.sample_index, api=row.api,
                 prompt=row.prompt, messages=row.messages, response=sample.response,
                 finish_reason=sample.finish_reason, prompt_tokens=outcome.prompt_tokens,
@@ -112,6 +113,7 @@ class _Unit:
                 top_logprobs=sample.top_logprobs, loss_mask=sample.loss_mask,
                 teacher=teacher, endpoint=outcome.endpoint,
                 attempts=outcome.attempts, latency_ms=outcome.latency_ms,
+                student_logprobs=row.student_logprobs,
             )  # fmt: skip
 
     def abort(self) -> None:
@@ -120,9 +122,15 @@ class _Unit:
 
 
 async def _send_all(
-    rows: list[PromptRow | RowProblem], client: TeacherClient, out: _Unit, progress: Counter[str]
+    rows: list[PromptRow | RowProblem],
+    client: TeacherClient | RoundClients,
+    out: _Unit,
+    progress: Counter[str],
 ) -> None:
     async def one(row: PromptRow) -> None:
+        if isinstance(client, RoundClients):  # the student samples, the teacher scores
+            await round_row(row, client, out.spec, out.add, out.room, progress)
+            return
         outcome: Outcome
         request = request_for(out.spec, row)
         try:
@@ -155,7 +163,7 @@ async def _send_all(
 
 async def harvest_unit(
     unit: WorkUnit,
-    client: TeacherClient,
+    client: TeacherClient | RoundClients,
     spec: JobSpec,
     store: Store,
     shard_meta: dict[str, Any],
@@ -185,6 +193,20 @@ async def harvest_unit(
         retries=out.retries,
         error_classes=dict(out.errors),
     )
+
+
+def _indices(row: PromptRow | RowProblem, n: int) -> range:
+    """The sample indices a row's records take: its source's one sample for an ids row."""
+    ids_row = row.request_id is not None or getattr(row, "token_ids", None) is not None
+    if ids_row or row.sample_index:
+        return range(row.sample_index, row.sample_index + 1)
+    return range(n)
+
+
+def _rid(row: PromptRow | RowProblem, s: int, teacher: str, sampling: dict[str, Any]) -> str:
+    """A record's key: an ids row keeps its source record's, so outputs of several teachers
+    scoring the same records join on it."""
+    return row.request_id or request_id(row.prompt_id, s, teacher, sampling)
 
 
 def _without_prompt_ids(done: Completion) -> MissingLogprobs:

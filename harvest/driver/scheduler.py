@@ -24,6 +24,8 @@ from harvest.driver.lease import Lease
 from harvest.driver.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.driver.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.driver.replicas import ReplicaError, ReplicaSet
+from harvest.driver.retry_rows import failed_samples, to_retry
+from harvest.driver.rounds import Student, start_student
 from harvest.inputs.sources import iter_units, scan
 from harvest.outputs.manifest import RETRY_SEP, Manifest, UnitCommit, UnitState
 from harvest.outputs.manifest import load as load_manifest
@@ -122,7 +124,7 @@ def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, A
         "job_id": job_id,
         "teacher": teacher.identity(),
         "authorization": spec.teacher.authorization.model_dump(),
-        "mode": spec.mode,  # generate, or score (the teacher scored given text)
+        "mode": spec.mode,  # generate, score (the teacher scored given text) or round
         "sampling": spec.sampling.model_dump(),
         # Replaced by what the preflight probe finds the server runs (vLLM's --logprobs-mode).
         "logprob_mode": "unknown",
@@ -136,16 +138,24 @@ def _shard_meta(spec: JobSpec, job_id: str, teacher: TeacherInfo) -> dict[str, A
 class _Started:
     actor_kwargs: dict[str, Any]
     replicas: ReplicaSet | None
+    student: Student | None = None  # round mode
 
     def follow_replicas(self, pool: Pool) -> None:
         """Hand restarted replicas' new URLs to the workers (called between dispatch steps)."""
         urls = self.replicas.poll() if self.replicas else None
         if urls:
             pool.set_endpoints(urls)
+        moved = self.student.replicas.poll() if self.student and self.student.replicas else None
+        if moved:
+            pool.kwargs["student"]["endpoints"] = moved
+            for actor in pool.actors:
+                actor.set_student_endpoints.remote(moved)
 
     def stop(self) -> None:
         if self.replicas:
             self.replicas.stop()
+        if self.student:
+            self.student.stop()
 
 
 def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Started:
@@ -157,9 +167,13 @@ def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Start
     if spec.teacher.replicas is not None:
         replicas = ReplicaSet(spec.teacher.replicas, spec.teacher.model, _replica_logs(manifest))
         endpoints = replicas.wait_ready()
+    student = None
     try:
         teacher = check_teacher(spec, api_key, manifest.job_id, endpoints)
         manifest.check_teacher(teacher.identity())
+        if spec.mode == "round":
+            logs = _replica_logs(manifest) / "student"
+            student = start_student(spec, manifest.job_id, teacher, logs)
     except BaseException:
         if replicas:
             replicas.stop()
@@ -174,7 +188,10 @@ def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Start
         "api_key": api_key,
         "endpoints": endpoints,
     }
-    return _Started(kwargs, replicas)
+    if student is not None:
+        kwargs["shard_meta"].update(student.meta(spec))
+        kwargs["student"] = student.actor_kwargs(spec)
+    return _Started(kwargs, replicas, student)
 
 
 def _probed_pool(
@@ -318,11 +335,6 @@ def run_job(
     return summary
 
 
-def _failed_prompt_ids(store: Store, rel: str) -> set[str]:
-    with store.open_input_file(rel) as fh:
-        return set(pq.read_table(fh, columns=["prompt_id"])["prompt_id"].to_pylist())
-
-
 def _failed_kinds(store: Store, rel: str) -> tuple[int, set[str]]:
     """How many prompts one failure shard holds, and their kinds (chat / completions); rows
     that could not be read have neither, and are failure rows again without a request."""
@@ -359,10 +371,10 @@ def retry_failed(
         def retry_units() -> Iterator[WorkUnit]:
             for u in iter_units(inputs.files, spec, _units_per_shard(spec)):
                 if u.unit_id in failed:
-                    ids = _failed_prompt_ids(store, failed[u.unit_id])
+                    ids = failed_samples(store, failed[u.unit_id])
                     yield WorkUnit(
                         f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
-                        [row for row in u.rows if row.prompt_id in ids],
+                        [row for row in u.rows if to_retry(spec, row, ids)],
                     )
 
         summary = Summary(store.uri, manifest.job_id, prompts=total)

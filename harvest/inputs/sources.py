@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from harvest.inputs.dupes import DuplicateFinder
+from harvest.inputs.idrows import HARVEST_COLUMNS, carries_ids, dup_key, ids_row
 from schemas.job import OVERRIDABLE, JobSpec
 from schemas.wire import PromptRow, RowProblem, WorkUnit
 from workers.storage import StorageError, Store, is_uri, split_location
@@ -58,8 +59,11 @@ class InputScan:
     kinds: frozenset[str] = frozenset()  # "chat" / "completions": what the valid rows are
 
 
-def resolve_files(pattern: str) -> list[InputFile]:
-    """Expand a path or glob into sorted input files, each named relative to the glob's base."""
+def resolve_files(pattern: str, format: str = "rows") -> list[InputFile]:
+    """Expand a path or glob into sorted input files, each named relative to the glob's base;
+    for ``format`` "harvest", the committed data shards of the harvest output at ``pattern``."""
+    if format == "harvest":
+        return _harvest_files(pattern)
     if is_uri(pattern):
         return _resolve_uri(pattern)
     if Path(pattern).is_file():  # a real file whose name happens to contain [ ] * ?
@@ -76,6 +80,20 @@ def resolve_files(pattern: str) -> list[InputFile]:
             raise InputError(f"{path}: unsupported input type (use .jsonl or .parquet)")
         files.append(InputFile(str(path), str(path.relative_to(base))))
     return files
+
+
+def _harvest_files(out: str) -> list[InputFile]:
+    """Another harvest's committed data shards, in unit order: what its manifest names, never
+    a listing of ``data/`` (which can hold uncommitted attempts)."""
+    from harvest.training.reader import data_files
+
+    try:
+        files = data_files(out)
+    except (StorageError, OSError, ValueError) as err:
+        raise InputError(f"input: {out!r} is not a readable harvest output ({err})") from None
+    if not files:
+        raise InputError(f"input: the harvest output {out!r} has no committed data shard")
+    return [InputFile(f, f[len(out.rstrip("/")) :].lstrip("/") or f) for f in files]
 
 
 def _resolve_uri(pattern: str) -> list[InputFile]:
@@ -161,6 +179,11 @@ def _row(obj: Any, default_id: str, source: str, spec: JobSpec, raw: str) -> Pro
         return RowProblem(pid, source, reason, raw)
 
     prompt, messages = obj.get(cols.prompt_field), obj.get(cols.messages_field)
+    if spec.mode == "score" and carries_ids(obj):  # the ids are scored; text is kept if sound
+        text = prompt if isinstance(prompt, str) else None
+        ok = messages is not None and not _check_messages(messages, cols.messages_field)
+        chat = [{"role": m["role"], "content": m["content"]} for m in messages] if ok else None
+        return ids_row(obj, pid, source, raw, text, chat)
     if prompt is not None and messages is not None:
         return bad(f"row has both '{cols.prompt_field}' and '{cols.messages_field}'")
     if prompt is None and messages is None:
@@ -271,8 +294,11 @@ def _parquet_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProble
     try:
         store, name = _store_of(f.path)
         reader = pq.ParquetFile(store.open_input_file(name))
+        columns = None
+        if spec.input.format == "harvest":  # the ids and what a record keeps, not the top-K
+            columns = [c for c in HARVEST_COLUMNS if c in reader.schema_arrow.names]
         index = 0
-        for batch in reader.iter_batches(batch_size=1024):
+        for batch in reader.iter_batches(batch_size=1024, columns=columns):
             for obj in batch.to_pylist():
                 source = f"{f.path}#{index}"
                 raw = orjson.dumps(obj, default=str).decode()[:RAW_LIMIT]
@@ -290,7 +316,7 @@ def iter_rows(f: InputFile, spec: JobSpec) -> Iterator[PromptRow | RowProblem]:
 
 def scan(spec: JobSpec) -> InputScan:
     """Read the whole input once: count rows, reject duplicate ids, fingerprint the content."""
-    files = resolve_files(spec.input.path)
+    files = resolve_files(spec.input.path, spec.input.format)
     ids = DuplicateFinder()  # bounded memory: no per-prompt state kept for the whole input
     rows = problems = 0
     kinds: set[str] = set()
@@ -310,10 +336,11 @@ def scan(spec: JobSpec) -> InputScan:
             problems += isinstance(row, RowProblem)
             if isinstance(row, PromptRow):
                 kinds.add(row.api)
+            key = dup_key(row)
             if row.source.startswith(f.path):  # the file's path once, not once per row
-                ids.add(row.prompt_id, index, row.source[len(f.path) :])
+                ids.add(key, index, row.source[len(f.path) :])
             else:
-                ids.add(row.prompt_id, WHOLE, row.source)
+                ids.add(key, WHOLE, row.source)
     dups = ids.find(limit=5)
     if dups:
 

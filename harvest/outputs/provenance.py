@@ -16,7 +16,8 @@ from workers.shards.columns import read_metadata
 
 # What must be identical across every shard of one output.
 AGREED = (
-    "job_id", "schema_version", "mode", "teacher", "authorization", "sampling", "logprob_mode"
+    "job_id", "schema_version", "mode", "teacher", "authorization", "sampling", "logprob_mode",
+    "student",
 )  # fmt: skip
 # Shards written before a key existed hold its default (no "mode": generate mode).
 DEFAULTS = {"mode": "generate"}
@@ -92,6 +93,13 @@ def report(out_dir: str | Path) -> tuple[str, bool]:
     ]
     if auth.get("provider_agreement"):
         lines.append(f"provider agreement: {auth['provider_agreement']}")
+    student = meta.get("student")
+    if student:  # a round: the model that sampled, and who authorised it
+        s_auth = meta.get("student_authorization") or {}
+        lines += [
+            f"student:         {student.get('model')} (loaded from {student.get('model_root')})",
+            f"student owner:   {s_auth.get('owner')}, licence {s_auth.get('license')}",
+        ]
     lines += [
         f"mode:            {meta.get('mode') or 'generate'}",
         f"sampling:        {meta.get('sampling')}",

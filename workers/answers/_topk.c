@@ -461,10 +461,304 @@ static PyObject *scan_top_k(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ---- score mode: the "prompt_logprobs" array, entries {"<id>": {"logprob", "rank",
+ * "decoded_token"}, ...}, read from the bytes (workers.teacher.score's checked path is the
+ * reference: the actual token's logprob, and exactly k alternatives sorted by (-logprob, id),
+ * the actual token dropped when it was added as a k+1st key). ---- */
+
+/* Past one UTF-8 sequence at p (a byte >= 0x80), or NULL when orjson would refuse it. */
+static const char *utf8_at(const char *p, const char *end) {
+    const unsigned char *u = (const unsigned char *)p;
+    int n;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (u[0] >= 0xC2 && u[0] <= 0xDF) {
+        n = 1;
+    } else if (u[0] >= 0xE0 && u[0] <= 0xEF) {
+        n = 2;
+        if (u[0] == 0xE0) lo = 0xA0;
+        if (u[0] == 0xED) hi = 0x9F; /* no surrogates */
+    } else if (u[0] >= 0xF0 && u[0] <= 0xF4) {
+        n = 3;
+        if (u[0] == 0xF0) lo = 0x90;
+        if (u[0] == 0xF4) hi = 0x8F;
+    } else {
+        return NULL;
+    }
+    if (end - p <= n || u[1] < lo || u[1] > hi) return NULL;
+    for (int i = 2; i <= n; i++)
+        if (u[i] < 0x80 || u[i] > 0xBF) return NULL;
+    return p + n + 1;
+}
+
+static int hex(char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+/* Past the JSON string at p ('"'); NULL if unterminated or anything orjson would refuse
+ * (a control character, an unknown escape, bad UTF-8; an escaped lone surrogate is left to
+ * orjson too), or an escaped NUL. Every string of a body scan_prompt_logprobs accepts passes
+ * here, so the caller need not search the body for a forged marker. */
+static const char *skip_string(const char *p, const char *end) {
+    for (p++; p < end;) {
+        unsigned char c = (unsigned char)*p;
+        if (c == '"') return p + 1;
+        if (c < 0x20) return NULL;
+        if (c == '\\') {
+            if (end - p < 2) return NULL;
+            char e = p[1];
+            if (e == 'u') {
+                if (end - p < 6 || !hex(p[2]) || !hex(p[3]) || !hex(p[4]) || !hex(p[5]))
+                    return NULL;
+                if ((p[2] == 'd' || p[2] == 'D') && strchr("89abcdefABCDEF", p[3]))
+                    return NULL; /* surrogates: pairs and lone ones, orjson decides */
+                if (memcmp(p + 2, "0000", 4) == 0)
+                    return NULL; /* a NUL: it could forge the marker this scan writes */
+                p += 6;
+            } else if (strchr("\"\\/bfnrt", e) != NULL && e != '\0') {
+                p += 2;
+            } else {
+                return NULL;
+            }
+        } else if (c >= 0x80) {
+            p = utf8_at(p, end);
+            if (p == NULL) return NULL;
+        } else {
+            p++;
+        }
+    }
+    return NULL;
+}
+
+/* Past a JSON number at p (the grammar exactly), or NULL. */
+static const char *skip_number(const char *p, const char *end) {
+    if (p < end && *p == '-') p++;
+    if (p < end && *p == '0') {
+        p++;
+    } else if (p < end && *p >= '1' && *p <= '9') {
+        while (p < end && *p >= '0' && *p <= '9') p++;
+    } else {
+        return NULL;
+    }
+    if (p < end && *p == '.') {
+        const char *first = ++p;
+        while (p < end && *p >= '0' && *p <= '9') p++;
+        if (p == first) return NULL;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) p++;
+        const char *first = p;
+        while (p < end && *p >= '0' && *p <= '9') p++;
+        if (p == first) return NULL;
+    }
+    return p;
+}
+
+/* Past a JSON value that is a string, a number or null (what "rank" and "decoded_token"
+ * hold); NULL for anything else. */
+static const char *skip_simple(const char *p, const char *end) {
+    if (p >= end) return NULL;
+    if (*p == '"') return skip_string(p, end);
+    if (end - p >= 4 && memcmp(p, "null", 4) == 0) return p + 4;
+    return skip_number(p, end);
+}
+
+/* Whether (id, v) ranks before (id2, v2): larger logprob first, then the smaller id. */
+static int before(long long id, double v, long long id2, double v2) {
+    return v > v2 || (v == v2 && id < id2);
+}
+
+/* One entry at p ('{'): every key's id and logprob into row_ids / row_lps (at most k + 1),
+ * *count of them; past its '}', or NULL when unsure. */
+static const char *read_entry(const char *p, const char *end, Py_ssize_t k, long long *row_ids,
+                              double *row_lps, Py_ssize_t *count) {
+    Py_ssize_t filled = 0;
+    p = ws(p + 1, end);
+    if (p < end && *p == '}') return NULL; /* an empty entry: the checked path names it */
+    for (;;) {
+        if (p >= end || *p != '"' || filled > k) return NULL;
+        const char *digits = ++p;
+        long long id = 0;
+        while (p < end && *p >= '0' && *p <= '9' && p - digits < MAX_DIGITS) id = id * 10 + (*p++ - '0');
+        if (p == digits || p >= end || *p != '"') return NULL;
+        p = ws(p + 1, end);
+        if (p >= end || *p != ':') return NULL;
+        p = ws(p + 1, end);
+        if (p >= end || *p != '{') return NULL;
+        p = ws(p + 1, end);
+        int have = 0;
+        double v = 0.0;
+        for (;;) { /* the value object: "logprob" once, "rank" / "decoded_token" skipped */
+            if (p >= end || *p != '"') return NULL;
+            const char *name = p + 1, *after = skip_string(p, end);
+            if (after == NULL) return NULL;
+            Py_ssize_t len = after - name - 1;
+            p = ws(after, end);
+            if (p >= end || *p != ':') return NULL;
+            p = ws(p + 1, end);
+            if (len == 7 && memcmp(name, "logprob", 7) == 0) {
+                if (have) return NULL; /* repeated: the dict keeps the last one */
+                p = float_at(p, end, &v);
+                have = 1;
+            } else if ((len == 4 && memcmp(name, "rank", 4) == 0) ||
+                       (len == 13 && memcmp(name, "decoded_token", 13) == 0)) {
+                p = skip_simple(p, end);
+            } else {
+                return NULL;
+            }
+            if (p == NULL) return NULL;
+            p = ws(p, end);
+            if (p < end && *p == ',') {
+                p = ws(p + 1, end);
+                continue;
+            }
+            if (p < end && *p == '}') break;
+            return NULL;
+        }
+        if (!have) return NULL;
+        for (Py_ssize_t j = 0; j < filled; j++)
+            if (row_ids[j] == id) return NULL; /* a repeated id: the dict keeps one */
+        row_ids[filled] = id;
+        row_lps[filled++] = v;
+        p = ws(p + 1, end);
+        if (p < end && *p == ',') {
+            p = ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') break;
+        return NULL;
+    }
+    *count = filled;
+    return p + 1;
+}
+
+PyDoc_STRVAR(scan_prompt_logprobs_doc,
+             "scan_prompt_logprobs(body: bytes, k: int, ids: int64 buffer, start: int)\n"
+             "    -> (bytes, bytearray, bytearray, bytearray) | None\n\n"
+             "The one \"prompt_logprobs\" array of a score answer read from the bytes: for "
+             "positions start.. of ids, the actual token's logprob (float64) and exactly k "
+             "alternatives (int64 ids, float64 logprobs, sorted by (-logprob, id); the actual "
+             "token dropped when it came as a k+1st key); the body returned with the array "
+             "replaced by \"\\u0000p\". None when anything is not surely as the checked path "
+             "reads it.");
+
+static PyObject *scan_prompt_logprobs(PyObject *self, PyObject *args) {
+    const char *body;
+    Py_ssize_t size, k, start;
+    Py_buffer ids_buf;
+    if (!PyArg_ParseTuple(args, "y#ny*n", &body, &size, &k, &ids_buf, &start)) return NULL;
+    const long long *want = ids_buf.buf;
+    Py_ssize_t n = ids_buf.itemsize == 8 ? ids_buf.len / 8 : -1;
+    const char *p = body, *end = body + size, *found = NULL, *after = NULL;
+    Buf out = {0}, top_ids = {0}, top_lps = {0}, own = {0};
+    long long *row_ids = PyMem_Malloc(sizeof(long long) * (size_t)(k + 2));
+    double *row_lps = PyMem_Malloc(sizeof(double) * (size_t)(k + 2));
+    PyObject *result = NULL;
+    int ok = row_ids != NULL && row_lps != NULL && n >= 1 && k >= 0 && start >= 1 && start <= n;
+    while (ok && p < end) {
+        const char *q = memchr(p, '"', (size_t)(end - p));
+        if (q == NULL) break;
+        const char *s = skip_string(q, end);
+        if (s == NULL) {
+            ok = 0;
+            break;
+        }
+        p = s;
+        if (s - q - 2 != 15 || memcmp(q + 1, "prompt_logprobs", 15) != 0) continue;
+        const char *v = ws(p, end);
+        if (v >= end || *v != ':') continue; /* a value, not a key */
+        v = ws(v + 1, end);
+        if (found != NULL || v >= end || *v != '[') { /* twice, or null: the checked path */
+            ok = 0;
+            break;
+        }
+        found = v;
+        const char *r = ws(v + 1, end);
+        if (end - r < 4 || memcmp(r, "null", 4) != 0) {
+            ok = 0;
+            break;
+        }
+        r = ws(r + 4, end);
+        for (Py_ssize_t pos = 1; ok; pos++) {
+            if (r >= end || *r != ',' || pos >= n) {
+                ok = 0;
+                break;
+            }
+            r = ws(r + 1, end);
+            if (r >= end || *r != '{') {
+                ok = 0;
+                break;
+            }
+            Py_ssize_t count = 0;
+            r = read_entry(r, end, k, row_ids, row_lps, &count);
+            if (r == NULL || count < k) {
+                ok = 0;
+                break;
+            }
+            if (pos >= start) {
+                long long actual = want[pos];
+                Py_ssize_t at = -1, keep = 0;
+                for (Py_ssize_t j = 0; j < count; j++)
+                    if (row_ids[j] == actual) at = j;
+                if (at < 0) {
+                    ok = 0;
+                    break;
+                }
+                double own_lp = row_lps[at];
+                long long best_ids[k + 1];
+                double best_lps[k + 1];
+                for (Py_ssize_t j = 0; j < count; j++) {
+                    if (j == at && count == k + 1) continue; /* added beside the top k */
+                    Py_ssize_t i = keep++;
+                    while (i > 0 && before(row_ids[j], row_lps[j], best_ids[i - 1], best_lps[i - 1])) {
+                        best_ids[i] = best_ids[i - 1];
+                        best_lps[i] = best_lps[i - 1];
+                        i--;
+                    }
+                    best_ids[i] = row_ids[j];
+                    best_lps[i] = row_lps[j];
+                }
+                if (put(&own, &own_lp, sizeof(double)) < 0 ||
+                    put(&top_ids, best_ids, (Py_ssize_t)sizeof(long long) * k) < 0 ||
+                    put(&top_lps, best_lps, (Py_ssize_t)sizeof(double) * k) < 0) {
+                    ok = 0;
+                    break;
+                }
+            }
+            r = ws(r, end);
+            if (r < end && *r == ']') {
+                ok = pos == n - 1;
+                after = r + 1;
+                break;
+            }
+        }
+        if (!ok) break;
+        p = after;
+    }
+    if (ok && found != NULL && put(&out, body, found - body) == 0 &&
+        put(&out, "\"\\u0000p\"", 9) == 0 && put(&out, after, end - after) == 0) {
+        const char *none = ""; /* k = 0 leaves the top-K buffers unallocated */
+        result = Py_BuildValue("(y#y#y#y#)", out.data, out.len,
+                               top_ids.data ? top_ids.data : none, top_ids.len,
+                               top_lps.data ? top_lps.data : none, top_lps.len,
+                               own.data ? own.data : none, own.len);
+    }
+    PyBuffer_Release(&ids_buf);
+    PyMem_Free(out.data);
+    PyMem_Free(top_ids.data);
+    PyMem_Free(top_lps.data);
+    PyMem_Free(own.data);
+    PyMem_Free(row_ids);
+    PyMem_Free(row_lps);
+    if (result == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fill_key_ids", fill_key_ids, METH_VARARGS, fill_key_ids_doc},
     {"fill_top_k", fill_top_k, METH_VARARGS, fill_top_k_doc},
     {"scan_top_k", scan_top_k, METH_VARARGS, scan_top_k_doc},
+    {"scan_prompt_logprobs", scan_prompt_logprobs, METH_VARARGS, scan_prompt_logprobs_doc},
     {NULL, NULL, 0, NULL},
 };
 

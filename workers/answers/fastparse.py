@@ -227,3 +227,36 @@ def fast_sample(
 def empty_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-K arrays for K = 0: a row per token, no alternatives."""
     return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float64)
+
+
+PROMPT_MARK = _MARK + "p"
+
+
+def scan_prompt(
+    raw: bytes, ids: list[int], start: int, k: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A score answer's ``prompt_logprobs`` read from the bytes by the compiled core.
+
+    Returns the body (that array replaced by the marker string ``PROMPT_MARK``), the top-K
+    ids and logprobs (n, K) and the actual tokens' logprobs (n) for positions ``start..`` of
+    ``ids``. None when the core is missing or anything is not surely read as
+    ``workers.teacher.score.parse_scored`` would read it (the caller then uses that). The body
+    is not searched for a forged marker here (``scan`` does): the core gives up on any escaped
+    NUL in any string it passes, and on a "prompt_logprobs" key met twice or not an array."""
+    if compiled is None:
+        return None
+    got = compiled.scan_prompt_logprobs(raw, k, np.asarray(ids, np.int64), start)
+    if got is None:
+        return None
+    stripped, top_ids, top_lps, own = got
+    try:
+        body = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return None
+    n = len(ids) - start
+    return (
+        body,
+        np.frombuffer(top_ids, np.int64).reshape(n, k),
+        np.frombuffer(top_lps, np.float64).reshape(n, k),
+        np.frombuffer(own, np.float64),
+    )

@@ -36,7 +36,7 @@ from workers.errors import (
 from workers.teacher.limits import completion_limit, tokenize_limit
 from workers.teacher.retry import build_retrying, parse_retry_after
 from workers.teacher.router import PauseListener, Router
-from workers.teacher.score import Scored, parse_scored, score_request, score_sampling, sequence
+from workers.teacher.score import Scored, read_scored, score_request, score_sampling, sequence
 from workers.teacher.stats import RequestStats
 from workers.teacher.transport import AiohttpTransport, HttpxTransport, Reply, Transport
 
@@ -54,6 +54,8 @@ def sampling_for(spec: JobSpec, row: PromptRow) -> dict[str, Any]:
         return score_sampling(spec)
     params = spec.sampling.model_dump(include=set(OVERRIDABLE))
     params.update(row.overrides)
+    if spec.mode == "round" and spec.student is not None:  # which student, and the teacher's K
+        params.update(mode="round", student=spec.student.model, k=spec.sampling.logprobs)
     return params
 
 
@@ -264,8 +266,8 @@ class TeacherClient:
             content = orjson.dumps(body.body())
             limit = completion_limit(body, len(content))
             if scored is not None:
-                got = await self._post(endpoint, url, content, limit)
-                answer = parse_scored(got, scored, self.k)
+                got = await self._post_bytes(endpoint, url, content, limit)
+                answer = read_scored(got, scored, self.k)
             else:  # from the bytes: the top-K never become Python objects
                 got = await self._post_bytes(endpoint, url, content, limit)
                 answer = read_completions(got, self.k)

@@ -17,7 +17,12 @@ them to train on (the loss mask), comes from the server's own tokenizer (``/toke
   the row is an ``InvalidInput`` failure (templates that rewrite earlier turns, e.g. dropping
   reasoning, cannot be scored turn by turn).
 
-A record holds, for every token after the first (the first has no logprob), its id, its
+* ids (a row with ``token_ids``, e.g. another harvest's records): ``prompt_token_ids +
+  token_ids`` exactly as given, nothing tokenised. The record keeps the row's split (its
+  ``prompt_token_ids`` / ``token_ids``), sample index and loss mask; the teacher's logprobs
+  and top-K are those of ``token_ids``, on the same positions as the row's own logprobs.
+
+A text row's record holds, for every token after the first (the first has no logprob), its id, its
 logprob, the teacher's top-K (exactly K, best first) and whether to train on it.
 """
 
@@ -27,9 +32,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from schemas.job import JobSpec
 from schemas.requests import CompletionRequest
 from schemas.wire import Answer, PromptRow, Sample
+from workers.answers.fastparse import PROMPT_MARK, scan_prompt
 from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
 
 FINISH_REASON = "score"
@@ -43,8 +51,10 @@ class Scored:
     """The sequence to score, which of its tokens to train on, and the response text."""
 
     ids: list[int]
-    mask: list[bool]  # as long as ids
+    mask: list[bool | None]  # as long as ids (None: an ids row without a mask)
     response: str
+    start: int = 1  # ids[:start] are the record's prompt_token_ids, the rest its token_ids
+    sample_index: int = 0
 
 
 def score_sampling(spec: JobSpec) -> dict[str, Any]:
@@ -71,6 +81,11 @@ def score_request(spec: JobSpec, row: PromptRow, sampling: dict[str, Any]) -> Co
 
 async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
     """The row's ids as the teacher tokenises them, and the mask of the tokens to train on."""
+    if row.token_ids is not None and row.prompt_token_ids is not None:  # scored as given
+        prompt = list(row.prompt_token_ids)
+        mask: list[bool | None] = [False] * len(prompt)
+        mask += list(row.loss_mask) if row.loss_mask is not None else [None] * len(row.token_ids)
+        return Scored(prompt + list(row.token_ids), mask, _text(row), len(prompt), row.sample_index)
     if row.messages is None:
         prompt = await tokenize({"prompt": row.prompt})
         response = await tokenize({"prompt": row.response, "add_special_tokens": False})
@@ -98,6 +113,11 @@ async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
         raise InvalidInput("no assistant token to score after the first token")
     response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return Scored(full, mask, response)
+
+
+def _text(row: PromptRow) -> str:
+    """An ids row's response text, when its source kept one (the record's column is required)."""
+    return row.response or ""
 
 
 def _check_prefix(full: list[int], part: list[int], what: str) -> None:
@@ -147,8 +167,23 @@ def _position(entry: Any, actual: int, k: int) -> tuple[float, list[int], list[f
     return own, [t for _, t in alts], [lp for lp, _ in alts]
 
 
-def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
-    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``scored``."""
+def read_scored(raw: bytes, scored: Scored, k: int) -> Answer:
+    """``parse_scored`` from the body's bytes: the prompt_logprobs are read by the compiled
+    core (``fastparse.scan_prompt``) without a Python object per alternative; at any doubt the
+    whole body goes through orjson and ``parse_scored``, which names the problem."""
+    fast = scan_prompt(raw, scored.ids, scored.start, k)
+    if fast is not None:
+        body, top_ids, top_lps, own = fast
+        if _choice(body, scored).get("prompt_logprobs") == PROMPT_MARK:
+            return _answer(scored, own, top_ids, top_lps)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidResponse(f"body is not JSON: {err}") from None
+    return parse_scored(body, scored, k)
+
+
+def _choice(body: Any, scored: Scored) -> dict[str, Any]:
     choices = body.get("choices") if type(body) is dict else None
     if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
         raise InvalidResponse("response has not exactly one choice object")
@@ -156,6 +191,12 @@ def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
     echoed = choice.get("prompt_token_ids")
     if echoed is not None and echoed != scored.ids:
         raise InvalidResponse("the teacher scored other token ids than were sent")
+    return choice
+
+
+def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
+    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``scored``."""
+    choice = _choice(body, scored)
     plp = choice.get("prompt_logprobs")
     if plp is None:
         raise MissingLogprobs("teacher returned no prompt_logprobs (a vLLM extra)")
@@ -163,20 +204,27 @@ def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
         raise InvalidResponse("prompt_logprobs is not a list as long as the prompt")
     if plp[0] is not None:
         raise InvalidResponse("prompt_logprobs does not start with null (the first token)")
+    start = scored.start
     logprobs, top_ids, top_lps = [], [], []
-    for entry, actual in zip(plp[1:], scored.ids[1:], strict=True):
+    for entry, actual in zip(plp[start:], scored.ids[start:], strict=True):
         own, ids, lps = _position(entry, actual, k)
         logprobs.append(own)
         top_ids.append(ids)
         top_lps.append(lps)
+    return _answer(scored, logprobs, top_ids, top_lps)
+
+
+def _answer(scored: Scored, logprobs: Any, top_ids: Any, top_lps: Any) -> Answer:
+    start = scored.start
+    mask = scored.mask[start:]
     sample = Sample(
-        sample_index=0,
+        sample_index=scored.sample_index,
         response=scored.response,
         finish_reason=FINISH_REASON,
-        token_ids=scored.ids[1:],
+        token_ids=scored.ids[start:],
         logprobs=logprobs,
         top_token_ids=top_ids,
         top_logprobs=top_lps,
-        loss_mask=scored.mask[1:],
+        loss_mask=None if mask and mask[0] is None else mask,  # type: ignore[arg-type]
     )
-    return Answer([sample], 1, scored.ids[:1])
+    return Answer([sample], start, scored.ids[:start])
