@@ -143,8 +143,10 @@ def check_rerun(job, server: FaultTeacherServer, out: Path, done: list[UnitResul
 
 
 # Kill moments: during the probe (1-3), on the first unit's first requests, mid-job with
-# requests in flight, and on the last rows; killed or shut down gracefully.
-MOMENTS = [(n, graceful) for n in (1, 3, 4, 6, 11, 17, 24, 30, 37, 43) for graceful in (0, 1)]
+# requests in flight, and on the last rows; killed or shut down gracefully. The job sends 43
+# requests in all, so the last moment is the 42nd: a graceful stop at the 43rd still answers
+# it, and the job rightly finishes with nothing left to send.
+MOMENTS = [(n, graceful) for n in (1, 3, 4, 6, 11, 17, 24, 30, 37, 42) for graceful in (0, 1)]
 
 
 @pytest.mark.parametrize(("down_after", "graceful"), MOMENTS)
