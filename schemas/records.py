@@ -50,6 +50,11 @@ def record_schema(k: int, logprob_dtype: str = "float32") -> pa.Schema:
             pa.field("endpoint", pa.string()),
             pa.field("attempts", pa.int32(), nullable=False),
             pa.field("latency_ms", pa.float32()),
+            # log(1 - sum(exp(top_logprobs))) per token, computed by the worker from the
+            # server's full-precision values: exact even when the logprob columns are float16.
+            # -inf where the top K hold all the mass (their sum rounds to 1 or more); 0 for K = 0.
+            # Null in shards written before it existed (readers then recompute it).
+            pa.field("tail_logprob", pa.list_(pa.float32())),
         ]
     )
 
