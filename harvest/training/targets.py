@@ -60,6 +60,7 @@ class Example:
     tail_logprob: np.ndarray  # float32 [n]
     loss_mask: np.ndarray  # bool [n]
     meta: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0  # trained target tokens cut off by max_len (counted, never silent)
 
 
 def _list(column: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -116,8 +117,10 @@ def examples_from_batch(
             if int(m_off[i + 1]) - m0 != r:
                 raise ValueError(f"{shard}: row {i} has a loss_mask not as long as its token_ids")
             mask = m_val[m0 + first : m0 + first + n]
+            cut = int(m_val[m0 + first + n : m0 + r].sum())
         else:
             mask = np.ones(n, dtype=bool)
+            cut = max(0, r - first - n)
         out.append(
             Example(
                 input_ids=seq,
@@ -128,6 +131,7 @@ def examples_from_batch(
                 tail_logprob=tails[lo:hi],
                 loss_mask=mask,
                 meta={name: values[i] for name, values in metas.items()},
+                truncated=cut,
             )
         )
     return out

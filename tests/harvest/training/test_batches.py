@@ -32,6 +32,7 @@ HAND = record(
 
 def one(out: Path, rec: dict, **kw) -> dict:
     write_output(out, [[rec]], k=len(rec["top_token_ids"][0]))
+    kw.setdefault("pad_to", "max_len")
     [batch] = list(iter_batches(out, batch_size=4, max_len=kw.pop("max_len", 8), **kw))
     return batch
 
