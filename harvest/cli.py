@@ -67,6 +67,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from harvest.outputs.export import ExportError, export_axolotl, load_tokenizer
+
+    try:
+        result = export_axolotl(args.output, args.dest, load_tokenizer(args.output, args.tokenizer))
+    except ExportError as err:
+        _error(str(err))
+        return EXIT_BAD_JOB
+    written = ", ".join(f"{n} {kind}" for kind, n in sorted(result.written.items())) or "none"
+    print(
+        f"exported {written} records to {args.dest} ({len(result.refused)} refused, "
+        f"{result.cut_targets} targets cut at a re-tokenisation difference, "
+        f"{result.filler_rows} untrained filler rows); axolotl datasets config: "
+        f"{args.dest.rstrip('/')}/axolotl_datasets.yaml"
+    )
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return EXIT_OK
@@ -221,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--samples", type=int, default=3, help="records to show (default 3)")
     ins.add_argument("--no-decode", action="store_true", help="show stored text, not decoded ids")
     ins.set_defaults(func=cmd_inspect)
+    exp = sub.add_parser("export", help="write an output as a trainer's dataset (axolotl KD)")
+    exp.add_argument("output", help="output folder or URI of a harvest")
+    exp.add_argument("dest", help="folder or URI to write the dataset to")
+    exp.add_argument("--format", choices=["axolotl"], default="axolotl", help="dataset layout")
+    exp.add_argument("--tokenizer", help="teacher tokenizer (default: shards' model_root)")
+    exp.set_defaults(func=cmd_export)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser

@@ -72,6 +72,11 @@ def _record_schema(k: int, lp: pa.DataType) -> pa.Schema:
             # Score mode on rows that carry ids: the source's own logprob of each of token_ids
             # (the student's, in an on-policy round), beside the teacher's in ``logprobs``.
             pa.field("student_logprobs", pa.list_(lp)),
+            # log(1 - sum(exp(top_logprobs))) per token, computed by the worker from the
+            # server's full-precision values: exact even when the logprob columns are float16.
+            # -inf where the top K hold all the mass (their sum rounds to 1 or more); 0 for K = 0.
+            # Null in shards written before it existed (readers then recompute it).
+            pa.field("tail_logprob", pa.list_(pa.float32())),
         ]
     )
 

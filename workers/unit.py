@@ -15,6 +15,7 @@ from typing import Any
 from schemas.job import JobSpec
 from schemas.records import FAILURE_SCHEMA, record_schema
 from schemas.wire import Completion, PromptRow, RowProblem, UnitResult, WorkUnit, request_id
+from workers.answers.tail import tail_logprob
 from workers.errors import FatalError, HarvestError, MissingLogprobs
 from workers.round import RoundClients, round_row
 from workers.shards.columns import compact
@@ -111,6 +112,7 @@ class _Unit:
                 prompt_token_ids=outcome.prompt_token_ids, token_ids=sample.token_ids,
                 logprobs=sample.logprobs, top_token_ids=sample.top_token_ids,
                 top_logprobs=sample.top_logprobs, loss_mask=sample.loss_mask,
+                tail_logprob=tail_logprob(sample.top_logprobs),
                 teacher=teacher, endpoint=outcome.endpoint,
                 attempts=outcome.attempts, latency_ms=outcome.latency_ms,
                 student_logprobs=row.student_logprobs,

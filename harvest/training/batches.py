@@ -1,4 +1,4 @@
-"""Stream a harvest's committed shards as padded numpy batches for distillation.
+"""Stream a harvest's committed shards as padded or packed numpy batches for distillation.
 
 Memory stays bounded: shards are read one at a time, a few hundred rows per record batch (Parquet
 decodes a row group at a time, so one row group is the floor), and a shuffle keeps at most
@@ -9,6 +9,7 @@ appear, and outputs of different teachers are refused unless ``allow_mixed=True`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from harvest.training import reader
+from harvest.training.packing import collate_packed, pack_rows
 from harvest.training.targets import TARGET_COLUMNS, Example, collate, examples_from_batch
 from workers.shards.topk_codec import decode_batch, scan_columns, top_k_of
 
@@ -117,32 +119,46 @@ def iter_batches(
     drop_last: bool = False,
     *,
     pad_id: int = 0,
-    pad_to: str = "max_len",
+    pad_to: str = "longest",
+    pack: bool = False,
     shuffle_buffer: int = 1024,
     filter: ds.Expression | None = None,
     meta_columns: Sequence[str] = (),
     allow_mixed: bool = False,
     read_rows: int = 256,
-) -> Iterator[dict[str, Any]]:
-    """Padded numpy batches of a harvest's committed records, for distilling into a student.
+) -> Batches:
+    """Numpy batches of a harvest's committed records, for distilling into a student.
 
     Each batch holds ``input_ids`` [B, L] int64 (``prompt_token_ids + token_ids``, cut to
     ``max_len``, right-padded with ``pad_id``), ``attention_mask`` [B, L] int64,
     ``loss_mask`` [B, L] bool, ``top_ids`` [B, L, K] int32, ``top_logprobs`` [B, L, K] float32,
     ``logprobs`` [B, L] float32 (the sampled token's) and ``tail_logprob`` [B, L] float32
-    (log of the teacher's mass outside its top K; -inf when the top K hold all of it).
+    (log of the teacher's mass outside its top K; -inf when the top K hold all of it; the
+    worker's stored full-precision value when the shard has one).
     Alignment: the targets at position t describe the teacher's distribution for the token at
     position t + 1, so they line up with a causal LM's logits at t; ``loss_mask[b, t]`` is true
     exactly where ``input_ids[b, t + 1]`` is a trained response token (all of them in generate
     mode; where the record's own ``loss_mask`` says so when it has one). Where ``loss_mask`` is
     false the targets are ``pad_id`` / 0 and mean nothing.
 
+    Padding: L is the batch's longest row (``pad_to="longest"``, the default) or ``max_len``
+    (``pad_to="max_len"``). With ``pack=True`` each row instead holds several whole sequences
+    (first fit, up to ``max_len`` tokens), and the batch adds ``position_ids`` [B, L]
+    (restarting at 0 at each sequence), ``seq_index`` [B, L] (-1 on padding) and
+    ``cu_seqlens`` (one int32 array per row, flash-attention varlen form); attention must
+    then be block-diagonal (``harvest.training.packing.block_diagonal_mask``); no target
+    crosses a boundary. Meta columns become one list per row.
+
+    Truncation: a record longer than ``max_len`` keeps its first ``max_len`` tokens (prompt
+    first), so the response tokens past it lose their targets; the trained targets lost are
+    counted in the iterator's ``truncated_targets`` (and ``truncated_rows``) and a warning
+    says how many when the iteration ends.
+
     ``rank`` / ``world_size`` select a disjoint part; the parts together hold every row once
     (split by shard, the remainder by row). Parts can differ by a few rows, so give every rank
     the same step count. With ``shuffle``, shard order and rows (through a buffer of
     ``shuffle_buffer`` rows) are shuffled by ``seed``; pass a new seed per epoch.
-    ``pad_to="longest"`` pads to the batch's longest row instead of ``max_len``. ``filter``
-    (a pyarrow expression) selects rows; ``meta_columns`` adds those columns as lists.
+    ``filter`` (a pyarrow expression) selects rows; ``meta_columns`` adds those columns as lists.
     """
     if batch_size < 1 or max_len < 2:
         raise ValueError("batch_size must be >= 1 and max_len >= 2")
@@ -164,14 +180,77 @@ def iter_batches(
         meta_columns=meta_columns,
         read_rows=read_rows,
     )
-    pending: list[Example] = []
-    for ex in examples:
-        pending.append(ex)
-        if len(pending) == batch_size:
+    return Batches(examples, batch_size, max_len, k, pad_id, pad_to, pack, drop_last)
+
+
+class Batches:
+    """The iterator ``iter_batches`` returns: batches, and what ``max_len`` cut so far."""
+
+    def __init__(
+        self,
+        examples: Iterator[Example],
+        batch_size: int,
+        max_len: int,
+        k: int,
+        pad_id: int,
+        pad_to: str,
+        pack: bool,
+        drop_last: bool,
+    ) -> None:
+        self.truncated_targets = 0  # trained target tokens lost to max_len
+        self.truncated_rows = 0  # records that lost any
+        self.max_len = max_len
+        self._it = self._batches(examples, batch_size, max_len, k, pad_id, pad_to, pack, drop_last)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._it)
+
+    def _count(self, examples: Iterator[Example]) -> Iterator[Example]:
+        for ex in examples:
+            if ex.truncated:
+                self.truncated_targets += ex.truncated
+                self.truncated_rows += 1
+            yield ex
+        if self.truncated_targets:
+            warnings.warn(
+                f"max_len={self.max_len} cut {self.truncated_targets} trained target tokens "
+                f"from {self.truncated_rows} records (raise max_len to keep them)",
+                TruncatedTargets,
+                stacklevel=3,
+            )
+
+    def _batches(
+        self,
+        examples: Iterator[Example],
+        batch_size: int,
+        max_len: int,
+        k: int,
+        pad_id: int,
+        pad_to: str,
+        pack: bool,
+        drop_last: bool,
+    ) -> Iterator[dict[str, Any]]:
+        counted = self._count(examples)
+        if pack:
+            for rows in pack_rows(counted, batch_size, max_len):
+                if len(rows) == batch_size or not drop_last:
+                    yield collate_packed(rows, k, pad_id)
+            return
+        pending: list[Example] = []
+        for ex in counted:
+            pending.append(ex)
+            if len(pending) == batch_size:
+                yield _collate(pending, max_len, k, pad_id, pad_to)
+                pending = []
+        if pending and not drop_last:
             yield _collate(pending, max_len, k, pad_id, pad_to)
-            pending = []
-    if pending and not drop_last:
-        yield _collate(pending, max_len, k, pad_id, pad_to)
+
+
+class TruncatedTargets(UserWarning):
+    """Records longer than ``max_len`` lost trained target tokens (the count is in the text)."""
 
 
 def _collate(

@@ -28,6 +28,7 @@ from workers.shards.topk_codec import decode_batch, scan_columns, top_k_of
 # few bars spanning the range that actually occurs.
 LP_FLOOR, LP_STEP = -40.0, 0.05
 LP_BINS = int(-LP_FLOOR / LP_STEP)  # bin i >= 1: [FLOOR + (i-1) STEP, FLOOR + i STEP); 0 at the top
+MASS_BINS = 20  # top-K mass histogram: bins of 0.05 over [0, 1]
 
 
 def bars(labels: list[str], counts: list[int], width: int = 40) -> list[str]:
@@ -66,6 +67,15 @@ def logprob_histogram(fine: np.ndarray, bars_wanted: int = 8) -> list[str]:
         labels.append(f"[{lo}, {hi}")
         counts.append(int(fine[start:stop].sum()))
     return bars(labels, counts)
+
+
+def mass_histogram(counts: np.ndarray) -> list[str]:
+    """Bars of the per-token top-K mass over the occupied part of [0, 1]."""
+    used = np.nonzero(counts)[0]
+    first, last = int(used[0]), int(used[-1]) + 1
+    step = 1.0 / len(counts)
+    labels = [f"{i * step:.2f}-{(i + 1) * step:.2f}" for i in range(first, last)]
+    return bars(labels, [int(c) for c in counts[first:last]])
 
 
 def _tokenizer(model_root: str | None) -> Any:
@@ -115,6 +125,8 @@ class Scan:
     prompt_lengths: list[np.ndarray] = field(default_factory=list)
     logprobs: np.ndarray = field(default_factory=lambda: np.zeros(LP_BINS + 1, dtype=np.int64))
     top_mass: float = 0.0  # summed over positions
+    # per-token top-K mass on a grid of MASS_BINS bins over [0, 1] (the last bin holds 1.0)
+    mass_bins: np.ndarray = field(default_factory=lambda: np.zeros(MASS_BINS, dtype=np.int64))
     positions: int = 0
     failures: Counter[str] = field(default_factory=Counter)
 
@@ -125,8 +137,18 @@ class Scan:
         lps = pc.list_flatten(batch.column("logprobs")).to_numpy(zero_copy_only=False)
         idx = np.clip(np.floor((lps - LP_FLOOR) / LP_STEP).astype(np.int64) + 1, 0, LP_BINS)
         self.logprobs += np.bincount(idx, minlength=LP_BINS + 1)
-        tops = pc.list_flatten(pc.list_flatten(batch.column("top_logprobs")))
-        self.top_mass += float(np.exp(tops.to_numpy(zero_copy_only=False).astype(np.float64)).sum())
+        if "tail_logprob" in batch.schema.names and not batch.column("tail_logprob").null_count:
+            tail = pc.list_flatten(batch.column("tail_logprob")).to_numpy(zero_copy_only=False)
+            mass = -np.expm1(tail.astype(np.float64))  # 1 - tail, from the stored exact tail
+        else:
+            k = batch.schema.field("top_logprobs").type.value_type.list_size
+            tops = pc.list_flatten(pc.list_flatten(batch.column("top_logprobs")))
+            flat = tops.to_numpy(zero_copy_only=False).astype(np.float64)
+            mass = np.exp(flat).reshape(-1, k).sum(axis=1) if k else np.zeros(len(lps))
+        self.top_mass += float(mass.sum())
+        self.mass_bins += np.bincount(
+            np.clip((mass * MASS_BINS).astype(np.int64), 0, MASS_BINS - 1), minlength=MASS_BINS
+        )
         self.positions += len(lps)
 
     def add_failed(self, batch: pa.RecordBatch) -> None:
@@ -145,7 +167,7 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
     data = open_dataset(out, allow_mixed=True) if data_files else None
     if data is not None:
         data_columns = ["prompt_id", "completion_tokens", "prompt_tokens", "logprobs"]
-        stored = scan_columns(data.schema, [*data_columns, "top_logprobs"])
+        stored = scan_columns(data.schema, [*data_columns, "top_logprobs", "tail_logprob"])
         for batch in data.to_batches(columns=stored, batch_size=1024):
             scan.add_data(decode_batch(batch))
     if failed_files:
@@ -180,6 +202,8 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
     lines += ["", "prompt length (tokens):", *length_histogram(p_length)]
     lines += ["", "response length (tokens):", *length_histogram(length)]
     lines += ["", "sampled-token logprob:", *logprob_histogram(scan.logprobs)]
+    if scan.positions:
+        lines += ["", "teacher top-K mass per token:", *mass_histogram(scan.mass_bins)]
     if samples and data is not None:
         tok = _tokenizer(teacher.get("model_root")) if decode else None
         lines += ["", f"first {samples} records:", *sample_lines(data, samples, tok)]

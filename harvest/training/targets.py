@@ -9,7 +9,6 @@ t + 1, so the teacher's distribution for response token j goes to position ``P +
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-LN2 = math.log(2.0)
+from workers.answers.tail import LN2, tail_logprob
+
 TARGET_COLUMNS = (
     "prompt_token_ids",
     "token_ids",
@@ -25,31 +25,27 @@ TARGET_COLUMNS = (
     "top_token_ids",
     "top_logprobs",
     "loss_mask",
+    "tail_logprob",
 )
+__all__ = ["LN2", "TARGET_COLUMNS", "Example", "collate", "examples_from_batch", "tail_logprob"]
 
 
 class MissingPromptIds(ValueError):
     """Records without ``prompt_token_ids``: training on them would need re-tokenising."""
 
 
-def tail_logprob(top_logprobs: np.ndarray) -> np.ndarray:
-    """log(1 - sum(exp(top_logprobs))) over the last axis: the teacher's mass outside its top K.
-
-    A top-K KD loss needs this bucket to compare two full distributions rather than two
-    truncated ones. Computed in float64 as log1mexp(logsumexp(top)): log1p(-exp(x)) when
-    x < -ln 2, log(-expm1(x)) above (accurate when the top K hold almost everything). x is
-    clipped at 0, so when rounding pushes the sum to 1 or past it the result is -inf, never NaN.
-    """
-    x = np.asarray(top_logprobs, dtype=np.float64)
-    if x.shape[-1] == 0:
-        return np.zeros(x.shape[:-1], dtype=np.float32)
-    peak = np.max(x, axis=-1, keepdims=True)
-    peak = np.where(np.isfinite(peak), peak, 0.0)  # a row of -inf: empty top, all mass in tail
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse = np.log(np.sum(np.exp(x - peak), axis=-1)) + peak[..., 0]
-        lse = np.minimum(lse, 0.0)
-        tail = np.where(lse < -LN2, np.log1p(-np.exp(lse)), np.log(-np.expm1(lse)))
-    return tail.astype(np.float32)
+def stored_tails(
+    batch: pa.RecordBatch, t_off: np.ndarray, top_lps: np.ndarray, shard: str
+) -> np.ndarray:
+    """Per-token tail mass: the stored ``tail_logprob`` column (computed by the worker from the
+    server's full-precision values) when the shard has one, else recomputed from the top-K
+    columns as read (exact for float32 shards; float16 ones lose digits, see bench/README.md)."""
+    if "tail_logprob" not in batch.schema.names or batch.column("tail_logprob").null_count:
+        return tail_logprob(top_lps)
+    off, values = _list(batch.column("tail_logprob"))
+    if not np.array_equal(off, t_off):
+        raise ValueError(f"{shard}: tail_logprob lists not as long as token_ids")
+    return _flat(values).astype(np.float32)
 
 
 @dataclass(slots=True)
@@ -64,6 +60,7 @@ class Example:
     tail_logprob: np.ndarray  # float32 [n]
     loss_mask: np.ndarray  # bool [n]
     meta: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0  # trained target tokens cut off by max_len (counted, never silent)
 
 
 def _list(column: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -99,7 +96,7 @@ def examples_from_batch(
     k = per_token[1][1].type.list_size
     top_ids = _flat(per_token[1][1].flatten()).astype(np.int32).reshape(-1, k)
     top_lps = _flat(per_token[2][1].flatten()).astype(np.float32).reshape(-1, k)
-    tails = tail_logprob(top_lps)
+    tails = stored_tails(batch, t_off, top_lps, shard)
     masks = batch.column("loss_mask") if "loss_mask" in names else None
     m_off, m_val = _list(masks) if masks is not None else (None, None)
     m_val = _flat(m_val).astype(bool) if m_val is not None else None
@@ -120,8 +117,10 @@ def examples_from_batch(
             if int(m_off[i + 1]) - m0 != r:
                 raise ValueError(f"{shard}: row {i} has a loss_mask not as long as its token_ids")
             mask = m_val[m0 + first : m0 + first + n]
+            cut = int(m_val[m0 + first + n : m0 + r].sum())
         else:
             mask = np.ones(n, dtype=bool)
+            cut = max(0, r - first - n)
         out.append(
             Example(
                 input_ids=seq,
@@ -132,6 +131,7 @@ def examples_from_batch(
                 tail_logprob=tails[lo:hi],
                 loss_mask=mask,
                 meta={name: values[i] for name, values in metas.items()},
+                truncated=cut,
             )
         )
     return out

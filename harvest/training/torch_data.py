@@ -21,7 +21,7 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
         "harvest.training.torch_data needs torch: pip install 'teacher-harvest[train]'"
     ) from err
 
-from harvest.training.batches import OutDirs, iter_batches
+from harvest.training.batches import Batches, OutDirs, iter_batches
 
 
 class HarvestIterableDataset(IterableDataset):
@@ -29,7 +29,7 @@ class HarvestIterableDataset(IterableDataset):
 
     ``rank`` / ``world_size`` default to torch.distributed's when it is initialised. Call
     ``set_epoch(e)`` before each epoch to reshuffle (the seed becomes ``seed + e``). Keyword
-    arguments go to ``iter_batches`` (``shuffle_buffer``, ``pad_id``, ``filter``...).
+    arguments go to ``iter_batches`` (``pack``, ``shuffle_buffer``, ``pad_id``, ``filter``...).
     """
 
     def __init__(
@@ -57,6 +57,7 @@ class HarvestIterableDataset(IterableDataset):
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.options = options
         self.epoch = 0
+        self.batches: Batches | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -64,7 +65,7 @@ class HarvestIterableDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        for batch in iter_batches(
+        batches = iter_batches(
             self.out,
             self.batch_size,
             self.max_len,
@@ -74,8 +75,22 @@ class HarvestIterableDataset(IterableDataset):
             seed=self.seed + self.epoch,
             drop_last=self.drop_last,
             **self.options,
-        ):
-            yield {
-                name: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                for name, v in batch.items()
-            }
+        )
+        self.batches = batches  # its truncated_targets / truncated_rows count this pass
+        for batch in batches:
+            yield {name: _tensor(v) for name, v in batch.items()}
+
+    @property
+    def truncated_targets(self) -> int:
+        """Trained target tokens ``max_len`` cut in the current (or last) pass, in this process
+        (with DataLoader workers each worker counts its own and warns about it)."""
+        return self.batches.truncated_targets if self.batches is not None else 0
+
+
+def _tensor(value: Any) -> Any:
+    """Arrays as tensors; a list of arrays (packed ``cu_seqlens``) as a list of tensors."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+        return [torch.from_numpy(v) for v in value]
+    return value

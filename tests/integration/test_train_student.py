@@ -120,3 +120,51 @@ def test_inspect_describes_the_real_harvest(out: Path) -> None:
     assert sum(int(line.split()[-1]) for line in lp) == tokens
     # The shared server loads the tiny teacher from a folder this machine has: ids are decoded.
     assert text.count("response (decoded): ") == 2
+
+
+def _student_gap(model, batch, mask, position_ids=None) -> tuple[float, int]:
+    """Largest |student log-softmax at the teacher's top-K ids - the teacher's top-K logprobs|
+    over the trained positions of one batch (student = the teacher's own weights)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.from_numpy(batch["input_ids"]),
+            attention_mask=mask,
+            position_ids=None if position_ids is None else torch.from_numpy(position_ids),
+        ).logits.float()
+    lsm = torch.log_softmax(logits, -1).numpy()
+    where = batch["loss_mask"]
+    got = np.take_along_axis(lsm, batch["top_ids"].astype(np.int64), -1)[where]
+    return float(np.abs(got - batch["top_logprobs"][where]).max()), int(where.sum())
+
+
+def test_teacher_equals_student_through_padded_and_packed_batches(out: Path) -> None:
+    """Packed rows with a block-diagonal mask and restarting positions give the student the
+    same view of each sequence as a row of its own: the teacher's own weights reproduce every
+    stored top-K logprob through both layouts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harvest.training.packing import block_diagonal_mask
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(
+        ROOT / "tests" / "data" / "tiny-llama", dtype=torch.float32
+    ).eval()
+    padded_gap, padded_n = 0.0, 0
+    for b in harvest.iter_batches(out, 8, 256):
+        gap, n = _student_gap(model, b, torch.from_numpy(b["attention_mask"]))
+        padded_gap, padded_n = max(padded_gap, gap), padded_n + n
+    packed_gap, packed_n, per_row = 0.0, 0, []
+    for b in harvest.iter_batches(out, 2, 256, pack=True):
+        length = b["input_ids"].shape[1]
+        allowed = np.stack([block_diagonal_mask(cu, length) for cu in b["cu_seqlens"]])
+        mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask[~torch.from_numpy(allowed)] = torch.finfo(torch.float32).min
+        gap, n = _student_gap(model, b, mask[:, None], b["position_ids"])
+        packed_gap, packed_n = max(packed_gap, gap), packed_n + n
+        per_row += [len(cu) - 1 for cu in b["cu_seqlens"]]
+    assert padded_n == packed_n > 0
+    assert max(per_row) > 1  # rows really hold several sequences
+    assert padded_gap < 1e-3 and packed_gap < 1e-3, (padded_gap, packed_gap)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ from fake_teacher import FakeTeacher, decode_prompt, encode_text, render_chat
 from test_client import make_spec
 
 from schemas.wire import Completion, PromptRow, RowProblem, Sample, WorkUnit, request_id
+from workers.answers.tail import tail_logprob
 from workers.errors import AuthError
 from workers.shards.columns import read_metadata
 from workers.storage import Store
@@ -177,3 +179,26 @@ def test_float16_logprobs_are_the_float32_ones_rounded(tmp_path):
         assert t16[col].cast(t32[col].type).equals(t32[col].cast(t16[col].type).cast(t32[col].type))
     for col in ("token_ids", "top_token_ids", "prompt_token_ids", "request_id"):
         assert t16[col].equals(t32[col])
+
+
+def test_the_tail_mass_is_stored_from_full_precision_also_for_float16(tmp_path):
+    """tail_logprob is computed by the worker before rounding: float16 shards carry the same
+    float32 tail as float32 ones, and it matches the top-K values the shard holds."""
+    fake = FakeTeacher()
+    r32 = harvest(tmp_path / "32", fake)
+    spec = make_spec()
+    spec16 = spec.model_copy(
+        update={"output": spec.output.model_copy(update={"logprob_dtype": "float16"})}
+    )
+    r16 = harvest(tmp_path / "16", fake, spec=spec16)
+    t32 = pq.read_table(tmp_path / "32" / r32.data_path)
+    t16 = pq.read_table(tmp_path / "16" / r16.data_path)
+    assert t16.schema.field("tail_logprob").type.value_type == pa.float32()
+    assert t16["tail_logprob"].equals(t32["tail_logprob"])
+    assert t32["tail_logprob"].null_count == 0
+    for tails, tops in zip(
+        t32["tail_logprob"].to_pylist(), t32["top_logprobs"].to_pylist(), strict=True
+    ):
+        assert len(tails) == len(tops)
+        want = tail_logprob(np.array(tops, dtype=np.float64).reshape(len(tops), -1))
+        np.testing.assert_allclose(tails, want, rtol=1e-5, atol=1e-6)

@@ -32,6 +32,7 @@ HAND = record(
 
 def one(out: Path, rec: dict, **kw) -> dict:
     write_output(out, [[rec]], k=len(rec["top_token_ids"][0]))
+    kw.setdefault("pad_to", "max_len")
     [batch] = list(iter_batches(out, batch_size=4, max_len=kw.pop("max_len", 8), **kw))
     return batch
 
@@ -255,3 +256,10 @@ def test_float16_shards_read_as_float32_batches(tmp_path: Path) -> None:
     assert np.array_equal(b16["top_ids"], b32["top_ids"])
     expected = b32["top_logprobs"].astype(np.float16).astype(np.float32)
     assert np.array_equal(b16["top_logprobs"], expected)
+
+
+def test_the_stored_tail_is_used_over_a_recomputed_one(tmp_path: Path) -> None:
+    """A shard's tail_logprob column (the worker's, from full precision) is what batches carry."""
+    rec = {**HAND, "tail_logprob": [-7.5, -3.25]}
+    b = one(tmp_path, rec)
+    assert b["tail_logprob"][0, 2:4].tolist() == [-7.5, -3.25]

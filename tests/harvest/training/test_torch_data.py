@@ -20,7 +20,8 @@ def loader_ids(out: Path, rank: int, world_size: int, workers: int, **kw) -> lis
     got = []
     for batch in loader:
         assert batch["input_ids"].dtype == torch.int64 and batch["top_ids"].dtype == torch.int32
-        assert batch["input_ids"].shape == (len(batch["request_id"]), 32)
+        assert batch["input_ids"].shape[0] == len(batch["request_id"])
+        assert batch["input_ids"].shape[1] <= 32  # padded to the batch's longest row
         got += batch["request_id"]
     return got
 

@@ -1,0 +1,104 @@
+"""`harvest export --format axolotl` read by axolotl 0.19.0's own KD loader, collator and loss,
+in axolotl's own venv (built once by tests/axolotl/build_venv.sh, cached under .cache/).
+
+The teacher is the tests' tiny Llama (ChatML template) on the shared vLLM server, not SmolLM2:
+serving SmolLM2 would need a second vLLM server (~40 s start, ~3.3 GiB) in every CI run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harvest.cli import main
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "tests" / "data" / "tiny-llama"
+VENV = ROOT / ".cache" / "axolotl-venv"
+
+
+@pytest.fixture(scope="module")
+def axolotl_python() -> Path:
+    subprocess.run(
+        ["bash", str(ROOT / "tests" / "axolotl" / "build_venv.sh"), str(VENV)], check=True
+    )
+    return VENV / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory, tiny_teacher, ray_cluster) -> Path:
+    folder = tmp_path_factory.mktemp("axolotl")
+    with open(folder / "prompts.jsonl", "w") as fh:
+        for i in range(16):
+            row = (
+                {
+                    "id": f"chat-{i}",
+                    "messages": [{"role": "user", "content": f"Tell me about {i}."}],
+                }
+                if i % 2
+                else {"id": f"plain-{i}", "prompt": f"The number {i} is"}
+            )
+            fh.write(json.dumps(row) + "\n")
+    job = {
+        "input": "prompts.jsonl",
+        "teacher": {
+            "model": "tiny",
+            "endpoints": [tiny_teacher],
+            "authorization": {
+                "owner": "teacher-harvest tests",
+                "license": "apache-2.0",
+                "attestation": "random tiny Llama built in this repository",
+            },
+        },
+        "sampling": {"max_tokens": 16, "n": 1, "logprobs": 5, "seed": 11},
+        "output": {"dir": "out", "rows_per_shard": 8},
+        "concurrency": {"workers": 1, "in_flight_per_endpoint": 8},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(folder / "job.yaml"), "--no-progress"]) == 0
+    return folder / "out"
+
+
+def shifted_copy(src: Path, dest: Path) -> None:
+    """The export with every row moved one position earlier (one extra row at the end)."""
+    dest.mkdir()
+    for name in ("chat.jsonl", "completions.jsonl"):
+        with open(src / name) as fin, open(dest / name, "w") as fout:
+            for line in fin:
+                row = json.loads(line)
+                row["logprobs"].append(row["logprobs"][-1])
+                row["target_token_ids"].append(row["target_token_ids"][-1])
+                fout.write(json.dumps(row) + "\n")
+    text = (src / "axolotl_datasets.yaml").read_text().replace(str(src), str(dest))
+    (dest / "axolotl_datasets.yaml").write_text(text)
+
+
+def run_axolotl(python: Path, export: Path, tmp: Path) -> dict:
+    result = tmp / f"{export.name}.json"
+    script = ROOT / "tests" / "axolotl" / "check_export.py"
+    subprocess.run([str(python), str(script), str(MODEL), str(export), str(result)], check=True)
+    return json.loads(result.read_text())
+
+
+def test_axolotl_trains_on_the_export_exactly(harvested, axolotl_python, tmp_path, capsys):
+    export = tmp_path / "export"
+    assert main(["export", str(harvested), str(export), "--format", "axolotl"]) == 0
+    said = capsys.readouterr().out
+    assert "exported 8 chat, 8 completions records" in said, said
+    shifted = tmp_path / "shifted"
+    shifted_copy(export, shifted)
+    good = run_axolotl(axolotl_python, export, tmp_path)
+    bad = run_axolotl(axolotl_python, shifted, tmp_path)
+    for name in ("chat.jsonl", "completions.jsonl"):
+        g, b = good[name], bad[name]
+        assert g["rows"] == 8 and g["target_positions"] > 8, g
+        assert g["max_gap"] < 1e-4, (name, g)  # student = teacher: axolotl's targets are exact
+        assert b["max_gap"] > 0.1, (name, b)  # one position off breaks it
+        # axolotl's own loss sees it (the random tiny teacher is near-uniform, so KL is small)
+        assert b["kd_loss"] > 1.05 * g["kd_loss"], (name, g, b)
+    print(json.dumps({"good": good, "shifted": bad}))
