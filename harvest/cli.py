@@ -36,7 +36,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from harvest.driver.scheduler import retry_failed
+    from harvest.driver.retry import retry_failed
 
     out_dir = args.output
     return _harvest(
@@ -120,21 +120,34 @@ def _finish(summary: Summary, out_dir: str, resume: str) -> int:
 
 
 def format_summary(s: Summary) -> str:
-    rate = s.completion_tokens / s.elapsed_s if s.elapsed_s else 0.0
+    """This run's work first (its rate is its own tokens over its own time), then the output
+    as a whole, each labelled; failed prompts are never counted as harvested."""
+    harvested = s.prompts_this_run - s.run_failed_prompts
     lines = [
-        f"job {s.job_id}: {s.prompts} prompts, {s.prompts_this_run} harvested in this run "
-        f"({s.elapsed_s:.1f}s)",
-        f"  data rows: {s.data_rows}   failure rows: {s.failure_rows}   "
-        f"completion tokens: {s.completion_tokens} ({rate:,.0f} tok/s)",
+        f"job {s.job_id}, this run ({s.elapsed_s:.1f}s): {harvested} harvested, "
+        f"{s.run_failed_prompts} failed of {s.prompts_this_run} prompts sent",
+        f"  data rows: {s.run_data_rows}   failure rows: {s.run_failure_rows}   "
+        f"{_token_word(s)}: {s.run_tokens} ({s.tokens_per_s:,.0f} tok/s)",
         f"  retries: {s.retries}   worker restarts: {s.worker_restarts}   "
         f"replica restarts: {s.replica_restarts}",
     ]
     for endpoint, count in sorted(s.endpoint_requests.items()):
-        lines.append(f"  requests served by {endpoint}: {count}")
+        lines.append(f"  prompts answered by {endpoint}: {count}")
     for cls, count in sorted(s.error_classes.items()):
         lines.append(f"  failed prompts, {cls}: {count}")
-    lines.append(f"  output: {s.out_dir}/data/*.parquet (failures: {s.out_dir}/failed/)")
+    for cls, count in sorted(s.not_retried.items()):
+        lines.append(f"  not retried, {cls}: {count} (can never succeed as given; fix the input)")
+    lines += [
+        f"output as a whole: {s.prompts_done}/{s.prompts} prompts, data rows: {s.data_rows}   "
+        f"failure rows: {s.failure_rows}   {_token_word(s)}: {s.completion_tokens}",
+        f"  read it with harvest.open_dataset({s.out_dir!r}) (committed shards only); "
+        f"look with `harvest inspect {s.out_dir}`, failures with `harvest failures {s.out_dir}`",
+    ]
     return "\n".join(lines)
+
+
+def _token_word(s: Summary) -> str:
+    return "scored tokens" if s.mode == "score" else "completion tokens"
 
 
 def _write_summary(s: Summary) -> None:
