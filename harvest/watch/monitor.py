@@ -51,7 +51,6 @@ class Monitor:
         self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
         self._written = 0.0
         self._down: dict[str, EndpointDown] = {}
-        self._circuits = 0
         self._logged: set[tuple[str, str, str]] = set()  # first errors already logged
         self._replica_restarts = 0
         self.replicas: list[ReplicaStatus] = []  # managed replicas (``harvest.replicas``)
@@ -86,6 +85,7 @@ class Monitor:
         answered = counters.get("prompts", 0)
         s.prompts_done = min(s.prompts_total, self.done_before + max(committed_prompts, answered))
         s.tokens = self.tokens_before + tokens
+        s.run_tokens, s.run_prompts = tokens, s.prompts_done - self.done_before
         s.retries = counters.get("retries", 0)
         s.in_flight = in_flight
         s.worker_restarts, s.replica_restarts = worker_restarts, replica_restarts
@@ -122,6 +122,13 @@ class Monitor:
         for endpoint, d in now_down.items():
             ep = by_endpoint.setdefault(endpoint, EndpointStatus())
             ep.state, ep.since, ep.reason = d.state, d.since, d.reason
+            if d.state == "circuit open" and (
+                endpoint not in self._down or self._down[endpoint].state != d.state
+            ):  # once per endpoint, however many workers' routers saw it open
+                s.circuits_opened[endpoint] = s.circuits_opened.get(endpoint, 0) + 1
+                event("circuit_opened", f"endpoint {endpoint}: circuit opened after repeated "
+                      "failures", logging.WARNING, endpoint=endpoint,
+                      total=s.circuits_opened[endpoint])  # fmt: skip
             if endpoint not in self._down or self._down[endpoint].state != d.state:
                 name = "retry_after_pause" if d.state.startswith("paused") else "endpoint_down"
                 event(name, f"endpoint {d.describe()}", logging.WARNING, endpoint=endpoint,
@@ -135,11 +142,6 @@ class Monitor:
     def _follow_events(
         self, counters: dict[str, int], requests: RequestSnapshot, replica_restarts: int
     ) -> None:
-        opened = counters.get("circuit_opened", 0)
-        if opened > self._circuits:
-            event("circuit_opened", f"{opened - self._circuits} endpoint circuit(s) opened after "
-                  "repeated failures", logging.WARNING, total=opened)  # fmt: skip
-            self._circuits = opened
         if replica_restarts > self._replica_restarts:
             event("replica_restart", f"a teacher replica restarted ({replica_restarts} so far)",
                   logging.WARNING, total=replica_restarts)  # fmt: skip
