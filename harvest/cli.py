@@ -67,6 +67,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_failures(args: argparse.Namespace) -> int:
+    from harvest.training.failures import report
+
+    print(report(args.output, examples=args.examples))
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return EXIT_OK
@@ -234,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--samples", type=int, default=3, help="records to show (default 3)")
     ins.add_argument("--no-decode", action="store_true", help="show stored text, not decoded ids")
     ins.set_defaults(func=cmd_inspect)
+    fails = sub.add_parser("failures", help="why prompts failed: classes, messages, sources")
+    fails.add_argument("output", help="output folder or URI of a harvest")
+    fails.add_argument("--examples", type=int, default=3, help="records per class (default 3)")
+    fails.set_defaults(func=cmd_failures)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser
