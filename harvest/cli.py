@@ -29,9 +29,25 @@ EXIT_OK, EXIT_ABORTED, EXIT_BAD_JOB, EXIT_WITH_FAILURES, EXIT_INTERRUPTED = 0, 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from harvest.inputs.check import describe_input
+
     spec = load_job(args.job)
     # The spec holds no secret to redact: keys are read from the environment or a key file.
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    print(describe_input(spec))
+    if args.check_teacher:
+        from harvest.driver.preflight import check_teacher, read_api_key
+        from harvest.driver.reach import check_listening
+
+        if spec.teacher.replicas is not None:
+            print("teacher: managed replicas start with the run; not checked here")
+            return EXIT_OK
+        check_listening(spec.teacher.endpoints)
+        info = check_teacher(spec, read_api_key(spec), "validate")
+        print(
+            f"teacher: {spec.teacher.model} answers at {', '.join(spec.teacher.endpoints)} "
+            f"(loaded from {info.identity().get('model_root')})"
+        )
     return EXIT_OK
 
 
@@ -218,8 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
-    val = sub.add_parser("validate", help="check a job file and print the resolved spec")
+    val = sub.add_parser("validate", help="check a job file and its input, print the resolved spec")
     val.add_argument("job")
+    val.add_argument(
+        "--check-teacher",
+        action="store_true",
+        help="also reach every endpoint and check it serves the model (no harvest starts)",
+    )
     val.set_defaults(func=cmd_validate)
     retry = sub.add_parser(
         "retry-failed",
