@@ -90,6 +90,20 @@ def cmd_failures(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from harvest.report import write_report
+
+        where = write_report(args.output, args.to)
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        _error("harvest report needs matplotlib: pip install 'teacher-harvest[report]'")
+        return EXIT_BAD_JOB
+    print(f"report written to {where}")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return EXIT_OK
@@ -266,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     fails.add_argument("output", help="output folder or URI of a harvest")
     fails.add_argument("--examples", type=int, default=3, help="records per class (default 3)")
     fails.set_defaults(func=cmd_failures)
+    rep = sub.add_parser("report", help="write one self-contained HTML page about an output")
+    rep.add_argument("output", help="output folder or URI of a harvest")
+    rep.add_argument("--to", help="file to write (default: OUT/report.html)")
+    rep.set_defaults(func=cmd_report)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser

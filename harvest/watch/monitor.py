@@ -20,7 +20,14 @@ from harvest.errors import JobAborted
 from harvest.watch.logs import attach_run_log, detach_run_log, event
 from harvest.watch.metrics import DriverMetrics
 from harvest.watch.progress import Progress
-from harvest.watch.status import EndpointStatus, JobStatus, ReplicaStatus, State, write_status
+from harvest.watch.status import (
+    HISTORY_POINTS,
+    EndpointStatus,
+    JobStatus,
+    ReplicaStatus,
+    State,
+    write_status,
+)
 from schemas.job import JobSpec
 from workers.teacher.router import EndpointDown
 from workers.teacher.stats import RequestSnapshot
@@ -169,7 +176,20 @@ class Monitor:
                       after_s=r.first_answer_after_s)  # fmt: skip
         self.status.replicas = list(self.replicas)
 
+    def _remember(self) -> None:
+        """Add one point to the status file's bounded history of the run."""
+        s = self.status
+        s.history.append({
+            "t": round(time.time(), 3), "prompts": s.prompts_done, "tokens": s.run_tokens,
+            "p50": s.latency_s.get("p50"), "p90": s.latency_s.get("p90"),
+            "in_flight": s.in_flight,
+            "ok": {e: ep.requests.get("200", 0) for e, ep in s.endpoints.items()},
+        })  # fmt: skip
+        if len(s.history) > HISTORY_POINTS:
+            s.history = s.history[::2]
+
     def _write(self) -> None:
+        self._remember()
         self.status.updated_at = time.time()
         write_status(self.out_dir, self.status)
         self._written = time.monotonic()

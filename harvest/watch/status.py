@@ -14,7 +14,7 @@ import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,7 @@ from workers.storage import store_for
 
 STATUS_FILE = "_harvest/status.json"
 STALE_AFTER_HEARTBEATS = 3
+HISTORY_POINTS = 400  # a long run keeps every other point when the list fills up
 
 State = Literal["running", "done", "done with failures", "stopped", "crashed"]
 
@@ -70,6 +71,9 @@ class JobStatus(BaseModel):
     endpoints: dict[str, EndpointStatus] = Field(default_factory=dict)
     latency_s: dict[str, float | None] = Field(default_factory=dict)  # p50 / p90 / p99
     circuits_opened: dict[str, int] = Field(default_factory=dict)  # endpoint -> times opened
+    # One point per heartbeat of the last run (thinned to HISTORY_POINTS), for `harvest report`:
+    # {"t", "prompts", "tokens", "p50", "p90", "in_flight", "ok": {endpoint: 200s so far}}.
+    history: list[dict[str, Any]] = Field(default_factory=list)
     worker_restarts: int = 0
     replica_restarts: int = 0
     replicas: list[ReplicaStatus] = Field(default_factory=list)  # managed replicas only
