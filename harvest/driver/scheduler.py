@@ -8,6 +8,7 @@ output that ``harvest run`` resumes without duplicates, on a local folder or an 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from harvest.driver.replicas import ReplicaError, ReplicaSet
 from harvest.inputs.sources import iter_units, scan
 from harvest.outputs.manifest import Manifest, UnitCommit, UnitState
 from harvest.outputs.provenance import check_logprob_mode
-from harvest.watch.logs import ray_logging_level
+from harvest.watch.logs import event, ray_logging_level
 from harvest.watch.monitor import watched_run
 from harvest.watch.progress import Progress
 from harvest.watch.status import JobStatus
@@ -136,8 +137,37 @@ class Summary:
         self.prompts_done = sum(u.base.prompts for u in units)
 
 
+_QUIET = "1"  # the value quiet_ray sets (a user's own setting is left alone)
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own prints off the terminal unless ``--log-level debug``: the "Unhandled
+    error" tracebacks of tasks the driver gave up on when a job stops (their failure is
+    reported once, in harvest's own line) and the raylet's "(raylet) A worker died ..."
+    paragraphs (a replica's death is reported by harvest's restart line). With debug they
+    print as Ray prints them."""
+    from ray._private import worker as ray_worker
+
+    shown = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+    if ray_logging_level() <= logging.DEBUG:
+        ray_worker.print_to_stdstream = shown
+        if os.environ.get("RAY_IGNORE_UNHANDLED_ERRORS") == _QUIET:
+            del os.environ["RAY_IGNORE_UNHANDLED_ERRORS"]
+        return
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", _QUIET)  # read at each unhandled error
+
+    def to_debug_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        for line in data.get("lines", []):
+            event("ray_message", f"({data.get('pid')}) {line}", logging.DEBUG)
+
+    to_debug_log.__wrapped__ = shown  # type: ignore[attr-defined]
+    # Ray's error listener thread calls the module's function by name at each message.
+    ray_worker.print_to_stdstream = to_debug_log
+
+
 def init_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (as under ``ray job submit``), or start a private one."""
+    quiet_ray()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
