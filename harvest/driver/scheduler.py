@@ -24,7 +24,6 @@ import ray
 from harvest.driver.lease import Lease
 from harvest.driver.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.driver.preflight import TeacherInfo, check_teacher, read_api_key
-from harvest.driver.reach import check_listening
 from harvest.driver.replicas import ReplicaError, ReplicaSet
 from harvest.inputs.sources import iter_units, scan
 from harvest.outputs.manifest import Manifest, UnitCommit, UnitState
@@ -229,8 +228,6 @@ class _Started:
 def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Started:
     """Join Ray, launch managed replicas, check the teacher, build the workers' arguments."""
     api_key = read_api_key(spec)
-    if spec.teacher.replicas is None:
-        check_listening(spec.teacher.endpoints)  # seconds sooner than after Ray's start
     init_ray(ray_address)
     replicas = None
     endpoints = spec.teacher.endpoints
