@@ -11,7 +11,10 @@ weight (``--ce-weight``, 0.001): it is an unbiased but noisy estimate of the sam
 noise for a high-entropy teacher such as the tests' random one; raise it for a peaked teacher.
 The student has one layer (the tests' teacher has two and was built with seed 0, so a same-shape
 student with that seed would start out as the teacher). One prompt in ``heldout_every`` (all its
-samples) is held out to measure the KL.
+samples) is held out to measure the KL. On a tiny input (fewer than ``FEW_PROMPTS`` training
+prompts) the student memorises the few prompts it sees and the held-out KL can end higher than
+it started: the script says so at the start, and again if it happens. ``--save`` writes the
+student with the teacher's tokenizer files, so the folder loads with ``from_pretrained`` alone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -33,6 +37,12 @@ import harvest
 from schemas.records import METADATA_KEY
 
 LN2 = math.log(2.0)
+FEW_PROMPTS = 200  # below this many training prompts, expect the student to memorise them
+TINY_INPUT_HINT = (
+    "the held-out KL measures generalisation to prompts the student never saw; with only {n} "
+    "training prompts it memorises them and the held-out KL can get worse (harvest more "
+    "prompts, or train fewer steps)"
+)
 
 
 @dataclass
@@ -73,26 +83,36 @@ def losses(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> tuple[tor
     return kd, ce
 
 
-def heldout_filter(out: str | Path, heldout_every: int) -> tuple[ds.Expression, ds.Expression]:
-    """Filters for the training and held-out rows: whole prompts, chosen by a stable hash."""
+def split_prompts(out: str | Path, heldout_every: int) -> tuple[list[str], list[str]]:
+    """Training and held-out prompt ids: whole prompts, chosen by a stable hash."""
     prompt_ids = harvest.open_dataset(out).to_table(columns=["prompt_id"])["prompt_id"]
-    held = sorted(
-        p
-        for p in set(prompt_ids.to_pylist())
-        if int(hashlib.sha256(p.encode()).hexdigest(), 16) % heldout_every == 0
-    )
+    train, held = [], []
+    for p in sorted(set(prompt_ids.to_pylist())):
+        is_held = int(hashlib.sha256(p.encode()).hexdigest(), 16) % heldout_every == 0
+        (held if is_held else train).append(p)
+    return train, held
+
+
+def heldout_filter(out: str | Path, heldout_every: int) -> tuple[ds.Expression, ds.Expression]:
+    """Filters for the training and held-out rows."""
+    held = pa.array(split_prompts(out, heldout_every)[1], pa.string())  # typed even if empty
     is_held = ds.field("prompt_id").isin(held)
     return ~is_held, is_held
 
 
-def student_for(out: str | Path, tokenizer: str | None, max_len: int) -> LlamaForCausalLM:
-    """A random tiny Llama over the teacher's vocabulary."""
+def teacher_tokenizer(out: str | Path, tokenizer: str | None) -> str:
+    """The teacher's tokenizer folder: ``--tokenizer``, or the provenance's ``model_root``."""
     if tokenizer is None:
         meta = json.loads(harvest.open_dataset(out).schema.metadata[METADATA_KEY])
         tokenizer = (meta.get("teacher") or {}).get("model_root")
     if not tokenizer or not Path(tokenizer).is_dir():
         raise SystemExit(f"cannot find the teacher's tokenizer ({tokenizer}); pass --tokenizer")
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    return tokenizer
+
+
+def student_for(out: str | Path, tokenizer: str | None, max_len: int) -> LlamaForCausalLM:
+    """A random tiny Llama over the teacher's vocabulary."""
+    tok = AutoTokenizer.from_pretrained(teacher_tokenizer(out, tokenizer))
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
@@ -136,6 +156,9 @@ def train(
     torch.manual_seed(seed)
     model = student_for(out, tokenizer, max_len)
     train_rows, held_rows = heldout_filter(out, heldout_every)
+    trained_prompts = len(split_prompts(out, heldout_every)[0])
+    if trained_prompts < FEW_PROMPTS:
+        log("note: " + TINY_INPUT_HINT.format(n=trained_prompts))
     held_stream = harvest.iter_batches(out, batch_size, max_len, filter=held_rows)
     held = [as_torch(b) for _, b in zip(range(heldout_batches), held_stream, strict=False)]
     result = TrainResult(heldout_kl_before=heldout_kl(model, held))
@@ -169,6 +192,8 @@ def train(
         log(f"step {step + 1:4d}  loss {loss.item():.5f}  kd {kd.item():.5f}  ce {ce.item():.4f}")
     result.heldout_kl_after = heldout_kl(model, held)
     log(f"held-out top-K KL after training:  {result.heldout_kl_after:.4f}")
+    if result.heldout_kl_after > result.heldout_kl_before:
+        log("held-out KL got worse: " + TINY_INPUT_HINT.format(n=trained_prompts))
     return model, result
 
 
@@ -194,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         tokenizer=args.tokenizer,
     )
-    if args.save:
+    if args.save:  # the student and the tokenizer it was trained with, in one folder
         model.save_pretrained(args.save)
+        AutoTokenizer.from_pretrained(
+            teacher_tokenizer(args.output, args.tokenizer)
+        ).save_pretrained(args.save)
     return 0
 
 

@@ -29,14 +29,30 @@ EXIT_OK, EXIT_ABORTED, EXIT_BAD_JOB, EXIT_WITH_FAILURES, EXIT_INTERRUPTED = 0, 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from harvest.inputs.check import describe_input
+
     spec = load_job(args.job)
     # The spec holds no secret to redact: keys are read from the environment or a key file.
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    print(describe_input(spec))
+    if args.check_teacher:
+        from harvest.driver.preflight import check_teacher, read_api_key
+        from harvest.driver.reach import check_listening
+
+        if spec.teacher.replicas is not None:
+            print("teacher: managed replicas start with the run; not checked here")
+            return EXIT_OK
+        check_listening(spec.teacher.endpoints)
+        info = check_teacher(spec, read_api_key(spec), "validate")
+        print(
+            f"teacher: {spec.teacher.model} answers at {', '.join(spec.teacher.endpoints)} "
+            f"(loaded from {info.identity().get('model_root')})"
+        )
     return EXIT_OK
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from harvest.driver.scheduler import retry_failed
+    from harvest.driver.retry import retry_failed
 
     out_dir = args.output
     return _harvest(
@@ -82,6 +98,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{result.filler_rows} untrained filler rows); axolotl datasets config: "
         f"{args.dest.rstrip('/')}/axolotl_datasets.yaml"
     )
+    return EXIT_OK
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    from harvest.training.failures import report
+
+    print(report(args.output, examples=args.examples))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from harvest.report import write_report
+
+        where = write_report(args.output, args.to)
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        _error("harvest report needs matplotlib: pip install 'teacher-harvest[report]'")
+        return EXIT_BAD_JOB
+    print(f"report written to {where}")
     return EXIT_OK
 
 
@@ -138,21 +175,34 @@ def _finish(summary: Summary, out_dir: str, resume: str) -> int:
 
 
 def format_summary(s: Summary) -> str:
-    rate = s.completion_tokens / s.elapsed_s if s.elapsed_s else 0.0
+    """This run's work first (its rate is its own tokens over its own time), then the output
+    as a whole, each labelled; failed prompts are never counted as harvested."""
+    harvested = s.prompts_this_run - s.run_failed_prompts
     lines = [
-        f"job {s.job_id}: {s.prompts} prompts, {s.prompts_this_run} harvested in this run "
-        f"({s.elapsed_s:.1f}s)",
-        f"  data rows: {s.data_rows}   failure rows: {s.failure_rows}   "
-        f"completion tokens: {s.completion_tokens} ({rate:,.0f} tok/s)",
+        f"job {s.job_id}, this run ({s.elapsed_s:.1f}s): {harvested} harvested, "
+        f"{s.run_failed_prompts} failed of {s.prompts_this_run} prompts sent",
+        f"  data rows: {s.run_data_rows}   failure rows: {s.run_failure_rows}   "
+        f"{_token_word(s)}: {s.run_tokens} ({s.tokens_per_s:,.0f} tok/s)",
         f"  retries: {s.retries}   worker restarts: {s.worker_restarts}   "
         f"replica restarts: {s.replica_restarts}",
     ]
     for endpoint, count in sorted(s.endpoint_requests.items()):
-        lines.append(f"  requests served by {endpoint}: {count}")
+        lines.append(f"  prompts answered by {endpoint}: {count}")
     for cls, count in sorted(s.error_classes.items()):
         lines.append(f"  failed prompts, {cls}: {count}")
-    lines.append(f"  output: {s.out_dir}/data/*.parquet (failures: {s.out_dir}/failed/)")
+    for cls, count in sorted(s.not_retried.items()):
+        lines.append(f"  not retried, {cls}: {count} (can never succeed as given; fix the input)")
+    lines += [
+        f"output as a whole: {s.prompts_done}/{s.prompts} prompts, data rows: {s.data_rows}   "
+        f"failure rows: {s.failure_rows}   {_token_word(s)}: {s.completion_tokens}",
+        f"  read it with harvest.open_dataset({s.out_dir!r}) (committed shards only); "
+        f"look with `harvest inspect {s.out_dir}`, failures with `harvest failures {s.out_dir}`",
+    ]
     return "\n".join(lines)
+
+
+def _token_word(s: Summary) -> str:
+    return "scored tokens" if s.mode == "score" else "completion tokens"
 
 
 def _write_summary(s: Summary) -> None:
@@ -216,8 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
-    val = sub.add_parser("validate", help="check a job file and print the resolved spec")
+    val = sub.add_parser("validate", help="check a job file and its input, print the resolved spec")
     val.add_argument("job")
+    val.add_argument(
+        "--check-teacher",
+        action="store_true",
+        help="also reach every endpoint and check it serves the model (no harvest starts)",
+    )
     val.set_defaults(func=cmd_validate)
     retry = sub.add_parser(
         "retry-failed",
@@ -245,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["axolotl"], default="axolotl", help="dataset layout")
     exp.add_argument("--tokenizer", help="teacher tokenizer (default: shards' model_root)")
     exp.set_defaults(func=cmd_export)
+    fails = sub.add_parser("failures", help="why prompts failed: classes, messages, sources")
+    fails.add_argument("output", help="output folder or URI of a harvest")
+    fails.add_argument("--examples", type=int, default=3, help="records per class (default 3)")
+    fails.set_defaults(func=cmd_failures)
+    rep = sub.add_parser("report", help="write one self-contained HTML page about an output")
+    rep.add_argument("output", help="output folder or URI of a harvest")
+    rep.add_argument("--to", help="file to write (default: OUT/report.html)")
+    rep.set_defaults(func=cmd_report)
     sch = sub.add_parser("schema", help="print the job file's JSON Schema")
     sch.set_defaults(func=cmd_schema)
     return parser

@@ -8,29 +8,28 @@ output that ``harvest run`` resumes without duplicates, on a local folder or an 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 
 from harvest.driver.lease import Lease
 from harvest.driver.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.driver.preflight import TeacherInfo, check_teacher, read_api_key
 from harvest.driver.replicas import ReplicaError, ReplicaSet
-from harvest.driver.retry_rows import failed_samples, to_retry
 from harvest.driver.rounds import Student, start_student
 from harvest.inputs.sources import iter_units, scan
-from harvest.outputs.manifest import RETRY_SEP, Manifest, UnitCommit, UnitState
-from harvest.outputs.manifest import load as load_manifest
+from harvest.outputs.manifest import Manifest, UnitCommit, UnitState
 from harvest.outputs.provenance import check_logprob_mode
-from harvest.watch.logs import ray_logging_level
+from harvest.watch.logs import event, ray_logging_level
 from harvest.watch.monitor import watched_run
 from harvest.watch.progress import Progress
 from harvest.watch.status import JobStatus
@@ -40,7 +39,7 @@ from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
 from workers.storage import Store
 
-__all__ = ["ClusterUnavailable", "JobAborted", "ReplicaError", "Summary", "retry_failed", "run_job"]
+__all__ = ["ClusterUnavailable", "JobAborted", "ReplicaError", "Summary", "run_job"]
 
 
 class ClusterUnavailable(RuntimeError):
@@ -49,13 +48,24 @@ class ClusterUnavailable(RuntimeError):
 
 @dataclass
 class Summary:
+    """What ``harvest run`` / ``retry-failed`` report: this run's work (``run_*``, ``retries``,
+    ``endpoint_requests``, ``error_classes``) apart from the output as a whole (``data_rows``,
+    ``failure_rows``, ``completion_tokens``), so a rate never mixes the two."""
+
     out_dir: str
     job_id: str
     prompts: int
+    mode: str = "generate"  # score: the tokens are the given text's, scored
     prompts_this_run: int = 0
-    data_rows: int = 0
+    data_rows: int = 0  # the output as a whole, after this run
     failure_rows: int = 0
     completion_tokens: int = 0
+    prompts_done: int = 0
+    run_data_rows: int = 0  # this run's commits
+    run_failure_rows: int = 0
+    run_tokens: int = 0
+    run_failed_prompts: int = 0
+    not_retried: Counter[str] = field(default_factory=Counter)  # retry-failed: class -> prompts
     elapsed_s: float = 0.0
     endpoint_requests: Counter[str] = field(default_factory=Counter)
     error_classes: Counter[str] = field(default_factory=Counter)
@@ -65,18 +75,50 @@ class Summary:
     units_by_node: Counter[str] = field(default_factory=Counter)
     interrupted: bool = False
 
+    @property
+    def tokens_per_s(self) -> float:
+        """This run's tokens over this run's time (earlier runs' tokens never count)."""
+        return self.run_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["endpoint_requests"] = dict(self.endpoint_requests)
-        out["error_classes"] = dict(self.error_classes)
-        out["units_by_node"] = dict(self.units_by_node)
-        return out
+        """``_summary.json``: the run's figures and the output's, in labelled sections."""
+        return {
+            "job_id": self.job_id,
+            "out_dir": self.out_dir,
+            "interrupted": self.interrupted,
+            "this_run": {
+                "prompts": self.prompts_this_run,
+                "harvested_prompts": self.prompts_this_run - self.run_failed_prompts,
+                "failed_prompts": self.run_failed_prompts,
+                "not_retried": dict(self.not_retried),
+                "data_rows": self.run_data_rows,
+                "failure_rows": self.run_failure_rows,
+                "tokens": self.run_tokens,
+                "tokens_are": "scored" if self.mode == "score" else "completion",
+                "elapsed_s": self.elapsed_s,
+                "tokens_per_s": self.tokens_per_s,
+                "requests_by_endpoint": dict(self.endpoint_requests),
+                "failed_prompts_by_class": dict(self.error_classes),
+                "retries": self.retries,
+                "worker_restarts": self.worker_restarts,
+                "replica_restarts": self.replica_restarts,
+                "units_by_node": dict(self.units_by_node),
+            },
+            "output": {
+                "prompts": self.prompts,
+                "prompts_done": self.prompts_done,
+                "data_rows": self.data_rows,
+                "failure_rows": self.failure_rows,
+                "tokens": self.completion_tokens,
+            },
+        }
 
     def add(self, c: UnitCommit) -> None:
         """Count a commit made by this run (a unit's first harvest, or a retry of it)."""
-        self.data_rows += c.data_rows
-        self.failure_rows += c.failure_rows
-        self.completion_tokens += c.completion_tokens
+        self.run_data_rows += c.data_rows
+        self.run_failure_rows += c.failure_rows
+        self.run_tokens += c.completion_tokens
+        self.run_failed_prompts += sum(c.error_classes.values())
         self.endpoint_requests.update(c.endpoint_requests)
         self.error_classes.update(c.error_classes)
         self.retries += c.retries
@@ -84,14 +126,48 @@ class Summary:
             self.units_by_node[c.node_id] += 1
 
     def resume(self, units: list[UnitState]) -> None:
-        """Start from what earlier runs committed (rows and tokens are cumulative)."""
+        """Start from what earlier runs committed (the output's totals before this run)."""
+        self.settle(units)
+
+    def settle(self, units: list[UnitState]) -> None:
+        """The output's totals, from its committed units."""
         self.data_rows = sum(u.data_rows for u in units)
         self.failure_rows = sum(u.failure_rows for u in units)
         self.completion_tokens = sum(u.completion_tokens for u in units)
+        self.prompts_done = sum(u.base.prompts for u in units)
+
+
+_QUIET = "1"  # the value quiet_ray sets (a user's own setting is left alone)
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own prints off the terminal unless ``--log-level debug``: the "Unhandled
+    error" tracebacks of tasks the driver gave up on when a job stops (their failure is
+    reported once, in harvest's own line) and the raylet's "(raylet) A worker died ..."
+    paragraphs (a replica's death is reported by harvest's restart line). With debug they
+    print as Ray prints them."""
+    from ray._private import worker as ray_worker
+
+    shown = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+    if ray_logging_level() <= logging.DEBUG:
+        ray_worker.print_to_stdstream = shown
+        if os.environ.get("RAY_IGNORE_UNHANDLED_ERRORS") == _QUIET:
+            del os.environ["RAY_IGNORE_UNHANDLED_ERRORS"]
+        return
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", _QUIET)  # read at each unhandled error
+
+    def to_debug_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        for line in data.get("lines", []):
+            event("ray_message", f"({data.get('pid')}) {line}", logging.DEBUG)
+
+    to_debug_log.__wrapped__ = shown  # type: ignore[attr-defined]
+    # Ray's error listener thread calls the module's function by name at each message.
+    ray_worker.print_to_stdstream = to_debug_log
 
 
 def init_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (as under ``ray job submit``), or start a private one."""
+    quiet_ray()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -315,7 +391,7 @@ def run_job(
     store = _open_store(str(out))
     with Lease.acquire(store) as lease:
         manifest = Manifest.open(store, spec=spec, input_fp=inputs.fingerprint, force_new=force_new)
-        summary = Summary(store.uri, manifest.job_id, prompts=inputs.rows)
+        summary = Summary(store.uri, manifest.job_id, prompts=inputs.rows, mode=spec.mode)
         summary.resume(list(manifest.units.values()))
         done_before = sum(u.base.prompts for u in manifest.units.values())
         units = (
@@ -323,70 +399,16 @@ def run_job(
             for u in iter_units(inputs.files, spec, _units_per_shard(spec))
             if u.unit_id not in manifest.units
         )
-        _harvest(
-            spec, manifest, units, _guarded(lease, manifest.commit, summary), summary,
-            kinds=inputs.kinds, total=inputs.rows, done_before=done_before, ray_address=ray_address,
-            show_progress=show_progress, status_every_s=status_every_s,
-            stop_deadline_s=stop_deadline_s,
-        )  # fmt: skip
+        first = next(units, None)  # a rerun with nothing left starts no Ray, keeps the status
+        if first is not None:
+            _harvest(
+                spec, manifest, chain([first], units), _guarded(lease, manifest.commit, summary),
+                summary, kinds=inputs.kinds, total=inputs.rows, done_before=done_before,
+                ray_address=ray_address, show_progress=show_progress,
+                status_every_s=status_every_s, stop_deadline_s=stop_deadline_s,
+            )  # fmt: skip
+        summary.settle(list(manifest.units.values()))
         if lease.confirm():  # never delete what a driver that took over may be writing
             manifest.sweep()  # shards of attempts that crashed or lost a race in this run
-    summary.elapsed_s = time.monotonic() - t0
-    return summary
-
-
-def _failed_kinds(store: Store, rel: str) -> tuple[int, set[str]]:
-    """How many prompts one failure shard holds, and their kinds (chat / completions); rows
-    that could not be read have neither, and are failure rows again without a request."""
-    with store.open_input_file(rel) as fh:
-        t = pq.read_table(fh, columns=["prompt_id", "prompt", "messages"])
-    kinds = {"chat"} if t["messages"].null_count < len(t) else set()
-    if t["prompt"].null_count < len(t):
-        kinds.add("completions")
-    return len(set(t["prompt_id"].to_pylist())), kinds
-
-
-def retry_failed(
-    out: str | Path,
-    *,
-    ray_address: str | None = None,
-    show_progress: bool = True,
-    status_every_s: float = 5.0,
-    stop_deadline_s: float = 60.0,
-) -> Summary:
-    """Re-send the prompts of ``out``'s failure shards; recovered rows join the data."""
-    t0 = time.monotonic()
-    store = _open_store(str(out))
-    spec = JobSpec.model_validate(load_manifest(store).header.spec)
-    inputs = scan(spec)
-    with Lease.acquire(store) as lease:
-        manifest = Manifest.open(store, spec=spec, input_fp=inputs.fingerprint)
-        # One unit's failed ids at a time: no per-prompt state for the whole output.
-        failed = {uid: u.failed_path for uid, u in manifest.units.items() if u.failed_path}
-        total, kinds = 0, set()
-        for rel in failed.values():
-            count, found = _failed_kinds(store, rel)
-            total, kinds = total + count, kinds | found
-
-        def retry_units() -> Iterator[WorkUnit]:
-            for u in iter_units(inputs.files, spec, _units_per_shard(spec)):
-                if u.unit_id in failed:
-                    ids = failed_samples(store, failed[u.unit_id])
-                    yield WorkUnit(
-                        f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}",
-                        [row for row in u.rows if to_retry(spec, row, ids)],
-                    )
-
-        summary = Summary(store.uri, manifest.job_id, prompts=total)
-        if failed:
-            _harvest(
-                spec, manifest, retry_units(),
-                _guarded(lease, manifest.commit_retry, summary), summary,
-                kinds=frozenset(kinds), total=total, done_before=0, ray_address=ray_address,
-                show_progress=show_progress, status_every_s=status_every_s,
-                stop_deadline_s=stop_deadline_s,
-            )  # fmt: skip
-            if lease.confirm():
-                manifest.sweep()
     summary.elapsed_s = time.monotonic() - t0
     return summary

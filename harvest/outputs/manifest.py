@@ -183,9 +183,13 @@ class Manifest:
                 if was != now
             ]
             if changed:
+                fields = changed_fields(header.spec, spec.model_dump(mode="json"))
+                named = f" ({', '.join(fields)})" if fields and len(changed) == 1 else ""
+                if fields and len(changed) == 2:
+                    named = f" (spec: {', '.join(fields)})"
                 raise ResumeRefused(
                     f"{store.uri} holds job {header.job_id} and {' and '.join(changed)} "
-                    "changed since; use another --output, or --force-new to discard it"
+                    f"changed since{named}; use another --output, or --force-new to discard it"
                 )
         else:
             header = JobHeader(
@@ -274,6 +278,32 @@ class Manifest:
             if name.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
                 self.store.delete(name)
         return gone
+
+
+# The spec fields the job fingerprint hashes (JobSpec.fingerprint): a change to one of them
+# refuses a resume, and the refusal names it.
+FINGERPRINTED = ("mode", "teacher.model", "sampling.", "input.", "output.rows_per_shard",
+                 "output.logprob_dtype")  # fmt: skip
+
+
+def _flat(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_fields(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``field (old -> new)`` for each fingerprinted spec field that differs."""
+    old, new = _flat(was), _flat(now)
+    return [
+        f"{k} ({old.get(k)} -> {new.get(k)})"
+        for k in sorted(old.keys() | new.keys())
+        if k.startswith(FINGERPRINTED) and k != "input.path" and old.get(k) != new.get(k)
+    ]
 
 
 def _ids(state: UnitState) -> list[str]:

@@ -48,8 +48,50 @@ def length_histogram(lengths: np.ndarray, bins: int = 8) -> list[str]:
     step = max(1, math.ceil((hi - lo + 1) / bins))
     edges = list(range(lo, hi + 1, step))
     counts = [int(((lengths >= e) & (lengths < e + step)).sum()) for e in edges]
-    labels = [f"{e}" if step == 1 else f"{e}-{e + step - 1}" for e in edges]
+    # The last bar ends at the longest length seen (never past max_tokens).
+    labels = [
+        f"{e}" if min(e + step - 1, hi) == e else f"{e}-{min(e + step - 1, hi)}" for e in edges
+    ]
     return bars(labels, counts)
+
+
+def finish_reason_lines(reasons: Counter[str]) -> list[str]:
+    """How samples ended: ``length`` means max_tokens cut them off."""
+    total = sum(reasons.values())
+    if not total:
+        return ["  (none)"]
+    return [
+        f"  {reason}: {n} ({100.0 * n / total:.1f}%)"
+        for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+
+
+def score_split(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Score mode: per record, the scored tokens (the loss mask's) and the context tokens
+    (the first token, stored as the prompt, and every unmasked one). A record without a mask
+    is scored whole."""
+    tokens = batch.column("completion_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
+    masks = batch.column("loss_mask")
+    n = len(batch)
+    lengths = pc.fill_null(pc.list_value_length(masks), 0).to_numpy().astype(np.int64)
+    flat = pc.list_flatten(masks).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.repeat(np.arange(n), lengths)
+    masked = np.bincount(rows, weights=flat, minlength=n).astype(np.int64)
+    has_mask = np.asarray(masks.is_valid().to_numpy(zero_copy_only=False))
+    scored = np.where(has_mask, masked, tokens)
+    prompt = pc.fill_null(batch.column("prompt_tokens"), 0).to_numpy().astype(np.int64)
+    return scored, prompt + tokens - scored
+
+
+def score_sample(row: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
+    """Score mode: the context and the scored text of one record, split at its loss mask."""
+    ids = list(row.get("prompt_token_ids") or []) + list(row["token_ids"])
+    mask = [False] * (len(ids) - len(row["token_ids"])) + list(
+        row.get("loss_mask") or [True] * len(row["token_ids"])
+    )
+    context = [t for t, m in zip(ids, mask, strict=True) if not m]
+    scored = [t for t, m in zip(ids, mask, strict=True) if m]
+    return tokenizer.decode(context), tokenizer.decode(scored)
 
 
 def logprob_histogram(fine: np.ndarray, bars_wanted: int = 8) -> list[str]:
@@ -95,11 +137,16 @@ def _short(text: str | None, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def sample_lines(dataset: ds.Dataset, count: int, tokenizer: Any) -> list[str]:
+def sample_lines(dataset: ds.Dataset, count: int, tokenizer: Any, score: bool = False) -> list[str]:
     lines = []
+    second = "scored" if score else "response"
     for row in dataset.head(count).to_pylist():
-        lines.append(f"  [{row['prompt_id']} #{row['sample_index']}] finish={row['finish_reason']}")
-        if tokenizer is not None and row.get("prompt_token_ids") is not None:
+        finish = "" if score else f" finish={row['finish_reason']}"
+        lines.append(f"  [{row['prompt_id']} #{row['sample_index']}]{finish}")
+        if score and tokenizer is not None:
+            prompt, response = score_sample(row, tokenizer)
+            how = "decoded"
+        elif tokenizer is not None and row.get("prompt_token_ids") is not None:
             prompt = tokenizer.decode(row["prompt_token_ids"])
             response = tokenizer.decode(row["token_ids"])
             how = "decoded"
@@ -111,7 +158,7 @@ def sample_lines(dataset: ds.Dataset, count: int, tokenizer: Any) -> list[str]:
             response, how = row["response"], "text"
         lines += [
             f"    prompt ({how}):   {_short(prompt)}",
-            f"    response ({how}): {_short(response)}",
+            f"    {second} ({how}):{' ' * (8 - len(second))} {_short(response)}",
         ]
     return lines
 
@@ -129,11 +176,19 @@ class Scan:
     mass_bins: np.ndarray = field(default_factory=lambda: np.zeros(MASS_BINS, dtype=np.int64))
     positions: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+    finish_reasons: Counter[str] = field(default_factory=Counter)
+    score: bool = False  # score mode: lengths are scored / context tokens (the loss mask)
 
     def add_data(self, batch: pa.RecordBatch) -> None:
         self.prompts.update(batch.column("prompt_id").to_pylist())
-        self.lengths.append(batch.column("completion_tokens").to_numpy(zero_copy_only=False))
-        self.prompt_lengths.append(pc.drop_null(batch.column("prompt_tokens")).to_numpy())
+        self.finish_reasons.update(str(r) for r in batch.column("finish_reason").to_pylist())
+        if self.score:
+            scored, context = score_split(batch)
+            self.lengths.append(scored)
+            self.prompt_lengths.append(context)
+        else:
+            self.lengths.append(batch.column("completion_tokens").to_numpy(zero_copy_only=False))
+            self.prompt_lengths.append(pc.drop_null(batch.column("prompt_tokens")).to_numpy())
         lps = pc.list_flatten(batch.column("logprobs")).to_numpy(zero_copy_only=False)
         idx = np.clip(np.floor((lps - LP_FLOOR) / LP_STEP).astype(np.int64) + 1, 0, LP_BINS)
         self.logprobs += np.bincount(idx, minlength=LP_BINS + 1)
@@ -163,10 +218,14 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
     """The whole inspection as text."""
     data_files, failed_files = reader.data_files(out), reader.data_files(out, "failed")
-    scan = Scan()
+    first = (data_files or failed_files or [None])[0]
+    meta = read_metadata(first) if first else {}
+    score = meta.get("mode") == "score"
+    scan = Scan(score=score)
     data = open_dataset(out, allow_mixed=True) if data_files else None
     if data is not None:
         data_columns = ["prompt_id", "completion_tokens", "prompt_tokens", "logprobs"]
+        data_columns += ["finish_reason", "loss_mask"]
         stored = scan_columns(data.schema, [*data_columns, "top_logprobs", "tail_logprob"])
         for batch in data.to_batches(columns=stored, batch_size=1024):
             scan.add_data(decode_batch(batch))
@@ -174,8 +233,6 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
         failed = open_dataset(out, "failed", allow_mixed=True)
         for batch in failed.to_batches(columns=["prompt_id", "error_class"]):
             scan.add_failed(batch)
-    first = (data_files or failed_files or [None])[0]
-    meta = read_metadata(first) if first else {}
     teacher = meta.get("teacher") or {}
     length, p_length = _concat(scan.lengths), _concat(scan.prompt_lengths)
     lines = [
@@ -183,10 +240,10 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
         f"job:       {meta.get('job_id')} (schema v{meta.get('schema_version')})",
         f"teacher:   {teacher.get('model')} (loaded from {teacher.get('model_root')}; "
         f"tokenizer {teacher.get('tokenizer_hash') or 'unknown'})",
-        f"sampling:  {_sampling(meta.get('sampling') or {})}",
+        f"sampling:  {_sampling(meta.get('sampling') or {}, score)}",
         f"prompts:   {len(scan.prompts)}   samples: {len(length)}   shards: {len(data_files)} "
         f"data, {len(failed_files)} failed",
-        f"tokens:    {int(length.sum())} response, {int(p_length.sum())} prompt",
+        _tokens_line(int(length.sum()), int(p_length.sum()), score),
         f"failures:  {sum(scan.failures.values())} records"
         + "".join(f"\n  {cls}: {n}" for cls, n in sorted(scan.failures.items())),
     ]
@@ -199,14 +256,17 @@ def report(out: OutDirs, samples: int = 3, decode: bool = True) -> str:
         mean = scan.top_mass / scan.positions
         lines.append(f"teacher top-{k} mass per token: mean {mean:.4f} (tail {1 - mean:.4f})")
     lines += topk_lines(data_files)
-    lines += ["", "prompt length (tokens):", *length_histogram(p_length)]
-    lines += ["", "response length (tokens):", *length_histogram(length)]
+    first_len, second_len = ("context", "scored") if score else ("prompt", "response")
+    lines += ["", f"{first_len} length (tokens):", *length_histogram(p_length)]
+    lines += ["", f"{second_len} length (tokens):", *length_histogram(length)]
+    if not score:
+        lines += ["", "finish reasons:", *finish_reason_lines(scan.finish_reasons)]
     lines += ["", "sampled-token logprob:", *logprob_histogram(scan.logprobs)]
     if scan.positions:
         lines += ["", "teacher top-K mass per token:", *mass_histogram(scan.mass_bins)]
     if samples and data is not None:
         tok = _tokenizer(teacher.get("model_root")) if decode else None
-        lines += ["", f"first {samples} records:", *sample_lines(data, samples, tok)]
+        lines += ["", f"first {samples} records:", *sample_lines(data, samples, tok, score)]
     return "\n".join(lines)
 
 
@@ -231,5 +291,13 @@ def topk_lines(data_files: list[str]) -> list[str]:
     ]
 
 
-def _sampling(sampling: dict[str, Any]) -> str:
+def _tokens_line(response: int, prompt: int, score: bool) -> str:
+    if score:
+        return f"tokens:    {response} scored (trained on), {prompt} context"
+    return f"tokens:    {response} response, {prompt} prompt"
+
+
+def _sampling(sampling: dict[str, Any], score: bool = False) -> str:
+    if score:  # teacher forcing: nothing is sampled; only the top-K width applies
+        return f"score mode (teacher forcing, no sampling), logprobs={sampling.get('logprobs')}"
     return ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None) or "unknown"

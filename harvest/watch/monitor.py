@@ -20,7 +20,14 @@ from harvest.errors import JobAborted
 from harvest.watch.logs import attach_run_log, detach_run_log, event
 from harvest.watch.metrics import DriverMetrics
 from harvest.watch.progress import Progress
-from harvest.watch.status import EndpointStatus, JobStatus, ReplicaStatus, State, write_status
+from harvest.watch.status import (
+    HISTORY_POINTS,
+    EndpointStatus,
+    JobStatus,
+    ReplicaStatus,
+    State,
+    write_status,
+)
 from schemas.job import JobSpec
 from workers.teacher.router import EndpointDown
 from workers.teacher.stats import RequestSnapshot
@@ -51,7 +58,6 @@ class Monitor:
         self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
         self._written = 0.0
         self._down: dict[str, EndpointDown] = {}
-        self._circuits = 0
         self._logged: set[tuple[str, str, str]] = set()  # first errors already logged
         self._replica_restarts = 0
         self.replicas: list[ReplicaStatus] = []  # managed replicas (``harvest.replicas``)
@@ -86,6 +92,7 @@ class Monitor:
         answered = counters.get("prompts", 0)
         s.prompts_done = min(s.prompts_total, self.done_before + max(committed_prompts, answered))
         s.tokens = self.tokens_before + tokens
+        s.run_tokens, s.run_prompts = tokens, s.prompts_done - self.done_before
         s.retries = counters.get("retries", 0)
         s.in_flight = in_flight
         s.worker_restarts, s.replica_restarts = worker_restarts, replica_restarts
@@ -122,6 +129,13 @@ class Monitor:
         for endpoint, d in now_down.items():
             ep = by_endpoint.setdefault(endpoint, EndpointStatus())
             ep.state, ep.since, ep.reason = d.state, d.since, d.reason
+            if d.state == "circuit open" and (
+                endpoint not in self._down or self._down[endpoint].state != d.state
+            ):  # once per endpoint, however many workers' routers saw it open
+                s.circuits_opened[endpoint] = s.circuits_opened.get(endpoint, 0) + 1
+                event("circuit_opened", f"endpoint {endpoint}: circuit opened after repeated "
+                      "failures", logging.WARNING, endpoint=endpoint,
+                      total=s.circuits_opened[endpoint])  # fmt: skip
             if endpoint not in self._down or self._down[endpoint].state != d.state:
                 name = "retry_after_pause" if d.state.startswith("paused") else "endpoint_down"
                 event(name, f"endpoint {d.describe()}", logging.WARNING, endpoint=endpoint,
@@ -135,11 +149,6 @@ class Monitor:
     def _follow_events(
         self, counters: dict[str, int], requests: RequestSnapshot, replica_restarts: int
     ) -> None:
-        opened = counters.get("circuit_opened", 0)
-        if opened > self._circuits:
-            event("circuit_opened", f"{opened - self._circuits} endpoint circuit(s) opened after "
-                  "repeated failures", logging.WARNING, total=opened)  # fmt: skip
-            self._circuits = opened
         if replica_restarts > self._replica_restarts:
             event("replica_restart", f"a teacher replica restarted ({replica_restarts} so far)",
                   logging.WARNING, total=replica_restarts)  # fmt: skip
@@ -167,7 +176,20 @@ class Monitor:
                       after_s=r.first_answer_after_s)  # fmt: skip
         self.status.replicas = list(self.replicas)
 
+    def _remember(self) -> None:
+        """Add one point to the status file's bounded history of the run."""
+        s = self.status
+        s.history.append({
+            "t": round(time.time(), 3), "prompts": s.prompts_done, "tokens": s.run_tokens,
+            "p50": s.latency_s.get("p50"), "p90": s.latency_s.get("p90"),
+            "in_flight": s.in_flight,
+            "ok": {e: ep.requests.get("200", 0) for e, ep in s.endpoints.items()},
+        })  # fmt: skip
+        if len(s.history) > HISTORY_POINTS:
+            s.history = s.history[::2]
+
     def _write(self) -> None:
+        self._remember()
         self.status.updated_at = time.time()
         write_status(self.out_dir, self.status)
         self._written = time.monotonic()

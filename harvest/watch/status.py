@@ -14,7 +14,7 @@ import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,7 @@ from workers.storage import store_for
 
 STATUS_FILE = "_harvest/status.json"
 STALE_AFTER_HEARTBEATS = 3
+HISTORY_POINTS = 400  # a long run keeps every other point when the list fills up
 
 State = Literal["running", "done", "done with failures", "stopped", "crashed"]
 
@@ -54,11 +55,13 @@ class JobStatus(BaseModel):
     started_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     heartbeat_s: float = 5.0
-    prompts_total: int = 0
+    prompts_total: int = 0  # the output as a whole: what it holds, this run's work included
     prompts_done: int = 0
     data_rows: int = 0
     failure_rows: int = 0
     tokens: int = 0
+    run_prompts: int = 0  # this (or the last) run only: what the rates below are made of
+    run_tokens: int = 0
     tokens_per_s_last_minute: float = 0.0
     tokens_per_s_overall: float = 0.0
     eta_s: float | None = None
@@ -67,6 +70,10 @@ class JobStatus(BaseModel):
     in_flight: int = 0
     endpoints: dict[str, EndpointStatus] = Field(default_factory=dict)
     latency_s: dict[str, float | None] = Field(default_factory=dict)  # p50 / p90 / p99
+    circuits_opened: dict[str, int] = Field(default_factory=dict)  # endpoint -> times opened
+    # One point per heartbeat of the last run (thinned to HISTORY_POINTS), for `harvest report`:
+    # {"t", "prompts", "tokens", "p50", "p90", "in_flight", "ok": {endpoint: 200s so far}}.
+    history: list[dict[str, Any]] = Field(default_factory=list)
     worker_restarts: int = 0
     replica_restarts: int = 0
     replicas: list[ReplicaStatus] = Field(default_factory=list)  # managed replicas only
@@ -115,24 +122,29 @@ def render(status: JobStatus, now: float | None = None) -> str:
         f"job {s.job_id}: {state}" + (f" ({s.reason})" if s.reason else ""),
         f"  driver {s.host} pid {s.pid}, started {_when(s.started_at)}, "
         f"last update {_when(s.updated_at)} ({now - s.updated_at:.0f}s ago)",
-        f"  prompts {s.prompts_done}/{s.prompts_total} ({done_pct:.1f}%), data rows "
-        f"{s.data_rows}, failure rows {s.failure_rows}, ETA {_duration(s.eta_s)}",
-        f"  tokens {s.tokens}: {s.tokens_per_s_last_minute:,.0f} tok/s last minute, "
-        f"{s.tokens_per_s_overall:,.0f} overall",
-        f"  in flight {s.in_flight}, retries {s.retries}, worker restarts {s.worker_restarts}, "
-        f"replica restarts {s.replica_restarts}",
+        f"  output: prompts {s.prompts_done}/{s.prompts_total} ({done_pct:.1f}%), data rows "
+        f"{s.data_rows}, failure rows {s.failure_rows}, tokens {s.tokens}, "
+        f"ETA {_duration(s.eta_s)}",
+        f"  last run: {s.run_prompts} prompts, tokens {s.run_tokens}: "
+        f"{s.tokens_per_s_last_minute:,.0f} tok/s last minute, "
+        f"{s.tokens_per_s_overall:,.0f} tok/s overall",
+        f"  last run: in flight {s.in_flight}, retries {s.retries}, worker restarts "
+        f"{s.worker_restarts}, replica restarts {s.replica_restarts}",
     ]
     if s.latency_s:
         lat = ", ".join(f"{k} <= {v:g}s" for k, v in s.latency_s.items() if v is not None)
-        lines.append(f"  latency {lat or '-'}")
+        lines.append(f"  last run: latency {lat or '-'}")
     for cls, count in sorted(s.failures_by_class.items()):
-        lines.append(f"  failed prompts, {cls}: {count}")
+        lines.append(f"  output: failed prompts, {cls}: {count}")
     for url, ep in sorted(s.endpoints.items()):
         outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(ep.requests.items())) or "-"
         health = ep.state if ep.state == "up" else f"{ep.state} since {_when(ep.since)}"
         if ep.reason:
             health += f" ({ep.reason})"
-        lines.append(f"  {url}: {health}; requests {outcomes}")
+        opened = s.circuits_opened.get(url, 0)
+        if opened:
+            health += f", circuit opened {opened}x"
+        lines.append(f"  {url}: {health}; last run HTTP requests (retries included) {outcomes}")
     for i, r in enumerate(s.replicas):
         line = f"  replica {i}: {r.url or 'restarting'}, restarts {r.restarts}"
         if r.died_at is not None:

@@ -55,7 +55,7 @@ def test_retries_that_run_out_end_as_failure_rows(tmp_path, ray_cluster, capsys)
     assert data.num_rows == (len(prompts) - len(down)) * N
     assert not down_ids & set(data["prompt_id"].to_pylist())
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["error_classes"] == {"ServerError": len(down)}
+    assert summary["this_run"]["failed_prompts_by_class"] == {"ServerError": len(down)}
 
 
 def test_wrong_shape_200s_are_retried_and_never_abort_the_job(tmp_path, ray_cluster, capsys):

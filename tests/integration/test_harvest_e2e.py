@@ -88,7 +88,7 @@ def test_run_succeeds_with_one_row_per_prompt_and_sample(harvested):
     assert set(table["api"].to_pylist()) == {"completions", "chat"}
     assert reader.data_files(out, "failed") == []
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["data_rows"] == len(ids) * N and summary["failure_rows"] == 0
+    assert summary["output"]["data_rows"] == len(ids) * N and summary["output"]["failure_rows"] == 0
 
 
 def test_token_ids_decode_to_the_response_text(harvested):

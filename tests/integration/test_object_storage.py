@@ -187,7 +187,7 @@ def test_one_driver_per_output_and_takeover_after_sigkill(
     assert sum(k.endswith(".parquet") for k in keys_left) == len(manifest.shard_paths())
     assert not any(k.endswith("_harvest/lease.json") for k in keys_left)
     summary = json.loads(Store(out).read_bytes("_summary.json"))
-    assert summary["prompts_this_run"] == PROMPTS - done_by_first * SHARD_ROWS // 2
+    assert summary["this_run"]["prompts"] == PROMPTS - done_by_first * SHARD_ROWS // 2
     assert len(Store(out).list(COMMITS)) == len(manifest.units)
     assert not list(Path(tmp_path).rglob("*.parquet"))
 

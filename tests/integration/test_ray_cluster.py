@@ -255,8 +255,8 @@ def check_output(out: str, ids: list[str], local_dirs: list[Path]) -> dict:
     assert len(set(table["request_id"].to_pylist())) == table.num_rows == len(ids) * N
     assert reader.data_files(out, "failed") == []
     summary = json.loads(Store(out).read_bytes("_summary.json"))
-    assert summary["data_rows"] == len(ids) * N and summary["failure_rows"] == 0
-    assert summary["prompts_this_run"] == len(ids)
+    assert summary["output"]["data_rows"] == len(ids) * N and summary["output"]["failure_rows"] == 0
+    assert summary["this_run"]["prompts"] == len(ids)
     return summary
 
 

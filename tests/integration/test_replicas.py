@@ -112,10 +112,10 @@ def test_two_managed_replicas_share_the_work(tmp_path, ray_cluster):
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    served = summary["endpoint_requests"]
+    served = summary["this_run"]["requests_by_endpoint"]
     assert len(served) == 2 and all(count > 0 for count in served.values()), served
     assert sum(served.values()) == 80
-    assert "requests served by http://127.0.0.1:" in stdout
+    assert "prompts answered by http://127.0.0.1:" in stdout
     check_rows(tmp_path / "out", 80)
     assert sorted(p.name for p in (tmp_path / "out" / "_replicas").iterdir())  # server logs kept
     assert_no_leftovers(before)  # stopped with the job
@@ -162,8 +162,8 @@ def test_killed_replica_is_restarted_and_serves_again(tmp_path, ray_cluster):
     assert f":{killed}/" not in new_url and back["restarts"] == 1
     assert 0 < back["healthy_after_s"] <= back["first_answer_after_s"]
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["replica_restarts"] >= 1, stdout
-    served = summary["endpoint_requests"]
+    assert summary["this_run"]["replica_restarts"] >= 1, stdout
+    served = summary["this_run"]["requests_by_endpoint"]
     assert served.get(new_url, 0) > 0, served  # the restarted replica served rows
     assert sum(served.values()) == prompts  # each row answered once, by one of the three
     check_rows(out, prompts)

@@ -208,7 +208,7 @@ def test_worker_sigkill_mid_job_reruns_its_unit(reference, tmp_path, tiny_teache
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["worker_restarts"] >= 1
+    assert summary["this_run"]["worker_restarts"] >= 1
     ids = request_ids(out)
     assert len(ids) == len(set(ids)) and set(ids) == set(reference)
     assert_same_content(out, reference)

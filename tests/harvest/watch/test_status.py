@@ -56,8 +56,8 @@ def test_render_names_state_counts_failures_and_endpoints():
     )
     text = render(s, now=s.updated_at)
     assert text.splitlines()[0] == "job j1: stopped (interrupted)"
-    assert "prompts 4/10 (40.0%)" in text and "failed prompts, ServerError: 3" in text
-    assert "http://a/v1: up; requests 200: 7, 503: 3" in text
+    assert "prompts 4/10 (40.0%)" in text and "output: failed prompts, ServerError: 3" in text
+    assert "http://a/v1: up; last run HTTP requests (retries included) 200: 7, 503: 3" in text
     assert "http://b/v1: circuit open since 1970-01-01 00:00:00 UTC (ConnectError)" in text
     assert "latency p50 <= 0.5s, p90 <= 1s" in text
 

@@ -1,0 +1,78 @@
+"""Fast checks before anything starts: validate reads the input and can reach the teacher; a
+job whose endpoints have nothing listening stops before Ray; a refused resume names the field
+(issue 22, point 7)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from fault_teacher_server import FaultTeacherServer
+
+from harvest.cli import main
+from harvest.outputs.manifest import Manifest, ResumeRefused
+from schemas.job import parse_job
+from workers.storage import Store
+
+AUTH = {"owner": "us", "license": "apache-2.0", "attestation": "t"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job(tmp_path: Path, url: str, input_path: str, **sampling) -> Path:
+    spec = {
+        "input": input_path,
+        "teacher": {"model": "fault", "endpoints": [url], "authorization": AUTH},
+        "sampling": {"max_tokens": 4, "logprobs": 2, **sampling},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_validate_refuses_a_missing_input(tmp_path, capsys) -> None:
+    path = job(tmp_path, "http://127.0.0.1:1/v1", str(tmp_path / "nope.jsonl"))
+    assert main(["validate", str(path)]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_validate_counts_rows_and_names_malformed_lines(tmp_path, capsys) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n{oops\n{"prompt": "b"}\n{"nothing": 1}\n')
+    path = job(tmp_path, "http://127.0.0.1:1/v1", str(inp))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "input: 4 rows in 1 file, 2 unusable" in out
+    assert f"{inp}:2" in out and f"{inp}:4" in out
+
+
+def test_validate_check_teacher(tmp_path, capsys) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    with FaultTeacherServer() as server:
+        assert main(["validate", str(job(tmp_path, server.url, str(inp))), "--check-teacher"]) == 0
+        assert "teacher: fault answers at " + server.url in capsys.readouterr().out
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    assert main(["validate", str(job(tmp_path, dead, str(inp))), "--check-teacher"]) == 2
+    assert "nothing listens" in capsys.readouterr().err
+
+
+def test_refused_resume_names_the_field_that_changed(tmp_path) -> None:
+    teacher = {"model": "m", "endpoints": ["http://h/v1"], "authorization": AUTH}
+    base = {
+        "input": "x.jsonl",
+        "sampling": {"max_tokens": 4, "temperature": 1.0},
+        "teacher": teacher,
+    }
+    store = Store(str(tmp_path / "out"))
+    Manifest.open(store, spec=parse_job(base), input_fp="i")
+    changed = {**base, "sampling": {"max_tokens": 4, "temperature": 0.5}}
+    with pytest.raises(ResumeRefused, match=r"sampling\.temperature \(1\.0 -> 0\.5\)"):
+        Manifest.open(store, spec=parse_job(changed), input_fp="i")
