@@ -24,6 +24,7 @@ import ray
 from harvest.driver.lease import Lease
 from harvest.driver.pool import JobAborted, Pool, dispatch, probe_teacher
 from harvest.driver.preflight import TeacherInfo, check_teacher, read_api_key
+from harvest.driver.reach import warn_if_nothing_listens
 from harvest.driver.replicas import ReplicaError, ReplicaSet
 from harvest.driver.rounds import Student, start_student
 from harvest.inputs.sources import iter_units, scan
@@ -237,6 +238,8 @@ class _Started:
 def _start(spec: JobSpec, manifest: Manifest, ray_address: str | None) -> _Started:
     """Join Ray, launch managed replicas, check the teacher, build the workers' arguments."""
     api_key = read_api_key(spec)
+    if spec.teacher.replicas is None:  # said before Ray's start-up, not 10-20 s after it
+        warn_if_nothing_listens(spec.teacher.endpoints, spec.teacher.outage_timeout_s)
     init_ray(ray_address)
     replicas = None
     endpoints = spec.teacher.endpoints

@@ -76,3 +76,26 @@ def test_refused_resume_names_the_field_that_changed(tmp_path) -> None:
     changed = {**base, "sampling": {"max_tokens": 4, "temperature": 0.5}}
     with pytest.raises(ResumeRefused, match=r"sampling\.temperature \(1\.0 -> 0\.5\)"):
         Manifest.open(store, spec=parse_job(changed), input_fp="i")
+
+
+def test_a_run_with_nothing_listening_says_so_before_ray_starts(tmp_path, monkeypatch, caplog):
+    """The run still waits out teacher.outage_timeout_s (issue 17: the teacher may be
+    restarting), but the user hears at once what is wrong and what to do, before Ray's start."""
+    import logging
+
+    from harvest.driver import scheduler
+
+    class RayStarted(Exception):
+        pass
+
+    def init_ray(address):
+        raise RayStarted
+
+    monkeypatch.setattr(scheduler, "init_ray", init_ray)
+    port = free_port()
+    spec = parse_job(json.loads(job(tmp_path, f"http://127.0.0.1:{port}/v1", "x").read_text()))
+    with caplog.at_level(logging.WARNING), pytest.raises(RayStarted):
+        scheduler._start(spec, None, None)  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and f"nothing listens at 127.0.0.1:{port}" in said[0]
+    assert "teacher.outage_timeout_s" in said[0] and "start the teacher server" in said[0]
