@@ -125,6 +125,14 @@ class Pool:
             ray.kill(actor)
 
 
+def units_at_once(in_flight_per_endpoint: int, endpoints: int, workers: int, rows: int) -> int:
+    """Units each worker runs at once: two (one finishing while the next starts), or as many
+    as it takes for small units (``rows`` requests each) to fill the worker's share of the
+    in-flight cap, so that a small ``output.rows_per_shard`` never starves the teacher."""
+    share = -(-in_flight_per_endpoint * max(1, endpoints) // max(1, workers))
+    return max(2, -(-share // max(1, rows)) + 1)
+
+
 def cap_shares(load: list[int], in_flight: int) -> dict[int, int]:
     """Each busy worker's share (slot -> cap) of ``in_flight`` requests per endpoint."""
     busy = [slot for slot, units in enumerate(load) if units]
@@ -147,6 +155,11 @@ def dispatch(
     committed = 0
     exhausted = False
     stop_at: float | None = None
+    spec = pool.spec
+    endpoints = (
+        spec.teacher.replicas.count if spec.teacher.replicas else len(spec.teacher.endpoints)
+    )
+    at_once = 2  # per worker; grows once the units' size is known
     try:
         with stop:
             while True:
@@ -156,13 +169,17 @@ def dispatch(
                 while (
                     not exhausted
                     and not stop.requested
-                    and (len(pool.in_flight) < 2 * len(pool.actors))
+                    and (len(pool.in_flight) < at_once * len(pool.actors))
                 ):
                     unit = next(units, None)
                     if unit is None:
                         exhausted = True
                     else:
                         pool.submit(unit)
+                        at_once = max(at_once, units_at_once(
+                            spec.concurrency.in_flight_per_endpoint, endpoints,
+                            len(pool.actors), len(unit.rows),
+                        ))  # fmt: skip
                 if exhausted:
                     pool.share_caps()
                 if not pool.in_flight or (stop_at is not None and time.monotonic() > stop_at):

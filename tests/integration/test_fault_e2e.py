@@ -143,3 +143,22 @@ def test_an_endless_body_ends_as_failure_rows_with_bounded_worker_memory(
         for rec in recs:
             assert 0 < rec.sent <= (1 << 20) + 64 * 1024 + slack, rec.sent  # the bound: ~1 MiB
             assert rec.rss is not None and rec.rss[1] - rec.rss[0] < 2 * slack, rec.rss
+
+
+def test_small_units_do_not_starve_the_teacher(tmp_path, ray_cluster):
+    """rows_per_shard 4 with 32 requests allowed in flight: the worker runs enough units at
+    once to fill the cap (two units at a time held it at 2 x 4 = 8), counted by the server."""
+    import yaml
+    from fault_jobs import fault_job
+
+    plan = FaultPlan(latency_s=0.3)
+    with FaultTeacherServer(model="fault", plan=plan) as server:
+        job = fault_job(tmp_path, server.url, [{"prompt": f"row {i}"} for i in range(160)])
+        spec = yaml.safe_load(job.read_text())
+        spec["output"]["rows_per_shard"] = 4 * spec["sampling"]["n"]
+        spec["concurrency"] = {"workers": 1, "in_flight_per_endpoint": 32, "worker_cpus": 0.25}
+        job.write_text(yaml.safe_dump(spec))
+        assert main(["run", str(job), "--no-progress"]) == 0
+        peak = max(r.busy for r in server.log if r.path == "/v1/completions")
+    assert reader.read_table(tmp_path / "out").num_rows == 160 * spec["sampling"]["n"]
+    assert 8 < peak <= 32
