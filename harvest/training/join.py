@@ -17,6 +17,7 @@ that differs, or that one output lacks, stops the join with ``JoinError`` naming
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from harvest.outputs import manifest
 from harvest.training import reader
+from harvest.training.batches import TruncatedTargets
 from harvest.training.targets import TARGET_COLUMNS, collate, examples_from_batch
 from workers.storage import Store
 
@@ -142,6 +144,7 @@ def iter_joined(
     if shuffle:
         units = [units[i] for i in rng.permutation(len(units))]
     pending: dict[str, list[Any]] = {name: [] for name in names}
+    truncated = [0, 0]  # target tokens and records that max_len cut (warned, never silent)
     for unit in units[rank::world_size]:
         tables = align({n: _read_unit(outs[n][0], outs[n][1][unit]) for n in names}, unit)
         perm = rng.permutation(len(tables[names[0]])) if shuffle else None
@@ -150,21 +153,35 @@ def iter_joined(
                 table = table.take(pa.array(perm))
             cols = meta_columns if name == names[0] else ()
             for batch in table.to_batches():
-                pending[name].extend(examples_from_batch(batch, unit, max_len, cols))
+                examples = examples_from_batch(batch, unit, max_len, cols)
+                if name == names[0]:  # the same ids for every teacher: count them once
+                    cut = [ex.truncated for ex in examples if ex.truncated]
+                    truncated[0] += sum(cut)
+                    truncated[1] += len(cut)
+                pending[name].extend(examples)
         while len(pending[names[0]]) >= batch_size:
             yield _collate(pending, names, batch_size, max_len, pad_id)
     if pending[names[0]] and not drop_last:
         yield _collate(pending, names, len(pending[names[0]]), max_len, pad_id)
+    if truncated[0]:
+        warnings.warn(
+            f"max_len={max_len} cut {truncated[0]} trained target tokens from {truncated[1]} "
+            "records (raise max_len to keep them)",
+            TruncatedTargets,
+            stacklevel=2,
+        )
 
 
 def _collate(
     pending: dict[str, list[Any]], names: list[str], n: int, max_len: int, pad_id: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"teachers": {}}
+    # Every teacher's records hold the same ids: one length, the batch's longest row.
+    length = max(len(ex.input_ids) for ex in pending[names[0]][:n])
     for name in names:
         examples, pending[name] = pending[name][:n], pending[name][n:]
         k = examples[0].top_ids.shape[1] if examples[0].top_ids.ndim == 2 else 0
-        batch = collate(examples, max_len, k, pad_id)
+        batch = collate(examples, length, k, pad_id)
         if name == names[0]:
             out.update({key: v for key, v in batch.items() if key not in _TARGETS})
         out["teachers"][name] = {key: batch[key] for key in _TARGETS}

@@ -96,3 +96,17 @@ def test_outputs_of_other_units_are_refused(tmp_path):
     write_output(tmp_path / "b", [[random_record("x", rng)]])
     with pytest.raises(JoinError, match="different units"):
         list(iter_joined({"a": tmp_path / "a", "b": tmp_path / "b"}, 4, 64))
+
+
+def test_joined_batches_pad_to_the_longest_row_and_count_what_max_len_cut(tmp_path):
+    shards = two_teachers(tmp_path)
+    outs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    longest = max(len(r["prompt_token_ids"]) + len(r["token_ids"]) for s in shards for r in s)
+    widths = {b["input_ids"].shape[1] for b in iter_joined(outs, 64, 1024)}
+    assert widths == {longest}  # not max_len=1024
+    from harvest.training.batches import TruncatedTargets
+
+    short = min(len(r["prompt_token_ids"]) for s in shards for r in s) + 1
+    with pytest.warns(TruncatedTargets, match=f"max_len={short} cut"):
+        batches = list(iter_joined(outs, 64, short))
+    assert {b["input_ids"].shape[1] for b in batches} == {short}
