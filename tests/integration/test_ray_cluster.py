@@ -271,7 +271,7 @@ def test_harvest_actors_run_on_both_nodes(cluster, tiny_teacher, tmp_path, s3_pr
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = check_output(out, ids, [tmp_path, Path(cluster.temp_dir)])
-    by_node = summary["units_by_node"]
+    by_node = summary["this_run"]["units_by_node"]
     units = {read_metadata(f)["unit_id"] for f in reader.data_files(out)}
     assert len(units) == sum(by_node.values())  # every node's shards read back
     assert {cluster.nodes[node] for node in by_node} == {"node_a", "node_b"}, by_node
@@ -306,4 +306,4 @@ def test_ray_job_submit_runs_harvest_on_the_cluster(cluster, tiny_teacher, tmp_p
     summary = check_output(out, ids, [tmp_path, Path(cluster.temp_dir)])
     assert not (workdir / "out").exists()
     # The driver joined this cluster (Ray sets RAY_ADDRESS for it), not a private one.
-    assert summary["units_by_node"] and set(summary["units_by_node"]) <= set(cluster.nodes)
+    assert summary["this_run"]["units_by_node"] and set(summary["this_run"]["units_by_node"]) <= set(cluster.nodes)
