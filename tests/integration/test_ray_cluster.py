@@ -306,4 +306,5 @@ def test_ray_job_submit_runs_harvest_on_the_cluster(cluster, tiny_teacher, tmp_p
     summary = check_output(out, ids, [tmp_path, Path(cluster.temp_dir)])
     assert not (workdir / "out").exists()
     # The driver joined this cluster (Ray sets RAY_ADDRESS for it), not a private one.
-    assert summary["this_run"]["units_by_node"] and set(summary["this_run"]["units_by_node"]) <= set(cluster.nodes)
+    by_node = summary["this_run"]["units_by_node"]
+    assert by_node and set(by_node) <= set(cluster.nodes)
