@@ -244,7 +244,12 @@ def test_real_teacher_stopped_mid_job(tmp_path, ray_cluster, tiny_teacher):
         workdir=ROOT / ".cache" / "test-vllm-outage",
         cache_dir=ROOT / ".cache" / "test-vllm" / "cache",  # the session server's warm caches
         port=port,
-        extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+        # The session server's flags, --max-logprobs included: the rerun's tokens are compared
+        # with the reference run's, made there.
+        extra_args=[
+            *("--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"),
+            *("--max-logprobs", "128"),
+        ],
     )
     server.start(timeout_s=300)
     try:

@@ -192,7 +192,8 @@ def test_iter_batches_masks_the_scored_tokens(scored, tiny_teacher, tokenizer):
     batches = pytest.importorskip("harvest.training.batches")
     length, seen = 256, 0
     _, turns = chat_by_hand(tokenizer)
-    for batch in batches.iter_batches(scored, 8, length, meta_columns=["prompt_id"]):
+    padded = batches.iter_batches(scored, 8, length, meta_columns=["prompt_id"], pad_to="max_len")
+    for batch in padded:
         for b, pid in enumerate(batch["prompt_id"]):
             rec = records(scored)[pid]
             seq = rec["prompt_token_ids"] + rec["token_ids"]

@@ -133,12 +133,12 @@ def test_a_compact_harvest_reads_back_through_every_reader(tmp_path, tiny_teache
                                      rec["top_logprobs"], strict=True):  # fmt: skip
             if tid in ids:  # the sampled logprob (exact) matches its entry within the error
                 assert abs(lps[ids.index(tid)] - lp) <= 1 / 32 + 1e-6
-    batch = next(iter_batches(out, batch_size=4, max_len=32))
+    batch = next(iter_batches(out, batch_size=4, max_len=32, pad_to="max_len"))
     assert batch["top_ids"].shape == (4, 32, K) and batch["top_logprobs"].dtype == np.float32
     torch = pytest.importorskip("torch")  # the train extra; installed in CI
     from harvest import HarvestIterableDataset
 
-    first = next(iter(HarvestIterableDataset(out, batch_size=4, max_len=32)))
+    first = next(iter(HarvestIterableDataset(out, batch_size=4, max_len=32, pad_to="max_len")))
     assert torch.equal(
         torch.as_tensor(first["top_logprobs"]), torch.as_tensor(batch["top_logprobs"])
     )

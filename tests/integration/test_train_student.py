@@ -100,7 +100,9 @@ def test_the_student_learns_the_teachers_distribution(out: Path) -> None:
     lines: list[str] = []
     _, result = load_example().train(out, steps=30, batch_size=8, max_len=64, log=lines.append)
     kd = result.kd_losses
-    assert len(kd) == len(result.losses) == 30 and len(lines) == 32
+    # 30 step lines, the held-out KL before and after, and the note a tiny input gets (why the
+    # held-out KL can get worse: examples/train_student.py)
+    assert len(kd) == len(result.losses) == 30 and len(lines) == 33
     assert all(np.isfinite(kd)) and all(np.isfinite(result.ce_losses))
     assert np.mean(kd[-5:]) < 0.8 * kd[0], kd
     assert result.heldout_kl_after < result.heldout_kl_before, result
