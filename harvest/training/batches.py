@@ -214,13 +214,7 @@ class Batches:
                 self.truncated_targets += ex.truncated
                 self.truncated_rows += 1
             yield ex
-        if self.truncated_targets:
-            warnings.warn(
-                f"max_len={self.max_len} cut {self.truncated_targets} trained target tokens "
-                f"from {self.truncated_rows} records (raise max_len to keep them)",
-                TruncatedTargets,
-                stacklevel=3,
-            )
+        warn_truncated(self.max_len, self.truncated_targets, self.truncated_rows, stacklevel=3)
 
     def _batches(
         self,
@@ -251,6 +245,17 @@ class Batches:
 
 class TruncatedTargets(UserWarning):
     """Records longer than ``max_len`` lost trained target tokens (the count is in the text)."""
+
+
+def warn_truncated(max_len: int, targets: int, rows: int, stacklevel: int = 2) -> None:
+    """Say how many trained target tokens ``max_len`` cut (never silent); nothing if none."""
+    if targets:
+        warnings.warn(
+            f"max_len={max_len} cut {targets} trained target tokens from {rows} records "
+            "(raise max_len to keep them)",
+            TruncatedTargets,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _collate(

@@ -17,7 +17,6 @@ that differs, or that one output lacks, stops the join with ``JoinError`` naming
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 
 from harvest.outputs import manifest
 from harvest.training import reader
-from harvest.training.batches import TruncatedTargets
+from harvest.training.batches import warn_truncated
 from harvest.training.targets import TARGET_COLUMNS, collate, examples_from_batch
 from workers.storage import Store
 
@@ -163,13 +162,7 @@ def iter_joined(
             yield _collate(pending, names, batch_size, max_len, pad_id)
     if pending[names[0]] and not drop_last:
         yield _collate(pending, names, len(pending[names[0]]), max_len, pad_id)
-    if truncated[0]:
-        warnings.warn(
-            f"max_len={max_len} cut {truncated[0]} trained target tokens from {truncated[1]} "
-            "records (raise max_len to keep them)",
-            TruncatedTargets,
-            stacklevel=2,
-        )
+    warn_truncated(max_len, *truncated)
 
 
 def _collate(
