@@ -28,7 +28,7 @@ import yaml
 from fault_jobs import N, fault_job
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from test_harvest_e2e import TINY_MODEL, write_job
-from test_resume import assert_same_content, contents, start, wait_for_units
+from test_resume import contents, start, wait_for_units
 
 from harvest.cli import main
 from harvest.training import reader
@@ -51,6 +51,47 @@ def fault_rows(prompts: int) -> list[dict]:
     return [
         {"prompt": f"row {i}"} if i % 3 else {"messages": chat(f"chat {i}")} for i in range(prompts)
     ]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (a length counts), or None."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def assert_same_content_across_servers(
+    out: Path, reference: dict[str, dict], max_diverged: int
+) -> None:
+    """The rows of a run served by another vLLM server than the reference run's.
+
+    Seeded sampling draws the same numbers on both, but another server batches other rows
+    together, which moves logits in their last bits; where a draw lands that close to the
+    boundary between two tokens, the sample flips. So each row must equal the reference up to
+    its first differing token; at that position the teacher's distribution (top-K ids and
+    logprobs) must still be the reference's, only the draw differs; and few rows may differ.
+    """
+    got = contents(out)
+    assert set(got) == set(reference)
+    diverged = []
+    for rid, row in got.items():
+        want = reference[rid]
+        assert row["prompt_token_ids"] == want["prompt_token_ids"], rid
+        cut = first_difference(row["token_ids"], want["token_ids"])
+        same = len(row["token_ids"]) if cut is None else cut
+        assert row["token_ids"][:same] == want["token_ids"][:same]
+        assert row["logprobs"][:same] == pytest.approx(want["logprobs"][:same], abs=1e-5), rid
+        shown = min(same + 1, len(row["top_token_ids"]), len(want["top_token_ids"]))
+        assert row["top_token_ids"][:shown] == want["top_token_ids"][:shown], rid
+        tops = zip(row["top_logprobs"][:shown], want["top_logprobs"][:shown], strict=True)
+        for top, top_want in tops:
+            assert top == pytest.approx(top_want, abs=1e-5), rid
+        if cut is None:
+            assert row["response"] == want["response"], rid
+        else:
+            diverged.append(rid)
+    assert len(diverged) <= max_diverged, diverged
 
 
 def ids_and_failures(out: Path) -> tuple[list[str], int]:
@@ -277,5 +318,6 @@ def test_real_teacher_stopped_mid_job(tmp_path, ray_cluster, tiny_teacher):
         server.stop()
     resumed = reader.read_table(out)["request_id"].to_pylist()
     assert len(resumed) == len(set(resumed))
-    # a second server batches differently: the same tokens, logprobs equal to the last bits
-    assert_same_content(out, reference)
+    # another server batches differently: the same distributions to the last bits, and at most
+    # a few draws flipped by them (one row of 240 in a CI run)
+    assert_same_content_across_servers(out, reference, max_diverged=len(reference) // 50)
