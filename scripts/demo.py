@@ -56,16 +56,16 @@ def main() -> int:
     print(f"\n{table.num_rows} records in {len(files)} Parquet shards under {OUT_DIR}/data/")
     row = table.slice(0, 1).to_pylist()[0]
     print("a sample record (long lists cut):")
+
+    def rounded(values: list) -> list:
+        return [round(v, 3) if isinstance(v, float) else v for v in values]
+
     for key, value in row.items():
-        if key in ("top_token_ids", "top_logprobs"):
-            value = [
-                [round(v, 3) if isinstance(v, float) else v for v in step] for step in value[:2]
-            ]
-            value = f"{value} ... ({len(row[key])} tokens x {len(row[key][0])})"
-        elif key == "logprobs":
-            value = f"{[round(v, 3) for v in value[:8]]} ... ({len(value)})"
-        elif key == "token_ids":
-            value = f"{value[:12]} ... ({len(value)})"
+        if isinstance(value, list) and value and isinstance(value[0], list):  # per token x K
+            head = [rounded(step) for step in value[:2]]
+            value = f"{head} ... ({len(value)} tokens x {len(value[0])})"
+        elif isinstance(value, list) and len(value) > 8:  # per token
+            value = f"{rounded(value[:8])} ... ({len(value)})"
         print(
             f"  {key:18} {value!r}"
             if isinstance(value, str) and "\n" in value
