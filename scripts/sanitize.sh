@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The parser's compiled cores (workers/answers/_topk.c reads bytes a server sent; _tail.c the
 # values read): build them with AddressSanitizer + UndefinedBehaviorSanitizer and run the parser
-# tests and a random-edit fuzz of real bodies against that build. Any finding aborts the interpreter, so pytest fails.
+# tests and a random-edit fuzz of real bodies against that build. Any finding aborts the
+# interpreter, so pytest fails.
 #
 # The build goes into a copy of the sources under .cache/sanitize (the checkout's own module is
 # left alone); pytest runs from there, so `workers` is that copy. CPython is not instrumented:
