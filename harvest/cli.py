@@ -17,9 +17,10 @@ from harvest.driver import stopping
 from harvest.driver.lease import OutputBusy
 from harvest.driver.preflight import PreflightError
 from harvest.inputs.sources import InputError
+from harvest.jobfile import load_job
 from harvest.outputs.manifest import ResumeRefused
 from harvest.watch import logs
-from schemas.job import JobSpec, SpecError, load_job
+from schemas.job import JobSpec, SpecError
 from workers.storage import StorageError, Store
 
 if TYPE_CHECKING:

@@ -13,7 +13,8 @@ from typing import Any
 
 import ray
 
-from schemas.job import JobSpec, RateLimit
+from schemas.job import JobSpec
+from schemas.teacher import RateLimit
 from schemas.wire import UnitResult, WorkUnit
 from workers.round import RoundClients
 from workers.shards.columns import warm_up

@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from harvest.watch.logs import event
 from harvest.watch.status import ReplicaStatus
-from schemas.job import ReplicaSpec
+from schemas.teacher import ReplicaSpec
 from workers.replica.actor import TeacherReplica
 
 POLL_EVERY_S = 1.0

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from schemas.job import JobSpec, SpecError, load_job, parse_job
+from harvest.jobfile import load_job
+from schemas.job import JobSpec, SpecError, parse_job
 
 AUTH = {"owner": "ACME", "license": "apache-2.0", "attestation": "we trained it"}
 

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from schemas.job import RateLimit
+from schemas.teacher import RateLimit
 
 MARGIN = 1.1
 

@@ -26,7 +26,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from schemas.job import TeacherSpec
+from schemas.teacher import TeacherSpec
 from workers.errors import RetryableError
 
 

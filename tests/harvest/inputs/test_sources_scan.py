@@ -13,7 +13,8 @@ import pytest
 from source_rows import make_spec, write_jsonl
 
 from harvest.inputs.sources import InputError, iter_rows, iter_units, resolve_files, scan
-from schemas.job import JobSpec, load_job, parse_job
+from harvest.jobfile import load_job
+from schemas.job import JobSpec, parse_job
 from schemas.wire import PromptRow, RowProblem
 
 # --- resolve_files and scan --------------------------------------------------------------------

@@ -10,7 +10,7 @@ import asyncio
 
 from windows import max_in_window
 
-from schemas.job import RateLimit
+from schemas.teacher import RateLimit
 from workers.teacher.limiter import MARGIN, Limiter, SlidingWindow
 
 
