@@ -26,7 +26,7 @@ from synthetic import ProcessTeacher  # noqa: E402
 
 from schemas.job import parse_job  # noqa: E402
 from schemas.wire import PromptRow, WorkUnit  # noqa: E402
-from workers.storage import Store  # noqa: E402
+from workers.storage import open_store  # noqa: E402
 from workers.teacher.client import TeacherClient  # noqa: E402
 from workers.unit import harvest_unit  # noqa: E402
 
@@ -61,7 +61,7 @@ async def run(url: str, args: argparse.Namespace, out: Path) -> int:
     client = TeacherClient(spec, job_id="profile")
     try:
         unit = WorkUnit("u", list(rows))
-        result = await harvest_unit(unit, client, spec, Store(str(out)), {})
+        result = await harvest_unit(unit, client, spec, open_store(str(out)), {})
     finally:
         await client.aclose()
     return result.completion_tokens

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from schemas.job import parse_job
 from schemas.wire import Completion, PromptRow
 from workers.shards.columns import compact, data_columns, write_shard
-from workers.storage import Store
+from workers.storage import open_store
 from workers.teacher.client import TeacherClient
 
 TOP_COLUMNS = ("top_token_ids", "top_logprobs")
@@ -73,7 +73,7 @@ def shard(done: list[Completion], k: int, dtype: str, path: Path) -> dict[str, A
             top_token_ids=s.top_token_ids, top_logprobs=s.top_logprobs, teacher="tiny",
             attempts=c.attempts, latency_ms=c.latency_ms,
         )  # fmt: skip
-    write_shard(cols.table(), Store(str(path.parent)), path.name, {"kind": "data"}, "zstd")
+    write_shard(cols.table(), open_store(str(path.parent)), path.name, {"kind": "data"}, "zstd")
     meta = pq.ParquetFile(path).metadata
     by_col: dict[str, int] = {}
     for rg in range(meta.num_row_groups):

@@ -21,7 +21,7 @@ from harvest.jobfile import load_job
 from harvest.outputs.manifest import ResumeRefused
 from harvest.watch import logs
 from schemas.job import JobSpec, SpecError
-from workers.storage import StorageError, Store
+from workers.storage import StorageError, open_store
 
 if TYPE_CHECKING:
     from harvest.driver.scheduler import Summary
@@ -207,7 +207,7 @@ def _token_word(s: Summary) -> str:
 
 
 def _write_summary(s: Summary) -> None:
-    Store(s.out_dir).write_bytes("_summary.json", json.dumps(s.to_dict(), indent=2).encode())
+    open_store(s.out_dir).write_bytes("_summary.json", json.dumps(s.to_dict(), indent=2).encode())
 
 
 def _error(message: str) -> None:

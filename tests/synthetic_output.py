@@ -15,7 +15,7 @@ from schemas.job import parse_job
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult
 from workers.shards.columns import data_columns, failure_columns, write_shard
-from workers.storage import Store
+from workers.storage import open_store
 
 VOCAB = 1024
 AUTH = {"owner": "tests", "license": "apache-2.0", "attestation": "synthetic records"}
@@ -86,7 +86,7 @@ def write_output(
     """Write and commit one unit per entry of ``shards`` (with ``failures[i]`` as its failure
     shard, when given); return the data shard paths. ``schema`` replaces the record schema (to
     build shards of older layouts); ``extra_meta`` is added to every shard's metadata."""
-    store = Store(str(out))
+    store = open_store(str(out))
     manifest = Manifest.open(store, spec=SPEC, input_fp="synthetic")
     paths = []
     for i, rows in enumerate(shards):

@@ -18,7 +18,7 @@ from schemas.teacher import RateLimit
 from schemas.wire import UnitResult, WorkUnit
 from workers.round import RoundClients
 from workers.shards.columns import warm_up
-from workers.storage import StorageOptions, Store
+from workers.storage import StorageOptions, open_store
 from workers.teacher.client import TeacherClient
 from workers.teacher.limiter import Limiter
 from workers.teacher.probe import ProbeResult, probe
@@ -53,7 +53,7 @@ class HarvestActor:
     ) -> None:
         self.spec = JobSpec.model_validate_json(spec_json)
         # Credentials come from this node's environment / credential chain, never from here.
-        self.store = Store(out_uri, StorageOptions(**storage))
+        self.store = open_store(out_uri, StorageOptions(**storage))
         self.shard_meta = shard_meta
         round_job = self.spec.mode == "round"
         teacher_spec = self.spec.teacher_job() if round_job else self.spec

@@ -38,7 +38,7 @@ from schemas.job import JobSpec
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult, WorkUnit
 from workers import __version__
-from workers.storage import Store
+from workers.storage import Store, open_store
 
 __all__ = ["ClusterUnavailable", "JobAborted", "ReplicaError", "Summary", "run_job"]
 
@@ -305,7 +305,7 @@ def _units_per_shard(spec: JobSpec) -> int:
 def _open_store(out: str) -> Store:
     """The output store, checked before anything else runs (bad credentials, missing bucket
     and unreachable endpoints fail here, in one line naming the URI)."""
-    store = Store(out)
+    store = open_store(out)
     store.check()
     return store
 

@@ -31,7 +31,7 @@ from harvest.inputs.dupes import DuplicateFinder
 from harvest.inputs.idrows import HARVEST_COLUMNS, carries_ids, dup_key, ids_row
 from schemas.job import OVERRIDABLE, JobSpec
 from schemas.wire import PromptRow, RowProblem, WorkUnit
-from workers.storage import StorageError, Store, is_uri, split_location
+from workers.storage import StorageError, Store, is_uri, open_store, split_location
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -106,7 +106,7 @@ def _resolve_uri(pattern: str) -> list[InputFile]:
         else:
             parts = pattern.split("/")
             fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-            store = Store("/".join(parts[:fixed]))
+            store = open_store("/".join(parts[:fixed]))
             store.check()  # a missing bucket or a bad credential, said as such
             regex = _glob_regex("/".join(parts[fixed:]))
             found = [(store.child_uri(n), n) for n in store.list() if regex.fullmatch(n)]

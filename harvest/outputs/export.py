@@ -38,7 +38,7 @@ import orjson
 
 from harvest.training import reader
 from workers.shards.columns import read_metadata
-from workers.storage import Store
+from workers.storage import open_store
 
 COMPLETIONS_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # prompt then response
@@ -96,7 +96,7 @@ def export_axolotl(
     k = dataset.schema.field("top_token_ids").type.value_type.list_size
     if not k:
         raise ExportError("a top-0 harvest has no logprob rows to distil from")
-    store = Store(dest)
+    store = open_store(dest)
     sinks = {kind: store.open_stream(name) for kind, name in FILES.items()}
     result = ExportResult()
     filler_ids, filler_lps = list(range(k)), [-math.log(k)] * k

@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from schemas.job import JobSpec
 from schemas.wire import UnitResult
-from workers.storage import Store
-from workers.storage.backends import TMP_PREFIX
+from workers.storage import TMP_PREFIX, Store, open_store
 
 META = "_harvest"
 HEADER = f"{META}/job.json"
@@ -355,7 +354,7 @@ def _read_commits(store: Store, job_id: str) -> list[UnitCommit]:
 def load(location: str | Store) -> Manifest:
     """Read an existing output's manifest (for readers and tools; takes no lease, deletes
     nothing)."""
-    store = location if isinstance(location, Store) else Store(str(location))
+    store = location if isinstance(location, Store) else open_store(str(location))
     header = _read_header(store)
     if header is None:
         raise FileNotFoundError(f"{store.uri}: no {HEADER}; is this a harvest output?")

@@ -29,7 +29,7 @@ from harvest.outputs import manifest
 from harvest.training import reader
 from harvest.training.batches import warn_truncated
 from harvest.training.targets import TARGET_COLUMNS, collate, examples_from_batch
-from workers.storage import Store
+from workers.storage import Store, open_store
 
 Out = str | Path
 SEQUENCE = ("prompt_token_ids", "token_ids", "loss_mask")
@@ -41,7 +41,7 @@ class JoinError(ValueError):
 
 
 def _units(out: Out) -> tuple[Store, dict[str, list[str]]]:
-    store = Store(str(out))
+    store = open_store(str(out))
     units = manifest.load(store).units
     return store, {
         uid: state.data_paths for uid, state in sorted(units.items()) if state.data_paths

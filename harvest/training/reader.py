@@ -23,7 +23,7 @@ from harvest.outputs import manifest
 from harvest.outputs.provenance import teacher_identity
 from workers.shards.columns import read_metadata
 from workers.shards.topk_codec import decode_batch, scan_columns
-from workers.storage import Store
+from workers.storage import Store, open_store
 
 
 class MixedTeachersError(ValueError):
@@ -34,7 +34,7 @@ Outputs = str | Path | list[str | Path]
 
 
 def _stores(out_dirs: Outputs) -> list[Store]:
-    return [Store(str(d)) for d in (out_dirs if isinstance(out_dirs, list) else [out_dirs])]
+    return [open_store(str(d)) for d in (out_dirs if isinstance(out_dirs, list) else [out_dirs])]
 
 
 def _committed(store: Store, kind: str) -> list[str]:

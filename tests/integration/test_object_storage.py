@@ -41,13 +41,13 @@ from test_resume import (
 from harvest.cli import main
 from harvest.outputs.manifest import COMMITS, load
 from harvest.training import reader
-from workers.storage import Store
+from workers.storage import open_store
 
 pytestmark = pytest.mark.integration
 
 
 def test_input_globbed_from_s3_jsonl_and_parquet(s3_prefix, tiny_teacher, ray_cluster, tmp_path):
-    store = Store(f"{s3_prefix}/in")
+    store = open_store(f"{s3_prefix}/in")
     store.write_bytes("a/one.jsonl", b'{"prompt": "Alpha is"}\n{"id": "b1", "prompt": "Beta"}\n')
     store.write_bytes("a/notes.md", b"not an input: the glob leaves it out")
     sink = pa.BufferOutputStream()
@@ -130,7 +130,7 @@ def test_unusable_output_fails_before_any_teacher_request(fault, s3_server, s3_p
 def test_input_behind_a_wrong_credential_fails_before_any_teacher_request(
     s3_server, s3_prefix, tmp_path
 ):
-    Store(s3_prefix).write_bytes("in/p.jsonl", b'{"prompt": "hello"}\n')
+    open_store(s3_prefix).write_bytes("in/p.jsonl", b'{"prompt": "hello"}\n')
     teacher = CountingListener()
     job = write_job(tmp_path, teacher.url, input=f"{s3_prefix}/in/*.jsonl")
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": WRONG_SECRET}
@@ -180,15 +180,15 @@ def test_one_driver_per_output_and_takeover_after_sigkill(
         zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
     )
     assert len(keys) == PROMPTS * 2 and set(keys.values()) == {1}  # complete, each row once
-    manifest = load(Store(out))
+    manifest = load(open_store(out))
     assert len(manifest.units) == PROMPTS * 2 // SHARD_ROWS == committed_units(out)
     assert Counter(all_shard_ids(out)) == Counter(table["request_id"].to_pylist())
     keys_left = s3_server.keys(out.split("/", 3)[3] + "/")
     assert sum(k.endswith(".parquet") for k in keys_left) == len(manifest.shard_paths())
     assert not any(k.endswith("_harvest/lease.json") for k in keys_left)
-    summary = json.loads(Store(out).read_bytes("_summary.json"))
+    summary = json.loads(open_store(out).read_bytes("_summary.json"))
     assert summary["this_run"]["prompts"] == PROMPTS - done_by_first * SHARD_ROWS // 2
-    assert len(Store(out).list(COMMITS)) == len(manifest.units)
+    assert len(open_store(out).list(COMMITS)) == len(manifest.units)
     assert not list(Path(tmp_path).rglob("*.parquet"))
 
 
@@ -213,7 +213,7 @@ def test_gs_output_through_the_same_layer(gs_prefix, tiny_teacher, ray_cluster, 
     assert sorted(reader.read_table(gs_prefix)["request_id"].to_pylist()) == sorted(
         first["request_id"].to_pylist()
     )
-    assert not Store(gs_prefix).exists("_harvest/lease.json")
+    assert not open_store(gs_prefix).exists("_harvest/lease.json")
     assert not list(tmp_path.rglob("*.parquet"))
 
 
@@ -238,8 +238,8 @@ def test_a_frozen_driver_is_taken_over_once_its_lease_expires_and_then_stops(
     ids = zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
     keys = Counter(ids)
     assert len(keys) == PROMPTS * 2 and set(keys.values()) == {1}
-    assert len(load(Store(out)).units) == PROMPTS * 2 // SHARD_ROWS == committed_units(out)
-    assert not Store(out).exists("_harvest/lease.json")
+    assert len(load(open_store(out)).units) == PROMPTS * 2 // SHARD_ROWS == committed_units(out)
+    assert not open_store(out).exists("_harvest/lease.json")
 
 
 class RejectingProxy:
@@ -312,5 +312,5 @@ def test_retry_failed_on_s3(s3_prefix, tiny_teacher, ray_cluster, tmp_path, caps
     data = reader.read_table(s3_prefix)
     assert data.num_rows == len(set(data["request_id"].to_pylist())) == len(prompts) * 2
     assert reader.data_files(s3_prefix, "failed") == []
-    assert Store(s3_prefix).list("failed") == []  # superseded failure shards deleted
-    assert all(not Store(s3_prefix).exists(f.split(s3_prefix + "/")[1]) for f in failed_before)
+    assert open_store(s3_prefix).list("failed") == []  # superseded failure shards deleted
+    assert all(not open_store(s3_prefix).exists(f.split(s3_prefix + "/")[1]) for f in failed_before)

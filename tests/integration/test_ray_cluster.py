@@ -47,7 +47,7 @@ from test_harvest_e2e import write_inputs, write_job
 
 from harvest.training import reader
 from workers.shards.columns import read_metadata
-from workers.storage import Store
+from workers.storage import open_store
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +254,7 @@ def check_output(out: str, ids: list[str], local_dirs: list[Path]) -> dict:
     assert sorted(keys) == sorted((i, s) for i in ids for s in range(N))  # complete, no duplicate
     assert len(set(table["request_id"].to_pylist())) == table.num_rows == len(ids) * N
     assert reader.data_files(out, "failed") == []
-    summary = json.loads(Store(out).read_bytes("_summary.json"))
+    summary = json.loads(open_store(out).read_bytes("_summary.json"))
     assert summary["output"]["data_rows"] == len(ids) * N and summary["output"]["failure_rows"] == 0
     assert summary["this_run"]["prompts"] == len(ids)
     return summary

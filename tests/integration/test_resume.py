@@ -23,7 +23,7 @@ from test_harvest_e2e import write_job
 
 from harvest.outputs.manifest import COMMITS, load, parse_record
 from harvest.training import reader
-from workers.storage import Store
+from workers.storage import open_store
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def start(
 
 
 def committed_units(out: str | Path) -> int:
-    return len(Store(str(out)).list(COMMITS))
+    return len(open_store(str(out)).list(COMMITS))
 
 
 def wait_for_units(
@@ -120,7 +120,7 @@ def assert_same_content(out: str | Path, reference: dict[str, dict]) -> None:
 
 def all_shard_ids(out: str | Path) -> list[str]:
     """Every data object stored, committed or not: what a glob-reading trainer would see."""
-    store = Store(str(out))
+    store = open_store(str(out))
     ids = []
     for name in store.list("data"):
         with store.open_input_file(name) as fh:
@@ -130,7 +130,7 @@ def all_shard_ids(out: str | Path) -> list[str]:
 
 def plant_orphan(out: str) -> str:
     """A well-formed shard no commit names (a copy of a committed one): must never be read."""
-    store = Store(out)
+    store = open_store(out)
     with store.open_input_file(load(store).shard_paths()[0]) as fh:
         table = pq.read_table(fh)
     name = "data/part-planted-orphan-0000.parquet"
@@ -174,7 +174,7 @@ def test_driver_sigkill_then_resume_gives_the_clean_row_set(
     assert len(ids) == len(set(ids)) and set(ids) == set(reference)
     assert_same_content(out, reference)  # seeded sampling: the very same tokens
     assert Counter(all_shard_ids(out)) == Counter(list(reference))  # nothing stale or planted
-    store = Store(out)
+    store = open_store(out)
     assert not store.exists(orphan)
     assert not [n for n in store.list() if n.rsplit("/", 1)[-1].startswith(".tmp-")]
     assert not store.exists("_harvest/lease.json")  # released at the end
@@ -212,7 +212,7 @@ def test_worker_sigkill_mid_job_reruns_its_unit(reference, tmp_path, tiny_teache
     ids = request_ids(out)
     assert len(ids) == len(set(ids)) and set(ids) == set(reference)
     assert_same_content(out, reference)
-    store = Store(str(out))
+    store = open_store(str(out))
     unit_ids = [parse_record(store.read_bytes(n)).unit_id for n in store.list(COMMITS)]
     assert len(unit_ids) == len(set(unit_ids)) == PROMPTS * 2 // SHARD_ROWS  # each unit once
     assert Counter(all_shard_ids(out)) == Counter(list(reference))  # dead attempt: swept

@@ -20,7 +20,7 @@ from schemas.wire import PromptRow
 from workers.shards.columns import compact, read_metadata
 from workers.shards.topk_codec import decode_batch, top_k_kl
 from workers.shards.writer import ShardWriter
-from workers.storage import Store
+from workers.storage import open_store
 from workers.teacher.client import TeacherClient
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def answers(tiny_teacher):
 
 def write(tmp_path, samples, encoding: str) -> str:
     writer = ShardWriter(
-        Store(str(tmp_path)), f"{encoding}.parquet", record_schema(K, "float32", encoding),
+        open_store(str(tmp_path)), f"{encoding}.parquet", record_schema(K, "float32", encoding),
         {"kind": "data"}, max_rows=4,
     )  # fmt: skip
 

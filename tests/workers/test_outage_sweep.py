@@ -28,7 +28,7 @@ from harvest.errors import JobAborted
 from schemas.job import parse_job
 from schemas.wire import PromptRow, UnitResult, WorkUnit, request_id
 from workers.errors import TeacherOutage
-from workers.storage import Store
+from workers.storage import Store, open_store
 from workers.teacher.client import TeacherClient, sampling_for
 from workers.teacher.probe import probe
 from workers.unit import harvest_unit
@@ -135,7 +135,7 @@ def check_rerun(job, server: FaultTeacherServer, out: Path, done: list[UnitResul
     assert len({r.unit_id for r in done}) == len(done)
     server.come_back()
     todo = [u for u in units() if u.unit_id not in {r.unit_id for r in done}]
-    rest, _ = asyncio.run(harvest(job, todo, Store(str(out))))
+    rest, _ = asyncio.run(harvest(job, todo, open_store(str(out))))
     assert sorted(r.unit_id for r in done + rest) == [u.unit_id for u in units()]
     ids = data_ids(out)
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(job)
@@ -154,7 +154,7 @@ def test_teacher_dies_after_its_nth_request(tmp_path, down_after, graceful):
     plan = FaultPlan(latency_s=0.02, down_after=down_after, down_graceful=bool(graceful))
     with FaultTeacherServer(model="fault", plan=plan) as server:
         job = spec(server.url)
-        err, done = stopped(job, units(), Store(str(tmp_path)))
+        err, done = stopped(job, units(), open_store(str(tmp_path)))
         ended = time.monotonic()
         assert server.down_at is not None
         assert "teacher.outage_timeout_s" in str(err)
@@ -177,7 +177,7 @@ def test_teacher_down_with_no_request_in_flight(tmp_path, moment):
         if moment == "before the preflight":
             die()
         # else: once the probe has its answers, before any unit: nothing on the wire then
-        err, done = stopped(job, units(), Store(str(tmp_path)), None if down else die)
+        err, done = stopped(job, units(), open_store(str(tmp_path)), None if down else die)
         ended = time.monotonic()
         down_at = down[0]
         assert "teacher.outage_timeout_s" in str(err) and not done
@@ -201,7 +201,7 @@ def test_teacher_back_before_the_deadline_the_job_goes_on(tmp_path, when):
 
         helper = threading.Thread(target=back_soon)
         helper.start()
-        done, _ = asyncio.run(harvest(job, units(), Store(str(tmp_path))))
+        done, _ = asyncio.run(harvest(job, units(), open_store(str(tmp_path))))
         helper.join()
     assert all(r.failure_rows == 0 for r in done) and not list(tmp_path.glob("failed/*"))
     ids = data_ids(tmp_path)

@@ -12,7 +12,7 @@ from fake_teacher import FakeTeacher
 from schemas.job import parse_job
 from schemas.wire import PromptRow, RowProblem, WorkUnit
 from workers.round import RoundClients
-from workers.storage import Store
+from workers.storage import open_store
 from workers.teacher.client import TeacherClient
 from workers.unit import harvest_unit
 
@@ -50,7 +50,7 @@ def run(tmp_path, rows, teacher_script=None):
         )
         try:
             unit = WorkUnit("u-0", rows)
-            return await harvest_unit(unit, clients, spec, Store(str(tmp_path)), {})
+            return await harvest_unit(unit, clients, spec, open_store(str(tmp_path)), {})
         finally:
             await clients.student.aclose()
             await clients.teacher.aclose()

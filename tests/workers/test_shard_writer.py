@@ -19,7 +19,7 @@ from schemas.wire import PromptRow
 from workers.shards import writer as shard_writer
 from workers.shards.columns import compact, read_metadata
 from workers.shards.writer import ShardWriter
-from workers.storage import Store
+from workers.storage import open_store
 
 
 def _append(writer: ShardWriter, samples) -> None:
@@ -35,7 +35,7 @@ def _append(writer: ShardWriter, samples) -> None:
 def test_row_groups_hold_the_same_rows_as_one_table(tmp_path) -> None:
     samples = [compact(s) for s in _samples(3, rows=7)]
     writer = ShardWriter(
-        Store(str(tmp_path)), "data/s.parquet", record_schema(3), {"kind": "data"}, max_rows=3
+        open_store(str(tmp_path)), "data/s.parquet", record_schema(3), {"kind": "data"}, max_rows=3
     )
 
     async def go() -> str | None:
@@ -55,7 +55,9 @@ def test_row_groups_hold_the_same_rows_as_one_table(tmp_path) -> None:
 
 
 def test_a_byte_budget_makes_a_row_group_due() -> None:
-    writer = ShardWriter(Store("/nonexistent"), "x.parquet", record_schema(20), {}, max_bytes=1000)
+    writer = ShardWriter(
+        open_store("/nonexistent"), "x.parquet", record_schema(20), {}, max_bytes=1000
+    )
     (big,) = [compact(s) for s in _samples(20, rows=2)[1:]]
     assert len(big.token_ids) * 20 * 16 > 1000
     assert not writer.due
@@ -64,7 +66,7 @@ def test_a_byte_budget_makes_a_row_group_due() -> None:
 
 
 def test_an_empty_shard_is_written_only_when_asked(tmp_path) -> None:
-    store = Store(str(tmp_path))
+    store = open_store(str(tmp_path))
     none = ShardWriter(store, "failed/f.parquet", record_schema(2), {})
     assert asyncio.run(none.close()) is None and not (tmp_path / "failed").exists()
     empty = ShardWriter(store, "data/d.parquet", record_schema(2), {})
@@ -73,7 +75,9 @@ def test_an_empty_shard_is_written_only_when_asked(tmp_path) -> None:
 
 
 def test_an_aborted_shard_leaves_nothing_even_after_row_groups(tmp_path) -> None:
-    writer = ShardWriter(Store(str(tmp_path)), "data/a.parquet", record_schema(3), {}, max_rows=1)
+    writer = ShardWriter(
+        open_store(str(tmp_path)), "data/a.parquet", record_schema(3), {}, max_rows=1
+    )
 
     async def go() -> None:
         _append(writer, [compact(s) for s in _samples(3, rows=2)])
@@ -108,7 +112,7 @@ def test_a_unit_streams_its_rows_in_several_row_groups(tmp_path, monkeypatch) ->
 
 def test_per_token_numbers_skip_dictionaries_and_floats_are_byte_stream_split(tmp_path) -> None:
     """The encoding measured in bench/README.md: cheaper to write and smaller on a real teacher."""
-    writer = ShardWriter(Store(str(tmp_path)), "d.parquet", record_schema(3), {})
+    writer = ShardWriter(open_store(str(tmp_path)), "d.parquet", record_schema(3), {})
     _append(writer, [compact(s) for s in _samples(3)])
     asyncio.run(writer.close())
     meta = pq.ParquetFile(tmp_path / "d.parquet").metadata

@@ -19,7 +19,7 @@ from schemas.wire import Completion, PromptRow, RowProblem, Sample, WorkUnit, re
 from workers.answers.tail import tail_logprob
 from workers.errors import AuthError
 from workers.shards.columns import read_metadata
-from workers.storage import Store
+from workers.storage import open_store
 from workers.teacher.client import TeacherClient, sampling_for
 from workers.unit import harvest_unit
 
@@ -47,7 +47,9 @@ def harvest(tmp_path, fake, unit_rows=None, spec=None):
         client = TeacherClient(spec, job_id="j", transport=fake.transport())
         try:
             unit = WorkUnit("u-000000", unit_rows or rows())
-            return await harvest_unit(unit, client, spec, Store(str(tmp_path)), {"job_id": "j"})
+            return await harvest_unit(
+                unit, client, spec, open_store(str(tmp_path)), {"job_id": "j"}
+            )
         finally:
             await client.aclose()
 
@@ -135,7 +137,7 @@ class NoPromptIds:
 def test_an_answer_without_prompt_ids_is_a_failure_row(tmp_path):
     spec = make_spec()
     unit = WorkUnit("u-000000", [PromptRow("a", "in:1", prompt="x", overrides={"n": 1})])
-    result = asyncio.run(harvest_unit(unit, NoPromptIds(), spec, Store(str(tmp_path)), {}))
+    result = asyncio.run(harvest_unit(unit, NoPromptIds(), spec, open_store(str(tmp_path)), {}))
     (fail,) = pq.read_table(tmp_path / result.failed_path).to_pylist()
     assert (fail["error_class"], fail["attempts"], fail["endpoint"]) == (
         "MissingLogprobs",

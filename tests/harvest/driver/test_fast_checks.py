@@ -14,7 +14,7 @@ from fault_teacher_server import FaultTeacherServer
 from harvest.cli import main
 from harvest.outputs.manifest import Manifest, ResumeRefused
 from schemas.job import parse_job
-from workers.storage import Store
+from workers.storage import open_store
 
 AUTH = {"owner": "us", "license": "apache-2.0", "attestation": "t"}
 
@@ -71,7 +71,7 @@ def test_refused_resume_names_the_field_that_changed(tmp_path) -> None:
         "sampling": {"max_tokens": 4, "temperature": 1.0},
         "teacher": teacher,
     }
-    store = Store(str(tmp_path / "out"))
+    store = open_store(str(tmp_path / "out"))
     Manifest.open(store, spec=parse_job(base), input_fp="i")
     changed = {**base, "sampling": {"max_tokens": 4, "temperature": 0.5}}
     with pytest.raises(ResumeRefused, match=r"sampling\.temperature \(1\.0 -> 0\.5\)"):

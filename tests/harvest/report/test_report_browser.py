@@ -18,7 +18,7 @@ from synthetic_output import failure, random_record, write_output
 import harvest
 from harvest.cli import main
 from harvest.watch.status import EndpointStatus, JobStatus, write_status
-from workers.storage import Store
+from workers.storage import open_store
 
 pytest.importorskip("matplotlib")
 from PIL import Image
@@ -124,7 +124,7 @@ def test_report_renders_charts_and_the_outputs_counts(chromium, tmp_path) -> Non
 def test_report_of_an_object_store_output(s3_prefix, tmp_path) -> None:
     local = tmp_path / "out"
     build(local)
-    store = Store(s3_prefix)
+    store = open_store(s3_prefix)
     for path in local.rglob("*"):
         if path.is_file():
             store.write_bytes(str(path.relative_to(local)), path.read_bytes())

@@ -12,8 +12,8 @@ import pytest
 
 from schemas.wire import Sample
 from workers.shards.columns import compact, data_columns, read_metadata, write_shard
-from workers.storage import Store
-from workers.storage import backends as storage_backends
+from workers.storage import local as storage_backends
+from workers.storage import open_store
 
 
 def one_record(**over):
@@ -40,7 +40,7 @@ def test_a_local_shard_is_durable_before_it_can_be_committed(tmp_path, monkeypat
     monkeypatch.setattr(storage_backends.os, "fsync", spy)
     cols = data_columns(2)
     cols.append(**one_record())
-    write_shard(cols.table(), Store(str(tmp_path)), "data/part-u-a1.parquet", {"kind": "data"})
+    write_shard(cols.table(), open_store(str(tmp_path)), "data/part-u-a1.parquet", {"kind": "data"})
     assert synced == [False, True]  # the file's bytes first, then the folder's new entry
     assert read_metadata(str(tmp_path / "data" / "part-u-a1.parquet"))["kind"] == "data"
     assert os.listdir(tmp_path / "data") == ["part-u-a1.parquet"]  # no temporary left

@@ -11,7 +11,7 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from workers.storage.backends import _reason
+from workers.storage.errors import reason as _reason
 
 
 def client_error(code: str, status: int, message: str = "") -> ClientError:

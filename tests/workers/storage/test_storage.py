@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.storage import StorageError, Store, split_location
+from workers.storage import StorageError, Store, open_store, split_location
 
 
 @pytest.fixture(params=["local", "s3", "gs"])
 def store(request, tmp_path) -> Store:
     if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    return Store(request.getfixturevalue(f"{request.param}_prefix"))
+        return open_store(str(tmp_path / "root"))
+    return open_store(request.getfixturevalue(f"{request.param}_prefix"))
 
 
 def test_whole_objects_list_and_delete(store: Store) -> None:
@@ -80,7 +80,7 @@ def test_locations_round_trip(store: Store) -> None:
 
 def test_unsupported_location_is_one_line() -> None:
     with pytest.raises(StorageError, match=r"ftp://h/x: unsupported location"):
-        Store("ftp://h/x")
+        open_store("ftp://h/x")
 
 
 def test_a_streamed_object_appears_whole_on_close(store: Store) -> None:

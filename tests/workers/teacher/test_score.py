@@ -13,7 +13,7 @@ from fake_teacher import BOS, EOT, SEP, TURN, FakeTeacher, encode_text, render_c
 from schemas.job import parse_job
 from schemas.wire import PromptRow, RowProblem, WorkUnit, request_id
 from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
-from workers.storage import Store
+from workers.storage import open_store
 from workers.teacher.client import TeacherClient, sampling_for
 from workers.teacher.score import Scored, parse_scored, sequence
 from workers.unit import harvest_unit
@@ -180,7 +180,9 @@ def harvest(tmp_path, fake: FakeTeacher, rows: list[PromptRow | RowProblem]):
     async def go():
         client = TeacherClient(spec, job_id="j", transport=fake.transport())
         try:
-            return await harvest_unit(WorkUnit("u-0", rows), client, spec, Store(str(tmp_path)), {})
+            return await harvest_unit(
+                WorkUnit("u-0", rows), client, spec, open_store(str(tmp_path)), {}
+            )
         finally:
             await client.aclose()
 

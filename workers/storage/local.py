@@ -1,0 +1,136 @@
+"""A local folder as a store: fsynced writes, create by hard link, flock'd compare-and-swap.
+
+``flock`` makes compare-and-swap atomic between processes of one host, which is what a local
+folder is; network filesystems should be used through their object-store API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import ClassVar
+
+import pyarrow.fs as pafs
+
+from workers.storage.base import TMP_PREFIX, PieceWriter, StorageOptions, Store, Versioned
+
+
+class LocalStore(Store):
+    scheme: ClassVar[str] = "file"
+
+    def __init__(self, root: str, options: StorageOptions) -> None:
+        super().__init__(root, root, pafs.LocalFileSystem(), options)
+
+    def check(self) -> None:
+        with self.errors():
+            os.makedirs(self.root, exist_ok=True)
+            if not os.access(self.root, os.W_OK):
+                raise PermissionError(f"{self.root} is not writable")
+
+    def _write_tmp(self, rel: str, data: bytes) -> str:
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return tmp
+
+    def _sync_dir(self, rel: str) -> None:
+        fd = os.open(os.path.dirname(self.path(rel)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Like an object store's PUT: readers see the old object or the whole new one (a
+        fsynced temporary moved over the name), and it is durable when this returns."""
+        with self.errors(rel):
+            tmp = self._write_tmp(rel, data)
+            try:
+                os.replace(tmp, self.path(rel))
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            self._sync_dir(rel)
+
+    def open_stream(self, rel: str) -> PieceWriter:
+        """Pieces go to a temporary beside ``rel``; ``close`` fsyncs it and moves it into place,
+        so readers never see a partial file under the name (``harvest run`` sweeps leftovers)."""
+        path = self.path(rel)
+        with self.errors(rel):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+            return PieceWriter(self, rel, open(tmp, "wb"), tmp)  # closed by publish or discard
+
+    def _publish(self, writer: PieceWriter) -> None:
+        assert writer.tmp is not None
+        writer.fh.flush()
+        os.fsync(writer.fh.fileno())
+        writer.fh.close()
+        os.replace(writer.tmp, self.path(writer.rel))
+        self._sync_dir(writer.rel)
+
+    def _discard(self, writer: PieceWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.fh.close()
+        with contextlib.suppress(OSError):
+            os.unlink(writer.tmp or "")
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """A fully written, fsynced temporary hard-linked to the name: fails if the name exists."""
+        with self.errors(rel):
+            tmp = self._write_tmp(rel, data)
+            try:
+                os.link(tmp, self.path(rel))
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            self._sync_dir(rel)
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self, rel: str) -> Iterator[None]:
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.lock", "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield
+
+    def read_versioned(self, rel: str) -> Versioned | None:
+        """The token is a content hash, the age the file's mtime."""
+        with self.errors(rel):
+            try:
+                with open(self.path(rel), "rb") as fh:
+                    data = fh.read()
+                    mtime = os.fstat(fh.fileno()).st_mtime
+            except FileNotFoundError:
+                return None
+        return Versioned(data, hashlib.sha256(data).hexdigest(), time.time() - mtime)
+
+    def replace(self, rel: str, data: bytes, token: str) -> str | None:
+        """Compare and rename under the name's ``flock``."""
+        with self.errors(rel), self._locked(rel):
+            now = self.read_versioned(rel)
+            if now is None or now.token != token:
+                return None
+            os.replace(self._write_tmp(rel, data), self.path(rel))
+            self._sync_dir(rel)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_if(self, rel: str, token: str) -> bool:
+        """Compare and unlink under the name's ``flock``."""
+        with self.errors(rel), self._locked(rel):
+            now = self.read_versioned(rel)
+            if now is None or now.token != token:
+                return False
+            os.unlink(self.path(rel))
+        return True
