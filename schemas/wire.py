@@ -1,7 +1,8 @@
 """What travels between the driver and the workers, and between the client and the writer.
 
 Plain dataclasses (cheap to pickle through Ray); validation happens where data enters
-(``harvest.inputs.sources``), so these carry already-checked values.
+(``harvest.inputs.sources``), so these carry already-checked values. ``UnitResult``, sent once
+per unit, is a pydantic model: the commit record the driver stores derives from it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict
 
 
 @dataclass(slots=True)
@@ -94,9 +96,11 @@ class Completion:
     prompt_token_ids: list[int] | None = None  # the ids the teacher saw, template applied
 
 
-@dataclass(slots=True)
-class UnitResult:
-    """What a worker reports after committing a unit's shards."""
+class UnitResult(BaseModel):
+    """What a worker reports after writing a unit's shards: the driver's commit record
+    (``harvest.outputs.manifest.UnitCommit``) is this plus the job id, field for field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     unit_id: str
     prompts: int

@@ -104,11 +104,10 @@ class HarvestActor:
                 await client.router.pause_until(endpoint, until_wall)
 
     async def run_unit(self, unit: WorkUnit) -> UnitResult:
-        result = await harvest_unit(
-            unit, self.work, self.spec, self.store, self.shard_meta, self.progress
+        node_id = ray.get_runtime_context().get_node_id()
+        return await harvest_unit(
+            unit, self.work, self.spec, self.store, self.shard_meta, self.progress, node_id
         )
-        result.node_id = ray.get_runtime_context().get_node_id()
-        return result
 
     async def probe(self, kinds: list[str]) -> ProbeResult:
         """Tiny real requests of each kind of row (see ``workers.teacher.probe``); in a round,

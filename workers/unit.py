@@ -170,6 +170,7 @@ async def harvest_unit(
     store: Store,
     shard_meta: dict[str, Any],
     progress: Counter[str] | None = None,
+    node_id: str = "",
 ) -> UnitResult:
     """Run every row of ``unit`` through ``client`` and write its shards (the driver commits)."""
     progress = progress if progress is not None else Counter()
@@ -194,6 +195,7 @@ async def harvest_unit(
         endpoint_requests=dict(out.endpoints),
         retries=out.retries,
         error_classes=dict(out.errors),
+        node_id=node_id,
     )
 
 

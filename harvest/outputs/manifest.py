@@ -66,29 +66,16 @@ class TeacherRecord(_Record):
     identity: dict[str, Any]
 
 
-class UnitCommit(_Record):
-    """A unit's first harvest: its shards (paths relative to the output root) and counts."""
+class UnitCommit(_Record, UnitResult):
+    """A unit's first harvest: the worker's ``UnitResult`` (shard paths relative to the output
+    root, counts) and the job it belongs to."""
 
     kind: Literal["unit"] = "unit"
     job_id: str
-    unit_id: str
-    prompts: int
-    data_rows: int
-    failure_rows: int
-    completion_tokens: int
-    data_path: str | None
-    data_sha256: str | None
-    failed_path: str | None
-    failed_sha256: str | None
-    endpoint_requests: dict[str, int]
-    retries: int
-    error_classes: dict[str, int]
-    node_id: str = ""
 
     @classmethod
     def of(cls, job_id: str, result: UnitResult, **extra: Any) -> UnitCommit:
-        fields = {k: getattr(result, k) for k in UnitResult.__dataclass_fields__}
-        return cls(job_id=job_id, **fields, **extra)
+        return cls(job_id=job_id, **result.model_dump(), **extra)
 
 
 class RetryCommit(UnitCommit):
