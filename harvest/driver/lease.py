@@ -137,7 +137,7 @@ class Lease:
         while not self._stop.wait(period):
             try:
                 renewed = self._renew()
-            except StorageError:
+            except OSError:  # StorageError, or a temporary gone under a local write
                 renewed = False  # the store hiccuped: try again next period, within the TTL
             if not renewed and (self.lost or time.monotonic() - self._renewed > self.record.ttl_s):
                 self.lost = True

@@ -29,13 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from schemas.job import JobSpec
 from schemas.wire import UnitResult
-from workers.storage import TMP_PREFIX, Store, open_store
+from workers.storage import Store, open_store
 
 META = "_harvest"
 HEADER = f"{META}/job.json"
 TEACHER = f"{META}/teacher.json"
 COMMITS = f"{META}/commits"
 SHARD_DIRS = ("data", "failed")
+# A write temporary in META older than this was left by a driver that died; a younger one may
+# be this driver's own write under way (the lease heartbeat runs beside the sweep).
+STALE_TEMPORARY_S = 300.0
 RETRY_SEP = ".retry"  # unit id of the k-th retry of unit U: f"U{RETRY_SEP}{k}"
 
 
@@ -260,9 +263,7 @@ class Manifest:
                 if name not in keep:
                     self.store.delete(name)
                     gone.append(name)
-        for name in self.store.list(META):
-            if name.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
-                self.store.delete(name)
+        self.store.delete_stale_temporaries(META, STALE_TEMPORARY_S)
         return gone
 
 

@@ -14,14 +14,14 @@ import time
 import pytest
 
 from harvest.driver.lease import LEASE, Lease, LeaseRecord, OutputBusy, pid_space
-from workers.storage import StorageError, Store
+from workers.storage import StorageError, Store, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path) -> Store:
     if request.param == "local":
-        return Store(str(tmp_path / "out"))
-    return Store(request.getfixturevalue("s3_prefix"))
+        return open_store(str(tmp_path / "out"))
+    return open_store(request.getfixturevalue("s3_prefix"))
 
 
 def holder(store: Store) -> LeaseRecord:
@@ -187,6 +187,34 @@ def test_release_after_a_renewal_that_raised_but_landed_deletes_the_lease(store:
         lease.confirm()  # it landed: the stored token is no longer the one the lease holds
     assert holder(store).beat == 1
     lease.release()
+    assert not store.exists(LEASE)
+
+
+class _VanishingTemporary:
+    """A local store whose first heartbeat write loses its temporary (swept under it)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.failed = store, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def replace(self, rel: str, data: bytes, token: str) -> str | None:
+        if self.failed == 0:
+            self.failed += 1
+            raise FileNotFoundError(2, "No such file or directory", ".tmp-swept")
+        return self.store.replace(rel, data, token)
+
+
+def test_a_renewal_whose_temporary_vanished_is_retried_next_beat(tmp_path) -> None:
+    store = open_store(str(tmp_path / "out"))
+    flaky = _VanishingTemporary(store)
+    lease = Lease(flaky, *_acquired(store, ttl_s=0.3))
+    try:
+        wait_until(lambda: holder(store).beat >= 2, "heartbeat stopped after the failed write")
+        assert flaky.failed == 1 and not lease.lost and lease._thread.is_alive()
+    finally:
+        lease.release()
     assert not store.exists(LEASE)
 
 

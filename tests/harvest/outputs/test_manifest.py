@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from harvest.outputs.manifest import (
     COMMITS,
     HEADER,
+    STALE_TEMPORARY_S,
     JobHeader,
     Manifest,
     ResumeRefused,
@@ -22,7 +23,7 @@ from harvest.outputs.manifest import (
 )
 from schemas.job import JobSpec, parse_job
 from schemas.wire import UnitResult
-from workers.storage import Store
+from workers.storage import open_store
 
 U1, U2 = "a_jsonl-1234abcd-000000", "b_jsonl-0000ffff-000000"
 
@@ -49,7 +50,7 @@ def open_(
     out: Path, spec_fp: str = "spec-1", input_fp: str = "input-1", force_new: bool = False
 ) -> Manifest:
     return Manifest.open(
-        Store(str(out)), spec=SPECS[spec_fp], input_fp=input_fp, force_new=force_new
+        open_store(str(out)), spec=SPECS[spec_fp], input_fp=input_fp, force_new=force_new
     )
 
 
@@ -142,7 +143,7 @@ def test_a_unit_is_committed_once_and_a_duplicate_attempt_is_deleted(tmp_path: P
     m = open_(out)
     kept = m.commit(result(out, attempt="first"))
     assert m.commit(result(out, failed=False, attempt="second")) is None
-    assert load(Store(str(out))).units[U1].base == kept
+    assert load(open_store(str(out))).units[U1].base == kept
     assert not (out / f"data/part-{U1}-second.parquet").exists()
     assert (out / f"data/part-{U1}-first.parquet").exists()
 
@@ -180,7 +181,7 @@ def test_force_new_discards_old_job(tmp_path: Path) -> None:
     new = open_(out, input_fp="input-2", force_new=True)
     assert new.job_id != old.job_id and new.units == {}
     assert files(out) == [HEADER, "keep.txt"]
-    assert load(Store(str(out))).header.input_fingerprint == "input-2"
+    assert load(open_store(str(out))).header.input_fingerprint == "input-2"
 
 
 def test_a_commit_of_another_job_is_never_read_and_is_deleted(tmp_path: Path) -> None:
@@ -190,7 +191,7 @@ def test_a_commit_of_another_job_is_never_read_and_is_deleted(tmp_path: Path) ->
     foreign = UnitCommit.of("0ld0ld0ld0ld", result(out, attempt="old"))
     (out / COMMITS).mkdir(parents=True)
     (out / COMMITS / f"{U1}.json").write_bytes(foreign.dumps())
-    assert load(Store(str(out))).units == {}
+    assert load(open_store(str(out))).units == {}
     assert open_(out).job_id == m.job_id
     assert files(out) == [HEADER]
 
@@ -205,7 +206,7 @@ def test_torn_and_orphan_objects_are_never_read_and_are_swept(tmp_path: Path) ->
         shard(out, f"{COMMITS}/{U2}.json", b'{"kind": "unit", "unit_id'),  # not a whole record
         shard(out, "_harvest/commits/.tmp-0badf00d"),
     ]
-    loaded = load(Store(str(out)))
+    loaded = load(open_store(str(out)))
     assert list(loaded.units) == [U1]
     assert loaded.shard_paths() == [f"data/part-{U1}-a1.parquet"]
     assert all((out / p).exists() for p in planted)  # readers delete nothing
@@ -214,10 +215,23 @@ def test_torn_and_orphan_objects_are_never_read_and_are_swept(tmp_path: Path) ->
     assert list(again.units) == [U1]
     assert not any((out / p).exists() for p in planted)
     again.commit(result(out, U2, attempt="rerun"))  # the unit reruns under a new name
-    assert load(Store(str(out))).shard_paths() == [
+    assert load(open_store(str(out))).shard_paths() == [
         f"data/part-{U1}-a1.parquet",
         f"data/part-{U2}-rerun.parquet",
     ]
+
+
+def test_the_sweep_deletes_a_dead_writers_temporary_and_keeps_a_live_one(tmp_path: Path) -> None:
+    """A temporary beside the lease may be this driver's heartbeat mid-write: only one older
+    than STALE_TEMPORARY_S (by its mtime) is a leftover."""
+    out = tmp_path / "out"
+    m = open_(out)
+    dead = out / shard(out, "_harvest/.tmp-deadwriter")
+    live = out / shard(out, "_harvest/.tmp-livewrite")
+    old = os.stat(dead).st_mtime - STALE_TEMPORARY_S - 1
+    os.utime(dead, (old, old))
+    m.sweep()
+    assert not dead.exists() and live.exists()
 
 
 def test_retries_join_the_data_and_replace_the_failure_shard(tmp_path: Path) -> None:
@@ -239,7 +253,7 @@ def test_retries_join_the_data_and_replace_the_failure_shard(tmp_path: Path) -> 
     ]
     assert state.failed_path is None and state.failure_rows == 0
     assert (state.data_rows, state.completion_tokens) == (7, 3 * 42)
-    assert load(Store(str(out))).shard_paths("failed") == []
+    assert load(open_store(str(out))).shard_paths("failed") == []
 
 
 def test_teacher_identity_is_recorded_once_and_checked(tmp_path: Path) -> None:
@@ -267,7 +281,7 @@ def test_records_are_read_one_way(tmp_path: Path) -> None:
 
 def test_load_without_manifest(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no _harvest/job\.json"):
-        load(Store(str(tmp_path)))
+        load(open_store(str(tmp_path)))
 
 
 def test_garbage_header_refused(tmp_path: Path) -> None:
@@ -275,7 +289,7 @@ def test_garbage_header_refused(tmp_path: Path) -> None:
     with pytest.raises(ResumeRefused, match="not a teacher-harvest job header"):
         open_(tmp_path)
     with pytest.raises(ResumeRefused, match="not a teacher-harvest job header"):
-        load(Store(str(tmp_path)))
+        load(open_store(str(tmp_path)))
 
 
 def test_relative_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
