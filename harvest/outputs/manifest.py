@@ -36,9 +36,6 @@ HEADER = f"{META}/job.json"
 TEACHER = f"{META}/teacher.json"
 COMMITS = f"{META}/commits"
 SHARD_DIRS = ("data", "failed")
-# A write temporary in META older than this was left by a driver that died; a younger one may
-# be this driver's own write under way (the lease heartbeat runs beside the sweep).
-STALE_TEMPORARY_S = 300.0
 RETRY_SEP = ".retry"  # unit id of the k-th retry of unit U: f"U{RETRY_SEP}{k}"
 
 
@@ -263,7 +260,8 @@ class Manifest:
                 if name not in keep:
                     self.store.delete(name)
                     gone.append(name)
-        self.store.delete_stale_temporaries(META, STALE_TEMPORARY_S)
+        # Not this driver's own writes under way: the lease's heartbeat runs beside the sweep.
+        self.store.delete_dead_temporaries(META)
         return gone
 
 

@@ -180,25 +180,20 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def delete_stale_temporaries(self, rel: str, older_than_s: float) -> list[str]:
-        """Delete the write temporaries under ``rel`` last touched more than ``older_than_s``
-        ago, by the file's own mtime, and return them. A temporary lives for one write, so an
-        old one was left by a writer that died; a fresh one may be a write still under way
-        (the lease's heartbeat renews while the sweep runs) and is left alone."""
-        with self.errors(rel):
-            infos = self.fs.get_file_info(
-                pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
-            )
-        start, now, gone = len(self.root.rstrip("/")) + 1, time.time(), []
-        for info in infos:
-            name = info.path[start:]
-            if info.type != pafs.FileType.File or not info.base_name.startswith(TMP_PREFIX):
-                continue
-            if info.mtime is not None and now - info.mtime.timestamp() <= older_than_s:
-                continue
-            self.delete(name)
-            gone.append(name)
+    def delete_dead_temporaries(self, rel: str) -> list[str]:
+        """Delete the write temporaries under ``rel`` but this process's writes under way, and
+        return them: run by the lease holder, the only writer there, they are what a writer
+        that died left (object stores write whole objects and leave none)."""
+        gone = []
+        for name in self.list(rel):
+            if name.rsplit("/", 1)[-1].startswith(TMP_PREFIX) and not self.is_live_temporary(name):
+                self.delete(name)
+                gone.append(name)
         return gone
+
+    def is_live_temporary(self, rel: str) -> bool:
+        """Whether ``rel`` is a temporary of a write under way in this process."""
+        return False
 
     def delete_tree(self, rel: str) -> None:
         for name in self.list(rel):

@@ -19,6 +19,29 @@ import pyarrow.fs as pafs
 
 from workers.storage.base import TMP_PREFIX, PieceWriter, StorageOptions, Store, Versioned
 
+# This process's write temporaries while their write is under way (absolute paths): what a
+# sweep run by this process beside its own writes (the lease's heartbeat, the status file)
+# must leave alone. Any other temporary under the lease holder's META was left by a writer
+# that died. Set operations are atomic under the GIL.
+_LIVE: set[str] = set()
+
+
+def _new_temporary(path: str) -> str:
+    """A fresh temporary's name beside ``path``, registered live before it exists."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+    _LIVE.add(tmp)
+    return tmp
+
+
+@contextlib.contextmanager
+def _temporary(path: str) -> Iterator[str]:
+    tmp = _new_temporary(path)
+    try:
+        yield tmp
+    finally:
+        _LIVE.discard(tmp)
+
 
 class LocalStore(Store):
     scheme: ClassVar[str] = "file"
@@ -32,15 +55,18 @@ class LocalStore(Store):
             if not os.access(self.root, os.W_OK):
                 raise PermissionError(f"{self.root} is not writable")
 
-    def _write_tmp(self, rel: str, data: bytes) -> str:
-        path = self.path(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return tmp
+    @contextlib.contextmanager
+    def _written_tmp(self, rel: str, data: bytes) -> Iterator[str]:
+        """A fsynced temporary beside ``rel`` holding ``data``, live while the block runs."""
+        with _temporary(self.path(rel)) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            yield tmp
+
+    def is_live_temporary(self, rel: str) -> bool:
+        return self.path(rel) in _LIVE
 
     def _sync_dir(self, rel: str) -> None:
         fd = os.open(os.path.dirname(self.path(rel)), os.O_RDONLY)
@@ -52,8 +78,7 @@ class LocalStore(Store):
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Like an object store's PUT: readers see the old object or the whole new one (a
         fsynced temporary moved over the name), and it is durable when this returns."""
-        with self.errors(rel):
-            tmp = self._write_tmp(rel, data)
+        with self.errors(rel), self._written_tmp(rel, data) as tmp:
             try:
                 os.replace(tmp, self.path(rel))
             except BaseException:
@@ -64,10 +89,8 @@ class LocalStore(Store):
     def open_stream(self, rel: str) -> PieceWriter:
         """Pieces go to a temporary beside ``rel``; ``close`` fsyncs it and moves it into place,
         so readers never see a partial file under the name (``harvest run`` sweeps leftovers)."""
-        path = self.path(rel)
         with self.errors(rel):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+            tmp = _new_temporary(self.path(rel))
             return PieceWriter(self, rel, open(tmp, "wb"), tmp)  # closed by publish or discard
 
     def _publish(self, writer: PieceWriter) -> None:
@@ -75,7 +98,10 @@ class LocalStore(Store):
         writer.fh.flush()
         os.fsync(writer.fh.fileno())
         writer.fh.close()
-        os.replace(writer.tmp, self.path(writer.rel))
+        try:
+            os.replace(writer.tmp, self.path(writer.rel))
+        finally:
+            _LIVE.discard(writer.tmp)
         self._sync_dir(writer.rel)
 
     def _discard(self, writer: PieceWriter) -> None:
@@ -83,11 +109,11 @@ class LocalStore(Store):
             writer.fh.close()
         with contextlib.suppress(OSError):
             os.unlink(writer.tmp or "")
+        _LIVE.discard(writer.tmp or "")
 
     def create(self, rel: str, data: bytes) -> bool:
         """A fully written, fsynced temporary hard-linked to the name: fails if the name exists."""
-        with self.errors(rel):
-            tmp = self._write_tmp(rel, data)
+        with self.errors(rel), self._written_tmp(rel, data) as tmp:
             try:
                 os.link(tmp, self.path(rel))
             except FileExistsError:
@@ -122,7 +148,8 @@ class LocalStore(Store):
             now = self.read_versioned(rel)
             if now is None or now.token != token:
                 return None
-            os.replace(self._write_tmp(rel, data), self.path(rel))
+            with self._written_tmp(rel, data) as tmp:
+                os.replace(tmp, self.path(rel))
             self._sync_dir(rel)
         return hashlib.sha256(data).hexdigest()
 

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 from harvest.outputs.manifest import (
     COMMITS,
     HEADER,
-    STALE_TEMPORARY_S,
     JobHeader,
     Manifest,
     ResumeRefused,
@@ -24,6 +23,7 @@ from harvest.outputs.manifest import (
 from schemas.job import JobSpec, parse_job
 from schemas.wire import UnitResult
 from workers.storage import open_store
+from workers.storage.local import _temporary
 
 U1, U2 = "a_jsonl-1234abcd-000000", "b_jsonl-0000ffff-000000"
 
@@ -222,16 +222,17 @@ def test_torn_and_orphan_objects_are_never_read_and_are_swept(tmp_path: Path) ->
 
 
 def test_the_sweep_deletes_a_dead_writers_temporary_and_keeps_a_live_one(tmp_path: Path) -> None:
-    """A temporary beside the lease may be this driver's heartbeat mid-write: only one older
-    than STALE_TEMPORARY_S (by its mtime) is a leftover."""
+    """A temporary beside the lease may be this driver's heartbeat mid-write: only one that no
+    write of this process holds is a leftover, however fresh."""
     out = tmp_path / "out"
     m = open_(out)
-    dead = out / shard(out, "_harvest/.tmp-deadwriter")
-    live = out / shard(out, "_harvest/.tmp-livewrite")
-    old = os.stat(dead).st_mtime - STALE_TEMPORARY_S - 1
-    os.utime(dead, (old, old))
+    dead = out / shard(out, "_harvest/.tmp-deadwriter")  # a killed driver's, seconds old
+    with _temporary(str(out / "_harvest" / "lease.json")) as live:
+        Path(live).write_bytes(b"a heartbeat under way")
+        m.sweep()
+        assert not dead.exists() and Path(live).exists()
     m.sweep()
-    assert not dead.exists() and live.exists()
+    assert not Path(live).exists()  # once its write is over (here: abandoned), it is swept
 
 
 def test_retries_join_the_data_and_replace_the_failure_shard(tmp_path: Path) -> None:
