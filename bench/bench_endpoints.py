@@ -118,6 +118,7 @@ def _start_teachers(args: argparse.Namespace, count: int) -> list[Teacher]:
 
 def run_config(args: argparse.Namespace, endpoints: int, workdir: Path) -> RunResult:
     """Harvest ``seconds x ideal`` prompts through ``endpoints`` synthetic teachers."""
+    from harvest.driver.options import RunOptions
     from harvest.driver.scheduler import run_job
     from harvest.training import reader
 
@@ -139,7 +140,7 @@ def run_config(args: argparse.Namespace, endpoints: int, workdir: Path) -> RunRe
         pids = {t.pid for t in teachers if t.pid is not None}
         with LoadProbe(pids) as load:
             t_call = time.monotonic()  # CLOCK_MONOTONIC: the teachers' clock too, on Linux
-            summary = run_job(spec, folder / "out", show_progress=False)
+            summary = run_job(spec, folder / "out", options=RunOptions(show_progress=False))
             t_return = time.monotonic()
         logs = [t.records() for t in teachers]
     finally:

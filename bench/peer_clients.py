@@ -218,6 +218,7 @@ def _plain(value: Any) -> Any:
 def _harvest(args: dict[str, Any], out: Path, transport: str = "aiohttp") -> None:
     import ray
 
+    from harvest.driver.options import RunOptions
     from harvest.driver.scheduler import run_job
     from schemas.job import parse_job
 
@@ -248,7 +249,7 @@ def _harvest(args: dict[str, Any], out: Path, transport: str = "aiohttp") -> Non
         },
         "peers bench",
     )
-    summary = run_job(spec, out, show_progress=False)
+    summary = run_job(spec, out, options=RunOptions(show_progress=False))
     if summary.failure_rows:
         raise RuntimeError(f"harvest wrote {summary.failure_rows} failure rows")
     ray.shutdown()

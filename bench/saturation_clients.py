@@ -132,11 +132,12 @@ async def _bare(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
 
 def _harvest(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
     # Ray's default for its workers is 15; `harvest run` starts its private cluster at 0
-    # (harvest.driver.scheduler.init_ray), and so does this contender unless told otherwise.
+    # (harvest.driver.cluster.init_ray), and so does this contender unless told otherwise.
     niceness = args.get("niceness")
     os.environ["RAY_worker_niceness"] = str(0 if niceness is None else niceness)  # noqa: SIM112
     import ray
 
+    from harvest.driver.options import RunOptions
     from harvest.driver.pool import Pool
     from harvest.driver.scheduler import run_job
 
@@ -147,7 +148,7 @@ def _harvest(args: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
     start_local_ray()
     ray_up = time.monotonic() - t0
     spec = parse_job(job(args, out / "data"), "saturation bench")
-    summary = run_job(spec, out / "data", show_progress=False)
+    summary = run_job(spec, out / "data", options=RunOptions(show_progress=False))
     if summary.failure_rows:
         raise RuntimeError(f"harvest wrote {summary.failure_rows} failure rows")
     done = time.monotonic() - t0

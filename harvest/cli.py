@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from harvest.driver import stopping
 from harvest.driver.lease import OutputBusy
+from harvest.driver.options import RunOptions
 from harvest.driver.preflight import PreflightError
 from harvest.inputs.sources import InputError
 from harvest.jobfile import load_job
@@ -24,7 +25,7 @@ from schemas.job import JobSpec, SpecError
 from workers.storage import StorageError, open_store
 
 if TYPE_CHECKING:
-    from harvest.driver.scheduler import Summary
+    from harvest.driver.summary import Summary
 
 EXIT_OK, EXIT_ABORTED, EXIT_BAD_JOB, EXIT_WITH_FAILURES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -57,13 +58,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
     out_dir = args.output
     return _harvest(
-        lambda: retry_failed(
-            out_dir,
-            ray_address=args.ray_address,
-            show_progress=not args.no_progress,
-            status_every_s=args.status_every,
-            stop_deadline_s=args.stop_deadline,
-        ),
+        lambda: retry_failed(out_dir, options=_run_options(args)),
         out_dir,
         resume=f"harvest retry-failed {out_dir}",
     )
@@ -134,17 +129,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     out_dir = args.output or spec.output.dir
     return _harvest(
-        lambda: run_job(
-            spec,
-            out_dir,
-            force_new=args.force_new,
-            ray_address=args.ray_address,
-            show_progress=not args.no_progress,
-            status_every_s=args.status_every,
-            stop_deadline_s=args.stop_deadline,
-        ),
+        lambda: run_job(spec, out_dir, force_new=args.force_new, options=_run_options(args)),
         out_dir,
         resume=f"harvest run {args.job} --output {out_dir}",
+    )
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        ray_address=args.ray_address,
+        show_progress=not args.no_progress,
+        status_every_s=args.status_every,
+        stop_deadline_s=args.stop_deadline,
     )
 
 

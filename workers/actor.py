@@ -45,7 +45,7 @@ class HarvestActor:
         job_id: str,
         out_uri: str,
         storage: dict[str, Any],
-        shard_meta: dict[str, Any],
+        shard_meta: dict[str, Any] | None = None,
         cap_per_endpoint: int,
         api_key: str | None,
         endpoints: list[str],
@@ -104,6 +104,8 @@ class HarvestActor:
                 await client.router.pause_until(endpoint, until_wall)
 
     async def run_unit(self, unit: WorkUnit) -> UnitResult:
+        if self.shard_meta is None:
+            raise RuntimeError("a unit before the shard metadata: the driver sets it first")
         node_id = ray.get_runtime_context().get_node_id()
         return await harvest_unit(
             unit, self.work, self.spec, self.store, self.shard_meta, self.progress, node_id
@@ -118,9 +120,9 @@ class HarvestActor:
             result.failed = {k: f"the student: {why}" for k, why in sampled.failed.items()}
         return result
 
-    async def set_logprob_mode(self, mode: str, explained: str) -> None:
-        """Stamp the mode the probe found on every shard this worker writes from now on."""
-        self.shard_meta = {**self.shard_meta, "logprob_mode": mode, "logprob_mode_how": explained}
+    async def set_shard_meta(self, meta: dict[str, Any]) -> None:
+        """The provenance every shard of this worker carries, complete once the probe ran."""
+        self.shard_meta = meta
 
     async def set_endpoints(self, endpoints: list[str]) -> None:
         """A managed replica moved (restarted on a new port): route to the new set."""

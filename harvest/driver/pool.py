@@ -104,6 +104,12 @@ class Pool:
         for actor in self.actors:
             actor.set_endpoints.remote(endpoints)
 
+    def set_shard_meta(self, meta: dict[str, Any]) -> None:
+        """Hand every worker, present and future, the provenance its shards carry (the
+        workers write nothing before: the probe that completes it runs on one of them)."""
+        self.kwargs["shard_meta"] = meta
+        ray.get([actor.set_shard_meta.remote(meta) for actor in self.actors])
+
     def stats(self) -> PoolStats:
         total = PoolStats(Counter(), {}, False, 0, RequestSnapshot())
         try:

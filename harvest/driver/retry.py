@@ -8,7 +8,6 @@ counted in the summary as not retried.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from harvest.driver.lease import Lease
-from harvest.driver.scheduler import Summary, _guarded, _harvest, _open_store, _units_per_shard
+from harvest.driver.options import RunOptions
+from harvest.driver.scheduler import Work, _open_store, _units_per_shard, drive
+from harvest.driver.summary import Summary
 from harvest.inputs.sources import iter_units, scan
 from harvest.outputs.manifest import RETRY_SEP, Manifest
 from harvest.outputs.manifest import load as load_manifest
@@ -107,29 +107,22 @@ def _failed_kinds(store: Store, rel: str) -> tuple[int, set[str]]:
     return len(ids), kinds
 
 
-def retry_failed(
-    out: str | Path,
-    *,
-    ray_address: str | None = None,
-    show_progress: bool = True,
-    status_every_s: float = 5.0,
-    stop_deadline_s: float = 60.0,
-) -> Summary:
+def retry_failed(out: str | Path, *, options: RunOptions | None = None) -> Summary:
     """Re-send the prompts of ``out``'s failure shards; recovered rows join the data."""
-    t0 = time.monotonic()
     store = _open_store(str(out))
     spec = JobSpec.model_validate(load_manifest(store).header.spec)
     inputs = scan(spec)
-    with Lease.acquire(store) as lease:
-        manifest = Manifest.open(store, spec=spec, input_fp=inputs.fingerprint)
+
+    def open_manifest() -> Manifest:
+        return Manifest.open(store, spec=spec, input_fp=inputs.fingerprint)
+
+    def plan(manifest: Manifest, summary: Summary) -> Work:
         # One unit's failed ids at a time: no per-prompt state for the whole output.
         failed = {uid: u.failed_path for uid, u in manifest.units.items() if u.failed_path}
         total, kinds = 0, set()
         for rel in failed.values():
             count, found = _failed_kinds(store, rel)
             total, kinds = total + count, kinds | found
-        summary = Summary(store.uri, manifest.job_id, prompts=inputs.rows, mode=spec.mode)
-        summary.resume(list(manifest.units.values()))
 
         def retry_units() -> Iterator[WorkUnit]:
             for u in iter_units(inputs.files, spec, _units_per_shard(spec)):
@@ -138,16 +131,6 @@ def retry_failed(
                     summary.not_retried.update(kept)
                     yield WorkUnit(f"{u.unit_id}{RETRY_SEP}{manifest.retries(u.unit_id) + 1}", rows)
 
-        if failed:
-            _harvest(
-                spec, manifest, retry_units(),
-                _guarded(lease, manifest.commit_retry, summary), summary,
-                kinds=frozenset(kinds), total=total, done_before=0, ray_address=ray_address,
-                show_progress=show_progress, status_every_s=status_every_s,
-                stop_deadline_s=stop_deadline_s,
-            )  # fmt: skip
-            summary.settle(list(manifest.units.values()))
-            if lease.confirm():
-                manifest.sweep()
-    summary.elapsed_s = time.monotonic() - t0
-    return summary
+        return Work(retry_units(), manifest.commit_retry, frozenset(kinds), total)
+
+    return drive(store, spec, inputs.rows, open_manifest, plan, options or RunOptions())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from harvest.cli import format_summary
-from harvest.driver.scheduler import Summary
+from harvest.driver.summary import Summary
 from harvest.outputs.manifest import UnitCommit, UnitState
 
 
