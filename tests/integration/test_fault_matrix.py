@@ -12,8 +12,8 @@ import itertools
 import json
 from collections import Counter
 
+import jobs
 import pytest
-import yaml
 from fault_plan import check_attempts
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 from windows import max_in_window
@@ -31,24 +31,20 @@ def write(folder, url, prompts, **extra_teacher):
         for i, text in enumerate(prompts):
             row = {"prompt": text} if i % 4 else {"messages": [{"role": "user", "content": text}]}
             fh.write(json.dumps({"id": f"p{i}", **row}) + "\n")
-    job = {
-        "input": "prompts.jsonl",
-        "teacher": {
-            "model": "fault",
-            "endpoints": [url],
-            "authorization": {"owner": "tests", "license": "test", "attestation": "fault server"},
-            "timeout_s": 1.0,
-            "max_attempts": 6,
-            "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.5,
-            **extra_teacher,
-        },
-        "sampling": {"max_tokens": 4, "n": N, "logprobs": 3},
-        "output": {"dir": "out", "rows_per_shard": 200},
-        "concurrency": {"workers": 2, "in_flight_per_endpoint": 16, "worker_cpus": 0.25},
+    settings = {
+        "timeout_s": 1.0,
+        "max_attempts": 6,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.5,
     }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
-    return folder / "job.yaml"
+    job = jobs.job(
+        jobs.model("fault", url, **{**settings, **extra_teacher}),
+        "prompts.jsonl",
+        sampling={"max_tokens": 4, "n": N, "logprobs": 3},
+        output={"dir": "out", "rows_per_shard": 200},
+        concurrency={"workers": 2, "in_flight_per_endpoint": 16, "worker_cpus": 0.25},
+    )
+    return jobs.write_job(folder, job)
 
 
 def test_fault_matrix(tmp_path, ray_cluster, capsys):

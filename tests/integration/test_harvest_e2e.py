@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jobs
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from harvest.cli import main
 from harvest.training import reader
@@ -48,25 +48,15 @@ def write_inputs(folder: Path, count: int = 60) -> list[str]:
 
 
 def write_job(folder: Path, url: str, **sections) -> Path:
-    job = {
+    """A job for the tiny teacher at ``url``; ``sections`` replace the defaults here."""
+    defaults = {
+        "teacher": jobs.model("tiny", url),
         "input": "prompts.jsonl",
-        "teacher": {
-            "model": "tiny",
-            "endpoints": [url],
-            "authorization": {
-                "owner": "teacher-harvest tests",
-                "license": "apache-2.0",
-                "attestation": "random tiny Llama built in this repository",
-            },
-        },
         "sampling": {"max_tokens": 24, "n": N, "logprobs": K, "seed": 11, "temperature": 1.0},
         "output": {"dir": "out", "rows_per_shard": 30},
         "concurrency": {"workers": 2, "in_flight_per_endpoint": 16},
-        **sections,
     }
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return jobs.write_job(folder, jobs.job(**{**defaults, **sections}))
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import jobs
 import pytest
 import ray
 from ray.exceptions import RayActorError
 
 from harvest.driver.pool import Pool
-from schemas.job import parse_job
 from schemas.wire import WorkUnit
 
 pytestmark = pytest.mark.integration
@@ -17,16 +17,9 @@ def test_a_worker_reported_lost_is_killed_before_its_unit_runs_again(tmp_path, r
     """Ray reports an actor it cannot reach (``ActorUnavailableError``) like a dead one, but that
     actor may still be running the unit and writing its shard: it must be gone before the unit
     is submitted to a new actor."""
-    spec = parse_job(
-        {
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "m",
-                "endpoints": ["http://127.0.0.1:9/v1"],  # never contacted: the unit is empty
-                "authorization": {"owner": "t", "license": "t", "attestation": "t"},
-            },
-            "concurrency": {"workers": 2, "worker_cpus": 0.1},
-        }
+    spec = jobs.spec(
+        jobs.model("m", "http://127.0.0.1:9/v1"),  # never contacted: the unit is empty
+        concurrency={"workers": 2, "worker_cpus": 0.1},
     )
     kwargs = {
         "job_id": "j",

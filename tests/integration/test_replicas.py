@@ -17,9 +17,9 @@ import signal
 import time
 from pathlib import Path
 
+import jobs
 import psutil
 import pytest
-import yaml
 from test_resume import committed_units, start
 
 from harvest.training import reader
@@ -39,36 +39,29 @@ def replica_job(folder: Path, prompts: int, max_tokens: int, **teacher: object) 
                 else {"messages": [{"role": "user", "content": f"Replica question {i}"}]}
             )
             fh.write(json.dumps(row) + "\n")
-    job = {
-        "input": "prompts.jsonl",
-        "teacher": {
-            "model": SERVED,
-            "replicas": {
-                "count": 2,
-                "model": str(ROOT / "tests" / "data" / "tiny-llama"),
-                "vllm_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
-                "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-                "host": "127.0.0.1",
-                "resources": {"num_cpus": 0.25},
-                "cache_dir": str(ROOT / ".cache" / "test-vllm" / "cache"),
-                "startup_timeout_s": 300,
-            },
-            "authorization": {
-                "owner": "teacher-harvest tests",
-                "license": "apache-2.0",
-                "attestation": "random tiny Llama built in this repository",
-            },
-            "timeout_s": 60,
-            "max_attempts": 10,
-            "backoff_max_s": 5,
-            **teacher,
+    replicas = jobs.model(
+        SERVED,
+        None,
+        replicas={
+            "count": 2,
+            "model": str(ROOT / "tests" / "data" / "tiny-llama"),
+            "vllm_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+            "host": "127.0.0.1",
+            "resources": {"num_cpus": 0.25},
+            "cache_dir": str(ROOT / ".cache" / "test-vllm" / "cache"),
+            "startup_timeout_s": 300,
         },
-        "sampling": {"max_tokens": max_tokens, "n": 2, "logprobs": 5, "seed": 3},
-        "output": {"dir": "out", "rows_per_shard": 20},
-        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
-    }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
-    return folder / "job.yaml"
+        **{"timeout_s": 60, "max_attempts": 10, "backoff_max_s": 5, **teacher},
+    )
+    job = jobs.job(
+        replicas,
+        "prompts.jsonl",
+        sampling={"max_tokens": max_tokens, "n": 2, "logprobs": 5, "seed": 3},
+        output={"dir": "out", "rows_per_shard": 20},
+        concurrency={"workers": 2, "in_flight_per_endpoint": 8, "worker_cpus": 0.25},
+    )
+    return jobs.write_job(folder, job)
 
 
 def replica_servers() -> list[psutil.Process]:

@@ -13,8 +13,10 @@ import json
 import math
 from pathlib import Path
 
+import jobs
 import pytest
 from fault_teacher_server import FaultTeacherServer
+from jobs import AUTH
 from test_harvest_e2e import write_job
 
 from harvest.cli import main
@@ -26,7 +28,6 @@ pytestmark = pytest.mark.integration
 
 K, N, ROWS = 5, 2, 10
 TINY_MODEL = Path(__file__).resolve().parents[1] / "data" / "tiny-llama"
-AUTH = {"owner": "teacher-harvest tests", "license": "apache-2.0", "attestation": "test model"}
 
 
 def round_job(folder: Path, teacher: str, student: str, student_model: str) -> Path:
@@ -37,7 +38,7 @@ def round_job(folder: Path, teacher: str, student: str, student_model: str) -> P
         fh.write(json.dumps({"id": "chat", "messages": chat}) + "\n")
     return write_job(
         folder, teacher, mode="round",
-        student={"model": student_model, "endpoints": [student], "authorization": AUTH},
+        student=jobs.model(student_model, student),
         sampling={"max_tokens": 12, "n": N, "logprobs": K, "seed": 5, "temperature": 1.0},
         output={"dir": "out", "rows_per_shard": 4},
     )  # fmt: skip

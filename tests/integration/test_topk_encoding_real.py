@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import jobs
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,6 @@ from test_harvest_e2e import write_job
 from harvest.cli import main
 from harvest.training import inspection, reader
 from harvest.training.batches import iter_batches
-from schemas.job import parse_job
 from schemas.records import TOPK_ENCODINGS, record_schema
 from schemas.wire import PromptRow
 from workers.shards.columns import compact, read_metadata
@@ -31,16 +31,9 @@ K = 64
 @pytest.fixture(scope="module")
 def answers(tiny_teacher):
     """Real answers: completion rows at K=64, as the worker's client parses them."""
-    spec = parse_job(
-        {
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "tiny", "endpoints": [tiny_teacher],
-                "authorization": {"owner": "tests", "license": "test", "attestation": "t"},
-            },
-            "sampling": {"max_tokens": 24, "logprobs": K, "seed": 9},
-        }
-    )  # fmt: skip
+    spec = jobs.spec(
+        jobs.model("tiny", tiny_teacher), sampling={"max_tokens": 24, "logprobs": K, "seed": 9}
+    )
 
     async def go():
         client = TeacherClient(spec, job_id="encodings")

@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+import jobs
 import numpy as np
 import pytest
-import yaml
 
 import harvest
 from harvest.cli import main
@@ -48,22 +48,14 @@ def out(tmp_path_factory, tiny_teacher, ray_cluster) -> Path:
                 else {"prompt": f"The number {i} is"}
             )
             fh.write(json.dumps(row) + "\n")
-    job = {
-        "input": "prompts.jsonl",
-        "teacher": {
-            "model": "tiny",
-            "endpoints": [tiny_teacher],
-            "authorization": {
-                "owner": "teacher-harvest tests",
-                "license": "apache-2.0",
-                "attestation": "random tiny Llama built in this repository",
-            },
-        },
-        "sampling": {"max_tokens": MAX_TOKENS, "n": 1, "logprobs": K, "seed": 7},
-        "output": {"dir": "out", "rows_per_shard": 10},
-        "concurrency": {"workers": 2, "in_flight_per_endpoint": 8},
-    }
-    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    job = jobs.job(
+        jobs.model("tiny", tiny_teacher),
+        "prompts.jsonl",
+        sampling={"max_tokens": MAX_TOKENS, "n": 1, "logprobs": K, "seed": 7},
+        output={"dir": "out", "rows_per_shard": 10},
+        concurrency={"workers": 2, "in_flight_per_endpoint": 8},
+    )
+    jobs.write_job(folder, job)
     assert main(["run", str(folder / "job.yaml"), "--no-progress"]) == 0
     return folder / "out"
 

@@ -19,13 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+import jobs
 import pyarrow.parquet as pq
 import pytest
 from fault_teacher_server import FaultPlan, FaultTeacherServer
 
 from harvest.driver.preflight import check_teacher
 from harvest.errors import JobAborted
-from schemas.job import parse_job
 from schemas.wire import PromptRow, UnitResult, WorkUnit, request_id
 from workers.errors import TeacherOutage
 from workers.storage import Store, open_store
@@ -40,21 +40,11 @@ PROBES = 3  # the probe's /v1/completions requests: chat, completions, the mode 
 
 
 def spec(url: str, outage_s: float = OUTAGE_S):
-    return parse_job(
-        {
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "fault",
-                "endpoints": [url],
-                "authorization": {"owner": "tests", "license": "test", "attestation": "fault"},
-                "timeout_s": 2.0,
-                "backoff_initial_s": 0.05,
-                "backoff_max_s": 0.5,
-                "outage_timeout_s": outage_s,
-            },
-            "sampling": {"max_tokens": 4, "n": 2, "logprobs": 3},
-            "concurrency": {"workers": 1, "in_flight_per_endpoint": 4},
-        }
+    settings = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.5}
+    return jobs.spec(
+        jobs.model("fault", url, outage_timeout_s=outage_s, **settings),
+        sampling={"max_tokens": 4, "n": 2, "logprobs": 3},
+        concurrency={"workers": 1, "in_flight_per_endpoint": 4},
     )
 
 

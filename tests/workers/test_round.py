@@ -6,10 +6,10 @@ import asyncio
 from typing import Any
 
 import httpx
+import jobs
 import pyarrow.parquet as pq
 from fake_teacher import FakeTeacher
 
-from schemas.job import parse_job
 from schemas.wire import PromptRow, RowProblem, WorkUnit
 from workers.round import RoundClients
 from workers.storage import open_store
@@ -17,25 +17,20 @@ from workers.teacher.client import TeacherClient
 from workers.unit import harvest_unit
 
 K, N = 3, 2
-AUTH = {"owner": "us", "license": "apache-2.0", "attestation": "t"}
 
 
 def model(name: str) -> dict[str, Any]:
-    return {
-        "model": name, "endpoints": [f"http://{name}:8000"], "authorization": AUTH,
-        "backoff_initial_s": 0.01, "backoff_max_s": 0.02, "max_attempts": 2,
-    }  # fmt: skip
+    return jobs.model(
+        name, f"http://{name}:8000", backoff_initial_s=0.01, backoff_max_s=0.02, max_attempts=2
+    )
 
 
 def round_spec() -> Any:
-    return parse_job(
-        {
-            "mode": "round",
-            "input": "x.jsonl",
-            "teacher": model("teacher"),
-            "student": model("student"),
-            "sampling": {"logprobs": K, "n": N, "max_tokens": 5, "seed": 1},
-        }
+    return jobs.spec(
+        model("teacher"),
+        mode="round",
+        student=model("student"),
+        sampling={"logprobs": K, "n": N, "max_tokens": 5, "seed": 1},
     )
 
 

@@ -8,6 +8,7 @@ import hashlib
 import time
 
 import httpx
+import jobs
 import pyarrow.parquet as pq
 import pytest
 from fake_teacher import FakeTeacher
@@ -132,8 +133,6 @@ def test_no_request_is_sent_while_two_row_groups_wait(tmp_path, monkeypatch) -> 
     """A writer thread slower than the teacher holds requests back instead of letting answers
     pile up: while the first row group is held in the thread, the teacher gets no more than
     one more row group's requests plus those already in flight."""
-    from schemas.job import parse_job
-
     monkeypatch.setattr(shard_writer, "MAX_ROWS", 2)
     sent: list[int] = []
     real_write = ShardWriter._write
@@ -153,17 +152,10 @@ def test_no_request_is_sent_while_two_row_groups_wait(tmp_path, monkeypatch) -> 
         real_write(self, cols)
 
     monkeypatch.setattr(ShardWriter, "_write", slow_write)
-    spec = parse_job(
-        {
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "fake",
-                "endpoints": ["http://teacher-a:8000"],
-                "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
-            },
-            "sampling": {"max_tokens": 4, "n": 1, "logprobs": 2},
-            "concurrency": {"in_flight_per_endpoint": 3},
-        }
+    spec = jobs.spec(
+        jobs.model("fake", "http://teacher-a:8000"),
+        sampling={"max_tokens": 4, "n": 1, "logprobs": 2},
+        concurrency={"in_flight_per_endpoint": 3},
     )
     unit_rows = [PromptRow(f"p{i}", f"in:{i}", prompt=f"row {i}") for i in range(40)]
     result = harvest(tmp_path, FakeTeacher(script=count), unit_rows, spec)

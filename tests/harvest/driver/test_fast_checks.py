@@ -8,15 +8,13 @@ import json
 import socket
 from pathlib import Path
 
+import jobs
 import pytest
 from fault_teacher_server import FaultTeacherServer
 
 from harvest.cli import main
 from harvest.outputs.manifest import Manifest, ResumeRefused
-from schemas.job import parse_job
 from workers.storage import open_store
-
-AUTH = {"owner": "us", "license": "apache-2.0", "attestation": "t"}
 
 
 def free_port() -> int:
@@ -26,15 +24,13 @@ def free_port() -> int:
 
 
 def job(tmp_path: Path, url: str, input_path: str, **sampling) -> Path:
-    spec = {
-        "input": input_path,
-        "teacher": {"model": "fault", "endpoints": [url], "authorization": AUTH},
-        "sampling": {"max_tokens": 4, "logprobs": 2, **sampling},
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(spec))
-    return path
+    spec = jobs.job(
+        jobs.model("fault", url),
+        input_path,
+        sampling={"max_tokens": 4, "logprobs": 2, **sampling},
+        output={"dir": str(tmp_path / "out")},
+    )
+    return jobs.write_job(tmp_path, spec, "job.json")
 
 
 def test_validate_refuses_a_missing_input(tmp_path, capsys) -> None:
@@ -65,17 +61,12 @@ def test_validate_check_teacher(tmp_path, capsys) -> None:
 
 
 def test_refused_resume_names_the_field_that_changed(tmp_path) -> None:
-    teacher = {"model": "m", "endpoints": ["http://h/v1"], "authorization": AUTH}
-    base = {
-        "input": "x.jsonl",
-        "sampling": {"max_tokens": 4, "temperature": 1.0},
-        "teacher": teacher,
-    }
+    base = jobs.job(jobs.model("m", "http://h/v1"), sampling={"max_tokens": 4, "temperature": 1.0})
     store = open_store(str(tmp_path / "out"))
-    Manifest.open(store, spec=parse_job(base), input_fp="i")
+    Manifest.open(store, spec=jobs.spec(**base), input_fp="i")
     changed = {**base, "sampling": {"max_tokens": 4, "temperature": 0.5}}
     with pytest.raises(ResumeRefused, match=r"sampling\.temperature \(1\.0 -> 0\.5\)"):
-        Manifest.open(store, spec=parse_job(changed), input_fp="i")
+        Manifest.open(store, spec=jobs.spec(**changed), input_fp="i")
 
 
 def test_a_run_with_nothing_listening_says_so_before_ray_starts(tmp_path, monkeypatch, caplog):
@@ -93,7 +84,7 @@ def test_a_run_with_nothing_listening_says_so_before_ray_starts(tmp_path, monkey
 
     monkeypatch.setattr(scheduler, "init_ray", init_ray)
     port = free_port()
-    spec = parse_job(json.loads(job(tmp_path, f"http://127.0.0.1:{port}/v1", "x").read_text()))
+    spec = jobs.spec(**json.loads(job(tmp_path, f"http://127.0.0.1:{port}/v1", "x").read_text()))
     with caplog.at_level(logging.WARNING), pytest.raises(RayStarted):
         scheduler._start(spec, None, None)  # type: ignore[arg-type]
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -3,19 +3,15 @@ ids row's sibling sample, nor a round's row some of whose samples were committed
 
 from __future__ import annotations
 
-from harvest.driver.retry import Failed, retry_rows
-from schemas.job import parse_job
-from schemas.wire import PromptRow, RowProblem
+import jobs
 
-AUTH = {"owner": "us", "license": "apache-2.0", "attestation": "t"}
-MODEL = {"model": "m", "endpoints": ["http://127.0.0.1:8000"], "authorization": AUTH}
+from harvest.driver.retry import Failed, retry_rows
+from schemas.wire import PromptRow, RowProblem
 
 
 def spec(mode: str, n: int = 1):
-    extra = {"student": MODEL} if mode == "round" else {}
-    return parse_job(
-        {"mode": mode, "input": "x.jsonl", "teacher": MODEL, "sampling": {"n": n}, **extra}
-    )
+    extra = {"student": jobs.model()} if mode == "round" else {}
+    return jobs.spec(jobs.model(), mode=mode, sampling={"n": n}, **extra)
 
 
 def failed(*records: tuple[str, int], cls: str = "ServerError") -> dict[str, list[Failed]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jobs
 import pytest
 from pydantic import ValidationError
 
@@ -20,7 +21,7 @@ from harvest.outputs.manifest import (
     load,
     parse_record,
 )
-from schemas.job import JobSpec, parse_job
+from schemas.job import JobSpec
 from schemas.wire import UnitResult
 from workers.storage import open_store
 from workers.storage.local import _temporary
@@ -29,17 +30,7 @@ U1, U2 = "a_jsonl-1234abcd-000000", "b_jsonl-0000ffff-000000"
 
 
 def _spec(temperature: float) -> JobSpec:
-    return parse_job(
-        {
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "tiny",
-                "endpoints": ["http://127.0.0.1:8000"],
-                "authorization": {"owner": "o", "license": "l", "attestation": "a"},
-            },
-            "sampling": {"temperature": temperature},
-        }
-    )
+    return jobs.spec(jobs.model("tiny"), sampling={"temperature": temperature})
 
 
 # Named specs with different fingerprints (they differ in sampling).

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import jobs
 import pytest
 from fake_teacher import FakeTeacher
 
-from schemas.job import parse_job
 from schemas.wire import PromptRow
 from workers import USER_AGENT
 from workers.errors import (
@@ -26,20 +26,11 @@ K = 3
 
 
 def make_spec(**teacher):
-    return parse_job(
-        {
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "fake",
-                "endpoints": ["http://teacher-a:8000", "http://teacher-b:8000"],
-                "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
-                "backoff_initial_s": 0.01,
-                "backoff_max_s": 0.05,
-                "max_attempts": 4,
-                **teacher,
-            },
-            "sampling": {"max_tokens": 6, "n": 2, "logprobs": K, "seed": 3},
-        }
+    urls = ["http://teacher-a:8000", "http://teacher-b:8000"]
+    settings = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 4, **teacher}
+    return jobs.spec(
+        jobs.model("fake", urls, **settings),
+        sampling={"max_tokens": 6, "n": 2, "logprobs": K, "seed": 3},
     )
 
 

@@ -6,11 +6,11 @@ import asyncio
 from typing import Any
 
 import httpx
+import jobs
 import pyarrow.parquet as pq
 import pytest
 from fake_teacher import BOS, EOT, SEP, TURN, FakeTeacher, encode_text, render_chat
 
-from schemas.job import parse_job
 from schemas.wire import PromptRow, RowProblem, WorkUnit, request_id
 from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
 from workers.storage import open_store
@@ -23,21 +23,9 @@ USER = {"role": "user", "content": "hi"}
 
 
 def score_spec(k: int = K) -> Any:
-    return parse_job(
-        {
-            "mode": "score",
-            "input": "x.jsonl",
-            "teacher": {
-                "model": "fake",
-                "endpoints": ["http://teacher-a:8000"],
-                "authorization": {"owner": "us", "license": "apache-2.0", "attestation": "t"},
-                "backoff_initial_s": 0.01,
-                "backoff_max_s": 0.05,
-                "max_attempts": 3,
-            },
-            "sampling": {"logprobs": k},
-        }
-    )
+    settings = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 3}
+    teacher = jobs.model("fake", "http://teacher-a:8000", **settings)
+    return jobs.spec(teacher, mode="score", sampling={"logprobs": k})
 
 
 def entry(actual: int, own: float, top: list[tuple[int, float]]) -> dict[str, Any]:
