@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+# 3: the nullable student_logprobs and tail_logprob columns, and the compact top-K encoding
+# (top_k_compact in place of top_token_ids / top_logprobs). 2: prompt_token_ids filled.
+SCHEMA_VERSION = "3"
 METADATA_KEY = b"teacher_harvest"
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
