@@ -116,9 +116,11 @@ def retry_failed(out: str | Path, *, options: RunOptions | None = None) -> Summa
     def open_manifest() -> Manifest:
         return Manifest.open(store, spec=spec, input_fp=inputs.fingerprint)
 
-    def plan(manifest: Manifest, summary: Summary) -> Work:
+    def plan(manifest: Manifest, summary: Summary) -> Work | None:
         # One unit's failed ids at a time: no per-prompt state for the whole output.
         failed = {uid: u.failed_path for uid, u in manifest.units.items() if u.failed_path}
+        if not failed:
+            return None  # nothing to send: no input read again, nothing swept
         total, kinds = 0, set()
         for rel in failed.values():
             count, found = _failed_kinds(store, rel)

@@ -187,25 +187,28 @@ def drive(
     spec: JobSpec,
     prompts: int,
     open_manifest: Callable[[], Manifest],
-    plan: Callable[[Manifest, Summary], Work],
+    plan: Callable[[Manifest, Summary], Work | None],
     options: RunOptions,
 ) -> Summary:
     """The one skeleton of ``harvest run`` and ``retry-failed``: take the lease, open the
     manifest, plan the work, run it (no Ray starts when there is none), settle the totals and
-    sweep what no commit names, if the lease is still ours."""
+    sweep what no commit names, if the lease is still ours. A plan of None (nothing to retry)
+    leaves the output as it is."""
     t0 = time.monotonic()
     with Lease.acquire(store) as lease:
         manifest = open_manifest()
         summary = Summary(store.uri, manifest.job_id, prompts=prompts, mode=spec.mode)
         summary.resume(list(manifest.units.values()))
         work = plan(manifest, summary)
-        first = next(work.units, None)  # a rerun with nothing left starts no Ray
-        if first is not None:
-            work.units = chain([first], work.units)
-            _harvest(spec, manifest, work, _guarded(lease, work.commit, summary), summary, options)
-        summary.settle(list(manifest.units.values()))
-        if lease.confirm():  # never delete what a driver that took over may be writing
-            manifest.sweep()  # shards of attempts that crashed or lost a race in this run
+        if work is not None:
+            first = next(work.units, None)  # a rerun with nothing left starts no Ray
+            if first is not None:
+                work.units = chain([first], work.units)
+                commit = _guarded(lease, work.commit, summary)
+                _harvest(spec, manifest, work, commit, summary, options)
+            summary.settle(list(manifest.units.values()))
+            if lease.confirm():  # never delete what a driver that took over may be writing
+                manifest.sweep()  # shards of attempts that crashed or lost a race in this run
     summary.elapsed_s = time.monotonic() - t0
     return summary
 

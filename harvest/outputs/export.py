@@ -38,7 +38,7 @@ import orjson
 
 from harvest.training import reader
 from workers.shards.columns import read_metadata
-from workers.storage import open_store
+from workers.storage import PieceWriter, open_store
 
 COMPLETIONS_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # prompt then response
@@ -97,7 +97,7 @@ def export_axolotl(
     if not k:
         raise ExportError("a top-0 harvest has no logprob rows to distil from")
     store = open_store(dest)
-    sinks = {kind: store.open_stream(name) for kind, name in FILES.items()}
+    sinks: dict[str, PieceWriter] = {}  # opened in the try: one that fails aborts the others
     result = ExportResult()
     filler_ids, filler_lps = list(range(k)), [-math.log(k)] * k
     bos_id = tokenizer.bos_token_id
@@ -105,6 +105,8 @@ def export_axolotl(
     cols = ["request_id", "api", "prompt", "messages", "response", "prompt_token_ids"]
     cols += ["token_ids", "top_token_ids", "top_logprobs"]
     try:
+        for kind, name in FILES.items():
+            sinks[kind] = store.open_stream(name)
         for batch in dataset.to_batches(columns=cols, batch_size=256):
             for rec in batch.to_pylist():
                 kind = "chat" if rec["api"] == "chat" else "completions"

@@ -14,7 +14,8 @@ typedef struct {
 } Buf;
 
 static inline int put(Buf *b, const void *src, Py_ssize_t n) {
-    if (n <= 0) return 0; /* K = 0: nothing to copy, and memcpy from/to NULL is undefined */
+    if (n < 0) return -1; /* a caller's bug: fail, so the scanner falls back */
+    if (n == 0) return 0; /* K = 0: nothing to copy, and memcpy from/to NULL is undefined */
     if (b->len + n > b->cap) {
         Py_ssize_t cap = b->cap ? b->cap : 4096;
         while (cap < b->len + n) cap *= 2;

@@ -287,6 +287,5 @@ class Store:
         now = self.read_versioned(rel)
         if now is None or now.token != token:
             return False
-        with self.errors(rel):
-            self.fs.delete_file(self.path(rel))
+        self.delete(rel)  # gone meanwhile is as good as deleted
         return True

@@ -1,6 +1,6 @@
 """Storage failures as one exception, ``StorageError``: one line naming the location and what
 went wrong, never a credential (messages are built here from error codes, not copied from the
-SDKs). Each store maps its SDK's errors through ``StorageErrors`` once, at its boundary."""
+SDKs). Each store maps its SDK's errors through ``mapped`` once, at its boundary."""
 
 from __future__ import annotations
 

@@ -91,7 +91,11 @@ class LocalStore(Store):
         so readers never see a partial file under the name (``harvest run`` sweeps leftovers)."""
         with self.errors(rel):
             tmp = _new_temporary(self.path(rel))
-            return PieceWriter(self, rel, open(tmp, "wb"), tmp)  # closed by publish or discard
+            try:
+                return PieceWriter(self, rel, open(tmp, "wb"), tmp)  # closed: publish or discard
+            except BaseException:
+                _LIVE.discard(tmp)
+                raise
 
     def _publish(self, writer: PieceWriter) -> None:
         assert writer.tmp is not None

@@ -12,7 +12,7 @@ import pytest
 
 from schemas.wire import Sample
 from workers.shards.columns import compact, data_columns, read_metadata, write_shard
-from workers.storage import local as storage_backends
+from workers.storage import local as local_store
 from workers.storage import open_store
 
 
@@ -37,7 +37,7 @@ def test_a_local_shard_is_durable_before_it_can_be_committed(tmp_path, monkeypat
         synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
         real_fsync(fd)
 
-    monkeypatch.setattr(storage_backends.os, "fsync", spy)
+    monkeypatch.setattr(local_store.os, "fsync", spy)
     cols = data_columns(2)
     cols.append(**one_record())
     write_shard(cols.table(), open_store(str(tmp_path)), "data/part-u-a1.parquet", {"kind": "data"})
