@@ -53,58 +53,6 @@ def tiny_teacher() -> str:
         server.stop()
 
 
-STUDENT_MODEL = ROOT / ".cache" / "tiny-student-perturbed"
-
-
-def build_perturbed_student(dest: Path, seed: int = 21, scale: float = 0.3) -> Path:
-    """The tiny Llama with seeded noise on every weight: another model, the same tokenizer.
-
-    Built once under .cache/ (a few hundred KB) for on-policy round tests."""
-    if (dest / "model.safetensors").exists():
-        return dest
-    import shutil
-
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINY_MODEL), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * (p.std() if p.numel() > 1 else 1))
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(TINY_MODEL / name, tmp / name)
-    tmp.rename(dest)
-    return dest
-
-
-@pytest.fixture(scope="session")
-def tiny_student() -> str:
-    """Base URL of a second real vLLM server serving the perturbed tiny Llama as "student"."""
-    url = os.environ.get("HARVEST_TEST_STUDENT_URL")
-    if url:
-        yield url
-        return
-    from workers.replica.vllm_server import VllmServer
-
-    server = VllmServer(
-        model=str(build_perturbed_student(STUDENT_MODEL)),
-        served_name="student",
-        workdir=ROOT / ".cache" / "test-vllm-student",
-        extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
-    )
-    server.start(timeout_s=300)
-    try:
-        warm = {"model": "student", "prompt": "warm up", "max_tokens": 2, "logprobs": 5}
-        httpx.post(f"{server.url}/completions", json=warm, timeout=300).raise_for_status()
-        yield server.url
-    finally:
-        server.stop()
-
-
 RAY_METRICS_PORT: list[int] = []  # the session cluster's Prometheus port, once it runs
 
 

@@ -1,4 +1,5 @@
-"""Driver side of managed teacher replicas: launch them, follow their URLs, stop them.
+"""Driver side of managed replicas (a teacher's, or a round's student's): launch them, follow
+their URLs, stop them.
 
 Each replica is a ``TeacherReplica`` actor that Ray restarts (up to ``max_restarts``) when its
 server dies; a restarted replica comes back on a new port. ``poll`` notices the death (Ray's
@@ -29,8 +30,13 @@ class ReplicaError(RuntimeError):
 
 
 class ReplicaSet:
-    def __init__(self, spec: ReplicaSpec, served_name: str, log_dir: Path) -> None:
-        self.spec = spec
+    """The replicas of one model; ``role`` ("teacher" or "student") names them in messages
+    and events, so a round's log says whose server died."""
+
+    def __init__(
+        self, spec: ReplicaSpec, served_name: str, log_dir: Path, role: str = "teacher"
+    ) -> None:
+        self.spec, self.role = spec, role
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         cache = Path(spec.cache_dir or Path.home() / ".cache" / "teacher-harvest" / "vllm")
@@ -69,7 +75,7 @@ class ReplicaSet:
         except (RayActorError, RayTaskError, GetTimeoutError) as err:
             self.stop()
             raise ReplicaError(
-                f"teacher replicas did not start ({type(err).__name__}); server logs are in "
+                f"{self.role} replicas did not start ({type(err).__name__}); server logs are in "
                 f"{self.log_dir}"
             ) from None
         for st, url in zip(self.status, self.urls, strict=True):
@@ -100,7 +106,9 @@ class ReplicaSet:
                 self._moved(i, url)
         live = [u for u in self.urls if u]
         if not live:
-            raise ReplicaError(f"every teacher replica is gone; server logs are in {self.log_dir}")
+            raise ReplicaError(
+                f"every {self.role} replica is gone; server logs are in {self.log_dir}"
+            )
         return live if changed else None
 
     def _follow_restarts(self) -> None:
@@ -111,8 +119,9 @@ class ReplicaSet:
             if count > st.restarts:
                 st.restarts, st.died_at, st.url = count, time.time(), None  # until it is back
                 st.healthy_after_s = st.first_answer_after_s = None
-                event("replica_down", f"teacher replica {i} ({self.urls[i]}) lost its server; "
-                      "Ray restarts it", logging.WARNING, replica=i, url=self.urls[i])  # fmt: skip
+                event("replica_down", f"{self.role} replica {i} ({self.urls[i]}) lost its server; "
+                      "Ray restarts it", logging.WARNING, replica=i, url=self.urls[i],
+                      role=self.role)  # fmt: skip
         self.restarts = sum(st.restarts for st in self.status)
 
     def _moved(self, i: int, url: str | None) -> None:
@@ -121,9 +130,10 @@ class ReplicaSet:
         if url is None or st.died_at is None:
             return
         st.healthy_after_s = time.time() - st.died_at
-        event("replica_back", f"teacher replica {i} is healthy again at {url}, "
+        event("replica_back", f"{self.role} replica {i} is healthy again at {url}, "
               f"{st.healthy_after_s:.1f} s after its server died; it rejoins the router",
-              logging.WARNING, replica=i, url=url, after_s=st.healthy_after_s)  # fmt: skip
+              logging.WARNING, replica=i, url=url, after_s=st.healthy_after_s,
+              role=self.role)  # fmt: skip
 
     def stop(self) -> None:
         self.restarts = sum(_restarts_of(a) for a in self.actors)

@@ -65,7 +65,9 @@ def start_student(spec: JobSpec, job_id: str, teacher: TeacherInfo, log_dir: Pat
     replicas = None
     endpoints = student_job.teacher.endpoints
     if student_job.teacher.replicas is not None:
-        replicas = ReplicaSet(student_job.teacher.replicas, student_job.teacher.model, log_dir)
+        replicas = ReplicaSet(
+            student_job.teacher.replicas, student_job.teacher.model, log_dir, role="student"
+        )
         endpoints = replicas.wait_ready()
     try:
         try:
