@@ -116,16 +116,8 @@ def records(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def same(tmp_path_factory, tiny_teacher, ray_cluster) -> Path:
     folder = tmp_path_factory.mktemp("round-same")
-    assert (
-        main(
-            [
-                "run",
-                str(round_job(folder, tiny_teacher, jobs.model("tiny", tiny_teacher))),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    job = round_job(folder, tiny_teacher, jobs.model("tiny", tiny_teacher))
+    assert main(["run", str(job), "--no-progress"]) == 0
     return folder / "out"
 
 
