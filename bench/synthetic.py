@@ -43,10 +43,12 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
     for each sampling (and one of ``variants`` slots picked by the prompt) is made once and
     reused, with the request's own ``prompt_token_ids`` and usage spliced in: the client still
     parses a fresh, vLLM-shaped body (``token_id:N`` tokens, K+1 alternatives when the sampled
-    token is outside the top K, ``token_ids``/``prompt_token_ids``). ``vocab`` sets the id range
-    (a real vocabulary, so alternatives are not a handful of repeated ids).
+    token is outside the top K, ``token_ids``/``prompt_token_ids``); ``/v1/chat/completions``
+    gets the same answer for its rendered ids, converted to vLLM's chat shape once per sampling
+    and slot. ``vocab`` sets the id range (a real vocabulary, so alternatives are not a
+    handful of repeated ids).
     """
-    from fake_teacher import FakeTeacher, prompt_ids
+    from fake_teacher import FakeTeacher, chat_from_completion, completion_body, prompt_ids
 
     server.fake = fake = FakeTeacher(model=server.model, vocab=vocab)
     make = fake.answer
@@ -103,7 +105,25 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
         usage = {**base["usage"], "prompt_tokens": len(ids)}
         return {**base, "choices": choices, "usage": usage}
 
+    chats: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def chat_answer(body: dict[str, Any]) -> dict[str, Any]:
+        """``/v1/chat/completions``: the memoised completions answer for the rendered ids, in
+        vLLM's chat shape, converted once per sampling and slot; the ids and usage spliced in."""
+        req = completion_body(body)
+        ids = req["prompt"]
+        key = tuple(req.get(f) for f in ("max_tokens", "logprobs", "n", "seed"))
+        key += (req["return_token_ids"], bool(body.get("return_tokens_as_token_ids")))
+        key += (sum(ids) % variants,)
+        base = chats.get(key)
+        if base is None:
+            base = chats[key] = chat_from_completion(answer(req), body)
+        usage = {**base["usage"], "prompt_tokens": len(ids)}
+        with_ids = {"prompt_token_ids": ids} if req["return_token_ids"] else {}
+        return {**base, "usage": usage, **with_ids}
+
     fake.answer = answer  # type: ignore[method-assign]
+    fake.chat_answer = chat_answer  # type: ignore[method-assign]
 
 
 def serve_forever(latency_s: float, capacity: int, memoise: bool = False) -> None:

@@ -5,7 +5,9 @@ It answers ``/v1/completions`` in the exact shape vLLM 0.32 sends with
 including the sampled token listed first and added as a K+1st alternative when it is outside
 the top K, ``prompt_logprobs`` (``null`` first, then entries keyed by token id, with the actual
 token added as a K+1st key when it is outside the top K) and ``/tokenize`` for a prompt or a
-conversation (``add_special_tokens`` decides a text's BOS when ``add_bos`` is on). Its toy
+conversation (``add_special_tokens`` decides a text's BOS when ``add_bos`` is on), and, for
+the fault teacher server, a ``/v1/chat/completions`` body made from the same answer
+(``chat_answer``: vLLM's chat shape, exactly K ``top_logprobs`` best first). Its toy
 tokenizer and chat template are invertible, so a server can tell which prompt a token-id request
 carries. Real-teacher proof lives in tests/integration.
 """
@@ -195,3 +197,60 @@ class FakeTeacher:
             "choices": choices,
             "usage": usage,
         }
+
+    def chat_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A 200 body for a ``/v1/chat/completions`` request: the completions answer for the
+        conversation's rendered ids (``render_chat(..., add_generation_prompt=True)``), in vLLM's
+        chat shape (``return_tokens_as_token_ids``, ``return_token_ids`` honoured)."""
+        return chat_from_completion(self.answer(completion_body(body)), body)
+
+
+def completion_body(chat: dict[str, Any]) -> dict[str, Any]:
+    """The ``/v1/completions`` body that asks for what a chat body asks: same ids, same K."""
+    ids = render_chat(chat.get("messages") or [], add_generation_prompt=True)
+    k = chat.get("top_logprobs") or 0
+    out = {key: chat[key] for key in ("model", "max_tokens", "n", "seed") if key in chat}
+    out |= {"prompt": ids, "return_token_ids": bool(chat.get("return_token_ids"))}
+    return out | {"logprobs": k if chat.get("logprobs") else None}
+
+
+def chat_from_completion(answer: dict[str, Any], chat: dict[str, Any]) -> dict[str, Any]:
+    """A completions answer as vLLM's chat answer: per token ``{token, logprob, bytes,
+    top_logprobs}`` with exactly K alternatives best first (the sampled one only if it is
+    among them), tokens as ``token_id:N`` when asked; ``prompt_token_ids`` on the body and
+    ``token_ids`` on each choice with ``return_token_ids``."""
+    k = chat.get("top_logprobs") or 0
+    as_ids = bool(chat.get("return_tokens_as_token_ids"))
+    with_ids = bool(chat.get("return_token_ids"))
+
+    def token(name: str) -> dict[str, Any]:
+        text = name if as_ids else f"<{name[9:]}>"
+        return {"token": text, "bytes": list(text.encode())}
+
+    choices = []
+    for c in answer["choices"]:
+        logprobs = None
+        if c["logprobs"] is not None:
+            lp = c["logprobs"]
+            content = []
+            for name, own, entry in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                        strict=True):  # fmt: skip
+                best = sorted(entry.items(), key=lambda a: -a[1])[:k]
+                tops = [{**token(t), "logprob": v} for t, v in best]
+                content.append({**token(name), "logprob": own, "top_logprobs": tops})
+            logprobs = {"content": content}
+        choice = {
+            "index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+            "logprobs": logprobs, "finish_reason": c["finish_reason"],
+            "stop_reason": c["stop_reason"],
+        }  # fmt: skip
+        if with_ids:
+            choice["token_ids"] = c["token_ids"]
+        choices.append(choice)
+    out = {
+        "id": "chatcmpl-fake", "object": "chat.completion", "model": answer["model"],
+        "choices": choices, "usage": answer["usage"],
+    }  # fmt: skip
+    if with_ids:
+        out["prompt_token_ids"] = answer["choices"][0]["prompt_token_ids"]
+    return out

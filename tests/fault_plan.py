@@ -40,8 +40,9 @@ class FaultPlan:
     max_logprobs: int | None = None  # as vLLM's --max-logprobs: a larger K gets vLLM's 400
     seed: int = 0
     faulty_attempts: int = 2  # only attempts 1..faulty_attempts of a key may be faulted
-    # The teacher dies when its down_after-th /v1/completions request arrives (that request is
-    # never answered; outcome "down"), once per plan: a kill at an exact moment of the job.
+    # The teacher dies when its down_after-th generation request (/v1/completions or
+    # /v1/chat/completions) arrives (that request is never answered; outcome "down"), once per
+    # plan: a kill at an exact moment of the job.
     down_after: int = 0
     # How it dies: False, like a killed process (every connection reset at once); True, like a
     # graceful shutdown (new connections refused, requests already in service still answered,

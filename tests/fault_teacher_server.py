@@ -6,9 +6,13 @@ loop and a minimal HTTP/1.1 implementation, so every fault is exact at the byte 
 is an RST with no response bytes, a *truncated* answer is a valid 200 whose Content-Length
 matches a cut JSON body. Success bodies come from ``FakeTeacher.answer`` (vLLM 0.32 shapes).
 
-Faults are deterministic and always recoverable: each ``/v1/completions`` request is keyed by its
-prompt (or the last user message for chat; a token-id prompt is decoded with the fake teacher's
-invertible toy tokenizer) and the server's own attempt count for that key; one seeded hash per
+``/v1/chat/completions`` renders the messages with the fake's chat template and answers what
+``/v1/completions`` answers for those ids, in vLLM's chat shape (``FakeTeacher.chat_answer``).
+
+Faults are deterministic and always recoverable: each generation request (``/v1/completions``
+or ``/v1/chat/completions``) is keyed by its prompt (or the last user message for chat; a
+token-id prompt is decoded with the fake teacher's invertible toy tokenizer) and the server's
+own attempt count for that key (per path); one seeded hash per
 (key, attempt) picks at most one fault, and only the first ``faulty_attempts`` (2) attempts of a
 key can be faulted, so a client with >= 4 attempts completes every prompt (except the
 ``always_*`` ones). ``/tokenize`` is counted apart and never faulted, except
@@ -62,7 +66,7 @@ class FaultTeacherServer:
         self._sem: asyncio.Semaphore | None = None
         self._sem_size: int | None = None
         self._busy = 0
-        self._completions = 0  # /v1/completions requests seen (for ``down_after``)
+        self._completions = 0  # generation requests seen (for ``down_after``)
         self._draining = False  # down_after struck: answer what is in service, nothing new
         self.down_at: float | None = None  # monotonic, when ``down_after`` took it down
 
@@ -202,7 +206,7 @@ class FaultTeacherServer:
         attempt = self._attempts[path, key] if key is not None else 0
         now, msg = time.monotonic(), ""
         dying = False
-        if path == "/v1/completions" and method == "POST":
+        if path in _GENERATE and method == "POST":
             self._completions += 1
             dying = plan.down_after > 0 and self._completions == plan.down_after
         if dying:  # from this request on nothing is answered, before the sockets even close
@@ -304,10 +308,17 @@ class FaultTeacherServer:
             try:
                 if plan.latency_s:
                     await asyncio.sleep(plan.latency_s)
-                answer = self.fake.answer(body)
+                chat = path == "/v1/chat/completions"
+                answer = self.fake.chat_answer(body) if chat else self.fake.answer(body)
             finally:
                 self._busy -= 1
-        if rec.outcome == "malformed":  # one null logprob, mid-answer: the wrong shape
+        if rec.outcome == "malformed" and chat:  # copies: a memoised answer is shared
+            lp = answer["choices"][0]["logprobs"]
+            content = list(lp["content"])
+            content[len(content) // 2] = {**content[len(content) // 2], "logprob": None}
+            choice = {**answer["choices"][0], "logprobs": {**lp, "content": content}}
+            answer = {**answer, "choices": [choice, *answer["choices"][1:]]}
+        elif rec.outcome == "malformed":  # one null logprob, mid-answer: the wrong shape
             lps = answer["choices"][0]["logprobs"]["token_logprobs"]
             lps[len(lps) // 2] = None
         data = orjson.dumps(answer)
@@ -346,7 +357,8 @@ class FaultTeacherServer:
         return self._sem
 
 
-_POST_PATHS = ("/v1/completions", "/tokenize")
+_GENERATE = ("/v1/completions", "/v1/chat/completions")
+_POST_PATHS = (*_GENERATE, "/tokenize")
 NO_TEMPLATE = (
     "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
     "a chat template if the tokenizer does not define one."
