@@ -2,10 +2,16 @@
 
 ``python bench/peer_clients.py CONTENDER ARGS.json`` harvests the prompts in ``ARGS.json``
 into Parquet under its ``out`` folder and writes ``result.json`` there. Every contender asks
-the same thing (``/tokenize`` first for a chat row, then ``/v1/completions`` with the same
-sampling, ``logprobs: K``, ``return_tokens_as_token_ids`` and ``return_token_ids``) and writes
-the same columns: prompt_id, prompt_token_ids, token_ids, logprobs, top_token_ids and
-top_logprobs (exactly K per token, best first), response, finish_reason.
+for the same thing with the same sampling (temperature 1, n 1, ``max_tokens``, top K,
+``return_tokens_as_token_ids`` and ``return_token_ids``) and writes the same columns:
+prompt_id, prompt_token_ids, token_ids, logprobs, top_token_ids and top_logprobs (exactly K
+per token, best first), response, finish_reason. A completions row goes to ``/v1/completions``
+(``logprobs: K``). A chat row goes, for harvest and the bare client, to ``/tokenize`` and then
+``/v1/completions``; for Ray Data LLM to ``/v1/chat/completions`` (``messages``,
+``logprobs: true``, ``top_logprobs: K``), its own chat API path: Ray Data turns every answer
+into Arrow, and the completions API's token-keyed ``top_logprobs`` dicts become one struct
+field per distinct token id, where the chat API's lists of ``{token, logprob, bytes}`` stay
+a fixed shape.
 
 Two more apis run the score path: ``score`` (rows carry ``prompt_token_ids`` + ``token_ids``;
 each is scored with ``prompt_logprobs: K``, nothing tokenised) and ``round`` (harvest only:
@@ -48,6 +54,34 @@ def _body(args: dict[str, Any], prompt: Any) -> dict[str, Any]:
         "logprobs": args["k"],
         "return_tokens_as_token_ids": True,
         "return_token_ids": True,
+    }
+
+
+def _chat_body(args: dict[str, Any], messages: Any) -> dict[str, Any]:
+    """The chat API's request for the same sampling as ``_body``."""
+    body = {key: v for key, v in _body(args, None).items() if key not in ("prompt", "logprobs")}
+    return body | {"messages": messages, "logprobs": True, "top_logprobs": args["k"]}
+
+
+def _chat_columns(answer: dict[str, Any], k: int) -> dict[str, Any]:
+    """A ``/v1/chat/completions`` answer (vLLM's shape: ``logprobs.content`` a list of
+    ``{token: "token_id:N", logprob, bytes, top_logprobs: [{token, logprob, bytes}] * K}``,
+    ``prompt_token_ids`` with ``return_token_ids``) as the shared columns."""
+    choice = answer["choices"][0]
+    content = choice["logprobs"]["content"]
+    top_ids, top_lps = [], []
+    for entry in content:
+        tops = entry["top_logprobs"][:k]  # best first, as the chat API sends them
+        top_ids.append([int(t["token"][9:]) for t in tops])
+        top_lps.append([t["logprob"] for t in tops])
+    return {
+        "prompt_token_ids": answer["prompt_token_ids"],
+        "token_ids": [int(e["token"][9:]) for e in content],
+        "logprobs": [e["logprob"] for e in content],
+        "top_token_ids": top_ids,
+        "top_logprobs": top_lps,
+        "response": choice["message"]["content"],
+        "finish_reason": choice["finish_reason"],
     }
 
 
@@ -176,6 +210,8 @@ async def _bare_score(args: dict[str, Any], out: Path) -> None:
 
 
 def _raydata(args: dict[str, Any], out: Path) -> None:
+    """Ray Data LLM's ``HttpRequestProcessorConfig``: completions rows to ``/v1/completions``,
+    chat rows straight to ``/v1/chat/completions`` (no ``/tokenize``)."""
     import ray
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
@@ -184,15 +220,14 @@ def _raydata(args: dict[str, Any], out: Path) -> None:
     ds = ray.data.from_items(_rows(args))
     conf = {"batch_size": args["batch_size"], "concurrency": args["ray_concurrency"]}
     if args["api"] == "chat":
-        tokenize = build_processor(
-            HttpRequestProcessorConfig(url=base.removesuffix("/v1") + "/tokenize", **conf),
-            preprocess=lambda r: {
-                "payload": {"model": MODEL, "messages": _plain(r["messages"])}
-                | {"add_generation_prompt": True}
-            },
-            postprocess=lambda r: {"id": r["id"], "prompt": r["http_response"]["tokens"]},
+        chat = build_processor(
+            HttpRequestProcessorConfig(url=base + "/chat/completions", **conf),
+            preprocess=lambda r: {"payload": _chat_body(args, _plain(r["messages"]))},
+            postprocess=lambda r: {"prompt_id": r["id"], **_chat_columns(r["http_response"], k)},
         )
-        ds = tokenize(ds)
+        chat(ds).write_parquet(str(out))
+        ray.shutdown()
+        return
     generate = build_processor(
         HttpRequestProcessorConfig(url=base + "/completions", **conf),
         preprocess=lambda r: {"payload": _body(args, _plain(r["prompt"]))},

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from fake_teacher import prompt_ids
+from fake_teacher import prompt_ids, render_chat
 from fault_teacher_server import FaultTeacherServer
 
 from workers.answers.parse import parse_completions
@@ -83,3 +83,21 @@ def test_summary_marginal_rates_and_did_not_finish() -> None:
             "max_tokens": 1, "k": 1, "in_flight": 1, "workers": 1, "batch_size": 1,
             "ray_concurrency": 1, "cap_s": 1.0, "sizes": [1, 2], "raydata_sizes": [1, 2]}}
     )  # fmt: skip
+
+
+def test_raydata_chat_columns_match_the_completions_columns() -> None:
+    """Ray Data's chat path (/v1/chat/completions) and the completions path of the same
+    rendered ids give the same shared columns on the memoised teacher."""
+    server = FaultTeacherServer(model="fault")
+    memoise_answers(server, vocab=32_000, variants=2)
+    args = {"max_tokens": 8, "k": 20}
+    messages = [{"role": "user", "content": "tell me"}]
+    chat = orjson.loads(
+        orjson.dumps(server.fake.chat_answer(peer_clients._chat_body(args, messages)))
+    )
+    ids = render_chat(messages, add_generation_prompt=True)
+    plain = orjson.loads(orjson.dumps(server.fake.answer(peer_clients._body(args, ids))))
+    got = peer_clients._chat_columns(chat, 20)
+    want = peer_clients._columns(plain["choices"][0], 20)
+    assert got == want and got["prompt_token_ids"] == ids
+    assert all(len(t) == 20 for t in got["top_token_ids"])
