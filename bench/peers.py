@@ -4,12 +4,15 @@ Contenders (bench/peer_clients.py, each in a child process that starts its own R
 it uses one): ``harvest`` (the real scheduler, ``run_job``, on a local Ray cluster), ``bare``
 (one asyncio process with aiohttp, writing the same columns to Parquet) and ``raydata`` (Ray Data
 LLM's ``HttpRequestProcessorConfig`` pipeline, post-processed into the same columns, stopped at
-``--cap-s`` and then reported as "did not finish").
+``--cap-s`` and then reported as "did not finish"). Chat rows: harvest and bare ask
+``/tokenize`` and then ``/v1/completions``; Ray Data posts them to ``/v1/chat/completions``
+(``messages``, ``logprobs: true``, ``top_logprobs: K``), its own chat API path.
 
 The teacher is ``tests/fault_teacher_server.py`` with no latency or faults, answering vLLM 0.32
 bodies (``token_id:N`` tokens, K+1 alternatives when the sampled token is outside the top K,
-``token_ids``/``prompt_token_ids``) from a memo (bench/synthetic.py ``memoise_answers``), so it
-costs little CPU. Its CPU is not counted; everything in a contender's process tree is.
+``token_ids``/``prompt_token_ids``; the same answers in vLLM's chat shape on
+``/v1/chat/completions``) from a memo (bench/synthetic.py ``memoise_answers``), so it costs
+little CPU. Its CPU is not counted; everything in a contender's process tree is.
 
 Each contender runs at two input sizes; "marginal" figures are the differences between them,
 so start-up (Ray's above all) is not counted. Run order interleaves the contenders.
@@ -299,7 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ray-concurrency", type=int, default=2)
     ap.add_argument(
         "--raydata-sizes", type=int, nargs=2, default=(16, 64),
-        help="Ray Data's own sizes: it is ~100x slower here, the rates are comparable",
+        help="Ray Data's own sizes: it is 20-1,000x slower here, the rates are comparable",
     )  # fmt: skip
     ap.add_argument("--cap-s", type=float, default=240.0)
     ap.add_argument(
