@@ -21,6 +21,7 @@ AUTH = {
     "attestation": "a model built or served by this repository's tests",
 }
 LOCAL = "http://127.0.0.1:8000"  # an endpoint for specs that never send a request
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def model(
@@ -32,6 +33,24 @@ def model(
     if endpoints is not None:
         section["endpoints"] = [endpoints] if isinstance(endpoints, str) else list(endpoints)
     return {**section, **settings}
+
+
+def managed(name: str, weights: Path, count: int, **settings: Any) -> dict[str, Any]:
+    """A model section served by ``count`` managed CPU vLLM replicas of ``weights`` (the tests'
+    vLLM flags and cache), patient enough for restarts on a busy machine; ``settings`` as in
+    ``model``."""
+    replicas = {
+        "count": count,
+        "model": str(weights),
+        "vllm_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
+        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        "host": "127.0.0.1",
+        "resources": {"num_cpus": 0.25},
+        "cache_dir": str(ROOT / ".cache" / "test-vllm" / "cache"),
+        "startup_timeout_s": 300,
+    }
+    patient = {"timeout_s": 60, "max_attempts": 10, "backoff_max_s": 5}
+    return model(name, None, replicas=replicas, **{**patient, **settings})
 
 
 def job(teacher: dict[str, Any] | None = None, input: Any = "x.jsonl", **sections: Any) -> dict:

@@ -39,21 +39,7 @@ def replica_job(folder: Path, prompts: int, max_tokens: int, **teacher: object) 
                 else {"messages": [{"role": "user", "content": f"Replica question {i}"}]}
             )
             fh.write(json.dumps(row) + "\n")
-    replicas = jobs.model(
-        SERVED,
-        None,
-        replicas={
-            "count": 2,
-            "model": str(ROOT / "tests" / "data" / "tiny-llama"),
-            "vllm_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            "host": "127.0.0.1",
-            "resources": {"num_cpus": 0.25},
-            "cache_dir": str(ROOT / ".cache" / "test-vllm" / "cache"),
-            "startup_timeout_s": 300,
-        },
-        **{"timeout_s": 60, "max_attempts": 10, "backoff_max_s": 5, **teacher},
-    )
+    replicas = jobs.managed(SERVED, ROOT / "tests" / "data" / "tiny-llama", 2, **teacher)
     job = jobs.job(
         replicas,
         "prompts.jsonl",
@@ -64,11 +50,12 @@ def replica_job(folder: Path, prompts: int, max_tokens: int, **teacher: object) 
     return jobs.write_job(folder, job)
 
 
-def replica_servers() -> list[psutil.Process]:
+def replica_servers(served: str = SERVED) -> list[psutil.Process]:
+    """The vLLM API servers of the replicas serving ``served`` (their engines not included)."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "--served-model-name" in cmd and SERVED in cmd and "--port" in cmd:
+        if "--served-model-name" in cmd and served in cmd and "--port" in cmd:
             found.append(p)
     return found
 

@@ -18,11 +18,11 @@ import signal
 from pathlib import Path
 
 import jobs
-import psutil
 import pytest
 from fault_teacher_server import FaultTeacherServer
 from jobs import AUTH
 from test_harvest_e2e import write_job
+from test_replicas import replica_servers
 from test_resume import start, wait_for_units
 
 from harvest.cli import main
@@ -80,33 +80,7 @@ def build_perturbed_student(dest: Path, seed: int = 21, scale: float = 0.3) -> P
 
 def managed_student() -> dict:
     """The perturbed tiny Llama as one managed replica of the job, served as "student"."""
-    return jobs.model(
-        "student",
-        None,
-        replicas={
-            "count": 1,
-            "model": str(build_perturbed_student(STUDENT_MODEL)),
-            "vllm_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"],
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            "host": "127.0.0.1",
-            "resources": {"num_cpus": 0.25},
-            "cache_dir": str(ROOT / ".cache" / "test-vllm" / "cache"),
-            "startup_timeout_s": 300,
-        },
-        timeout_s=60, max_attempts=10, backoff_max_s=5, outage_timeout_s=1800,
-    )  # fmt: skip
-
-
-def student_server() -> psutil.Process:
-    found = [
-        p
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if "--served-model-name" in (cmd := p.info["cmdline"] or [])
-        and "student" in cmd
-        and "--port" in cmd
-    ]
-    assert len(found) == 1, found
-    return found[0]
+    return jobs.managed("student", build_perturbed_student(STUDENT_MODEL), 1, outage_timeout_s=1800)
 
 
 def records(out: Path) -> list[dict]:
@@ -160,7 +134,8 @@ def other(tmp_path_factory, tiny_teacher, ray_cluster) -> Path:
     proc = start(job, ray_cluster)
     try:
         wait_for_units(proc, out, 1, timeout=900)
-        os.kill(student_server().pid, signal.SIGKILL)
+        (server,) = replica_servers("student")
+        os.kill(server.pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
