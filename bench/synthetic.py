@@ -90,13 +90,16 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
             "usage": usage,
         }
 
+    def memo_key(body: dict[str, Any], ids: list[int]) -> tuple[Any, ...]:
+        """What a memoised completions answer depends on: the sampling and the prompt's slot."""
+        key = (body.get("max_tokens"), body.get("logprobs"), body.get("n", 1), body.get("seed"))
+        return (*key, bool(body.get("return_token_ids")), sum(ids) % variants)
+
     def answer(body: dict[str, Any]) -> dict[str, Any]:
         ids = prompt_ids(body)
         if body.get("prompt_logprobs") is not None:
             return score(body, ids)
-        slot = sum(ids) % variants
-        key = (body.get("max_tokens"), body.get("logprobs"), body.get("n", 1), body.get("seed"))
-        key += (bool(body.get("return_token_ids")), slot)
+        key = memo_key(body, ids)
         base = cache.get(key)
         if base is None:
             base = cache[key] = make(body)
@@ -112,9 +115,7 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
         vLLM's chat shape, converted once per sampling and slot; the ids and usage spliced in."""
         req = completion_body(body)
         ids = req["prompt"]
-        key = tuple(req.get(f) for f in ("max_tokens", "logprobs", "n", "seed"))
-        key += (req["return_token_ids"], bool(body.get("return_tokens_as_token_ids")))
-        key += (sum(ids) % variants,)
+        key = (*memo_key(req, ids), bool(body.get("return_tokens_as_token_ids")))
         base = chats.get(key)
         if base is None:
             base = chats[key] = chat_from_completion(answer(req), body)
