@@ -45,7 +45,10 @@ async def run(url: str, args: argparse.Namespace, out: Path) -> int:
             if args.api == "score"
             else {"max_tokens": args.max_tokens, "n": 1, "logprobs": args.k},
             "mode": "score" if args.api == "score" else "generate",
-            "concurrency": {"in_flight_per_endpoint": args.in_flight},
+            "concurrency": {
+                "in_flight_per_endpoint": args.in_flight,
+                "score_rows_per_request": args.rows_per_request,
+            },
         }
     )
     rows: list[PromptRow] = []
@@ -74,6 +77,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--in-flight", type=int, default=32)
+    ap.add_argument("--rows-per-request", type=int, default=8, help="score: ids rows per request")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx")
     ap.add_argument("--no-profile", action="store_true", help="time only (cProfile adds cost)")

@@ -48,7 +48,13 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
     and slot. ``vocab`` sets the id range (a real vocabulary, so alternatives are not a
     handful of repeated ids).
     """
-    from fake_teacher import FakeTeacher, chat_from_completion, completion_body, prompt_ids
+    from fake_teacher import (
+        FakeTeacher,
+        batched,
+        chat_from_completion,
+        completion_body,
+        prompt_ids,
+    )
 
     server.fake = fake = FakeTeacher(model=server.model, vocab=vocab)
     make = fake.answer
@@ -123,7 +129,7 @@ def memoise_answers(server: Any, vocab: int = 32_000, variants: int = 8) -> None
         with_ids = {"prompt_token_ids": ids} if req["return_token_ids"] else {}
         return {**base, "usage": usage, **with_ids}
 
-    fake.answer = answer  # type: ignore[method-assign]
+    fake.answer = lambda body: batched(answer, body)  # type: ignore[method-assign]
     fake.chat_answer = chat_answer  # type: ignore[method-assign]
 
 

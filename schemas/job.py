@@ -122,6 +122,17 @@ class ConcurrencySpec(Strict):
         32, ge=1, description="Requests in flight per endpoint, summed over all workers."
     )
     worker_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each worker.")
+    score_rows_per_request: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Score mode: rows of token ids (scored as given) sent together in one "
+        "/v1/completions request, as a list of prompts that vLLM answers with one choice each. "
+        "It divides the client's and the server's per-request work; a request that fails is "
+        "sent again row by row, so one bad row is one failure record. Each request in flight "
+        "then holds this many sequences at the teacher. 1 sends every row alone; rows that "
+        "must be tokenised (text, chat) are always sent alone.",
+    )
 
 
 Mode = Literal["generate", "score", "round"]

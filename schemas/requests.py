@@ -19,7 +19,8 @@ class CompletionRequest:
     ``generate``: ``n`` samples of up to ``max_tokens``, each token with its top-``k``.
     ``score``: the prompt (the sequence to score, as token ids) with its top-``k`` per token
     (vLLM's ``prompt_logprobs``); the one token generated is discarded. ``prompt`` is None
-    until known: a chat row's rendering and a scored row's ids come from ``/tokenize``."""
+    until known: a chat row's rendering and a scored row's ids come from ``/tokenize``. A score
+    request may carry several sequences (a list of id lists), one choice each in the answer."""
 
     mode: Mode
     model: str
@@ -28,7 +29,7 @@ class CompletionRequest:
     temperature: float
     k: int
     sampling: dict[str, Any]  # what decides the records' content (request ids hash it)
-    prompt: str | list[int] | None = None
+    prompt: str | list[int] | list[list[int]] | None = None  # a list of id lists: a batch
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)

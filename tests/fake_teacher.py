@@ -155,7 +155,12 @@ class FakeTeacher:
         return entry
 
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A 200 body for a ``/v1/completions`` request, shaped as vLLM 0.32 sends it."""
+        """A 200 body for a ``/v1/completions`` request, shaped as vLLM 0.32 sends it; a list of
+        prompts gets each prompt's choices in turn, indexed on (prompt j, sample i: j * n + i)."""
+        return batched(self.answer_one, body)
+
+    def answer_one(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``answer`` for a body of one prompt."""
         ids = prompt_ids(body)
         with_ids = bool(body.get("return_token_ids"))
         prompt_lps = None
@@ -203,6 +208,22 @@ class FakeTeacher:
         conversation's rendered ids (``render_chat(..., add_generation_prompt=True)``), in vLLM's
         chat shape (``return_tokens_as_token_ids``, ``return_token_ids`` honoured)."""
         return chat_from_completion(self.answer(completion_body(body)), body)
+
+
+Answerer = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def batched(one: Answerer, body: dict[str, Any]) -> dict[str, Any]:
+    """What ``one`` answers for each prompt of a batch body (a list of id lists), joined as vLLM
+    joins them: the choices in prompt order, reindexed, and the usage summed."""
+    prompt = body.get("prompt")
+    if not (isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt)):
+        return one(body)
+    answers = [one({**body, "prompt": p}) for p in prompt]
+    choices = [c for a in answers for c in a["choices"]]
+    choices = [{**c, "index": index} for index, c in enumerate(choices)]
+    usage = {key: sum(a["usage"][key] for a in answers) for key in answers[0]["usage"]}
+    return {**answers[0], "choices": choices, "usage": usage}
 
 
 def completion_body(chat: dict[str, Any]) -> dict[str, Any]:

@@ -55,14 +55,16 @@ class FaultPlan:
             raise ValueError(f"fault rates must be >= 0 and sum to <= 1, got {rates}")
 
     def decide(self, key: str, attempt: int) -> str:
-        """The outcome for this key's ``attempt``-th request: "ok", "400" or a fault name."""
-        if key in self.always_400:
+        """The outcome for this key's ``attempt``-th request: "ok", "400" or a fault name. A
+        batch (keys joined by ``BATCH_SEP``) gets an ``always_*`` outcome if any prompt has it."""
+        keys = set(key.split(BATCH_SEP))
+        if keys & self.always_400:
             return "400"
-        if key in self.always_503:
+        if keys & self.always_503:
             return "503"
-        if key in self.always_malformed:
+        if keys & self.always_malformed:
             return "malformed"
-        if key in self.always_endless:
+        if keys & self.always_endless:
             return "endless"
         if attempt > self.faulty_attempts:
             return "ok"
@@ -96,10 +98,16 @@ class Record:
     rss: tuple[int, int] | None = None  # an endless answer: the reader's RSS at start, at most
 
 
+BATCH_SEP = "\x1f"  # joins the keys of a batch's prompts
+
+
 def prompt_key(body: dict[str, Any]) -> str | None:
-    """What identifies a request for attempts, ``always_400`` and ``always_503``."""
+    """What identifies a request for attempts, ``always_400`` and ``always_503``: a batch (a
+    list of id lists) is its prompts' keys joined by ``BATCH_SEP``."""
     messages: Any = body.get("messages")
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return BATCH_SEP.join(str(prompt_key({"prompt": p})) for p in prompt)
     if isinstance(prompt, list):
         try:
             decoded = decode_prompt([int(i) for i in prompt])

@@ -22,6 +22,7 @@ from workers.shards.columns import compact
 from workers.shards.writer import ShardWriter
 from workers.storage import Store
 from workers.teacher.client import TeacherClient, request_for, sampling_for
+from workers.teacher.score import given
 
 Outcome = Completion | HarvestError | RowProblem
 
@@ -129,38 +130,77 @@ async def _send_all(
     out: _Unit,
     progress: Counter[str],
 ) -> None:
+    async def settle(row: PromptRow, outcome: Completion | HarvestError, sampling: Any) -> None:
+        if isinstance(outcome, HarvestError):
+            progress["failed_prompts"] += 1
+        else:
+            outcome.samples = [compact(s) for s in outcome.samples]  # flat until the write
+            progress["completion_tokens"] += sum(len(s.token_ids) for s in outcome.samples)
+        progress["prompts"] += 1
+        await out.add(row, outcome, sampling)
+
     async def one(row: PromptRow) -> None:
         if isinstance(client, RoundClients):  # the student samples, the teacher scores
             await round_row(row, client, out.spec, out.add, out.room, progress)
             return
-        outcome: Outcome
+        outcome: Completion | HarvestError
         request = request_for(out.spec, row)
         try:
-            done = await client.complete(row, out.room, request=request)
+            outcome = await client.complete(row, out.room, request=request)
         except FatalError:
             raise
         except HarvestError as err:
             outcome = err
-            progress["failed_prompts"] += 1
-        else:
-            done.samples = [compact(s) for s in done.samples]  # flat memory until the write
-            outcome = done
-            progress["completion_tokens"] += sum(len(s.token_ids) for s in done.samples)
-        progress["prompts"] += 1
-        await out.add(row, outcome, request.sampling)
+        await settle(row, outcome, request.sampling)
+
+    async def batch(group: list[PromptRow]) -> None:
+        assert isinstance(client, TeacherClient)
+        requests = [request_for(out.spec, row) for row in group]
+        outcomes = await client.score_batch(group, requests, out.room)
+        for row, request, outcome in zip(group, requests, outcomes, strict=True):
+            await settle(row, outcome, request.sampling)
 
     for row in rows:  # rows that cannot be sent are failure rows from the start
         if isinstance(row, RowProblem):
             await out.add(row, row)
             progress["failed_prompts"] += 1
             progress["prompts"] += 1
+    singles, batches = _batches(rows, client, out.spec)
     try:
         async with asyncio.TaskGroup() as group:
-            for row in rows:
-                if isinstance(row, PromptRow):
-                    group.create_task(one(row))
+            for group_rows in batches:
+                group.create_task(batch(group_rows))
+            for row in singles:
+                group.create_task(one(row))
     except ExceptionGroup as eg:  # a fatal error cancels the unit; surface the first one
         raise eg.exceptions[0] from None
+
+
+def _batches(
+    rows: list[PromptRow | RowProblem], client: TeacherClient | RoundClients, spec: JobSpec
+) -> tuple[list[PromptRow], list[list[PromptRow]]]:
+    """The rows sent alone, and the score mode's ids rows in groups of up to
+    ``concurrency.score_rows_per_request`` that share one request (the same temperature, the
+    only sampling a score row may override)."""
+    size = spec.concurrency.score_rows_per_request
+    sendable = [row for row in rows if isinstance(row, PromptRow)]
+    if spec.mode != "score" or size < 2 or isinstance(client, RoundClients):
+        return sendable, []
+    singles: list[PromptRow] = []
+    pending: dict[Any, list[PromptRow]] = {}
+    batches: list[list[PromptRow]] = []
+    for row in sendable:
+        if not given(row):
+            singles.append(row)
+            continue
+        same = pending.setdefault(row.overrides.get("temperature"), [])
+        same.append(row)
+        if len(same) == size:
+            batches.append(same)
+            pending.pop(row.overrides.get("temperature"))
+    batches += [rest for rest in pending.values() if len(rest) > 1]
+    singles += [rest[0] for rest in pending.values() if len(rest) == 1]
+    return singles, batches
 
 
 async def harvest_unit(

@@ -208,6 +208,10 @@ static inline int hex(char c) {
 static inline const char *skip_string(const char *p, const char *end) {
     for (p++; p < end;) {
         unsigned char c = (unsigned char)*p;
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') { /* plain ASCII: the usual byte */
+            p++;
+            continue;
+        }
         if (c == '"') return p + 1;
         if (c < 0x20) return NULL;
         if (c == '\\') {

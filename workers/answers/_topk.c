@@ -284,6 +284,16 @@ static int before(long long id, double v, long long id2, double v2) {
     return v > v2 || (v == v2 && id < id2);
 }
 
+/* Past the name at p when it is written exactly "logprob", "rank" or "decoded_token" (what
+ * skip_string would pass, found without a byte loop), else NULL. */
+static inline const char *known_name(const char *p, const char *end) {
+    Py_ssize_t left = end - p;
+    if (left >= 9 && memcmp(p, "\"logprob\"", 9) == 0) return p + 9;
+    if (left >= 6 && memcmp(p, "\"rank\"", 6) == 0) return p + 6;
+    if (left >= 15 && memcmp(p, "\"decoded_token\"", 15) == 0) return p + 15;
+    return NULL;
+}
+
 /* One entry at p ('{'): every key's id and logprob into row_ids / row_lps (at most k + 1),
  * *count of them; past its '}', or NULL when unsure. */
 static const char *read_entry(const char *p, const char *end, Py_ssize_t k, long long *row_ids,
@@ -306,7 +316,8 @@ static const char *read_entry(const char *p, const char *end, Py_ssize_t k, long
         double v = 0.0;
         for (;;) { /* the value object: "logprob" once, "rank" / "decoded_token" skipped */
             if (p >= end || *p != '"') return NULL;
-            const char *name = p + 1, *after = skip_string(p, end);
+            const char *name = p + 1, *after = known_name(p, end);
+            if (after == NULL) after = skip_string(p, end);
             if (after == NULL) return NULL;
             Py_ssize_t len = after - name - 1;
             p = ws(after, end);
@@ -349,28 +360,88 @@ static const char *read_entry(const char *p, const char *end, Py_ssize_t k, long
 }
 
 PyDoc_STRVAR(scan_prompt_logprobs_doc,
-             "scan_prompt_logprobs(body: bytes, k: int, ids: int64 buffer, start: int)\n"
+             "scan_prompt_logprobs(body: bytes, k: int, ids: int64 buffer, lengths: int64 "
+             "buffer, starts: int64 buffer)\n"
              "    -> (bytes, bytearray, bytearray, bytearray) | None\n\n"
-             "The one \"prompt_logprobs\" array of a score answer read from the bytes: for "
-             "positions start.. of ids, the actual token's logprob (float64) and exactly k "
-             "alternatives (int64 ids, float64 logprobs, sorted by (-logprob, id); the actual "
-             "token dropped when it came as a k+1st key); the body returned with the array "
-             "replaced by \"\\u0000p\". None when anything is not surely as the checked path "
-             "reads it.");
+             "The \"prompt_logprobs\" arrays of a score answer read from the bytes, one per "
+             "sequence: ids holds the sequences one after another, lengths[j] and starts[j] say "
+             "how long the j-th is and where its scored positions start. The j-th array met is "
+             "read against the j-th sequence: for its positions start.., the actual token's "
+             "logprob (float64) and exactly k alternatives (int64 ids, float64 logprobs, sorted "
+             "by (-logprob, id); the actual token dropped when it came as a k+1st key), all "
+             "sequences' rows one after another; the body returned with the j-th array replaced "
+             "by \"\\u0000p<j>\". None when anything is not surely as the checked path reads it, "
+             "or the body holds another number of arrays than sequences.");
+
+/* The array at v ('['), read against the sequence want[0..n) from position start on: its rows
+ * appended to own / top_ids / top_lps; past its ']', or NULL when unsure. */
+static const char *read_array(const char *v, const char *end, Py_ssize_t k, const long long *want,
+                              Py_ssize_t n, Py_ssize_t start, long long *row_ids, double *row_lps,
+                              Buf *own, Buf *top_ids, Buf *top_lps) {
+    const char *r = ws(v + 1, end);
+    if (end - r < 4 || memcmp(r, "null", 4) != 0) return NULL;
+    r = ws(r + 4, end);
+    if (r < end && *r == ']') return n == 1 ? r + 1 : NULL; /* one token: nothing to score */
+    for (Py_ssize_t pos = 1;; pos++) {
+        if (r >= end || *r != ',' || pos >= n) return NULL;
+        r = ws(r + 1, end);
+        if (r >= end || *r != '{') return NULL;
+        Py_ssize_t count = 0;
+        r = read_entry(r, end, k, row_ids, row_lps, &count);
+        if (r == NULL || count < k) return NULL;
+        if (pos >= start) {
+            long long actual = want[pos];
+            Py_ssize_t at = -1, keep = 0;
+            for (Py_ssize_t j = 0; j < count; j++)
+                if (row_ids[j] == actual) at = j;
+            if (at < 0) return NULL;
+            double own_lp = row_lps[at];
+            long long best_ids[k + 1];
+            double best_lps[k + 1];
+            for (Py_ssize_t j = 0; j < count; j++) {
+                if (j == at && count == k + 1) continue; /* added beside the top k */
+                Py_ssize_t i = keep++;
+                while (i > 0 && before(row_ids[j], row_lps[j], best_ids[i - 1], best_lps[i - 1])) {
+                    best_ids[i] = best_ids[i - 1];
+                    best_lps[i] = best_lps[i - 1];
+                    i--;
+                }
+                best_ids[i] = row_ids[j];
+                best_lps[i] = row_lps[j];
+            }
+            if (put(own, &own_lp, sizeof(double)) < 0 ||
+                put(top_ids, best_ids, (Py_ssize_t)sizeof(long long) * k) < 0 ||
+                put(top_lps, best_lps, (Py_ssize_t)sizeof(double) * k) < 0)
+                return NULL;
+        }
+        r = ws(r, end);
+        if (r < end && *r == ']') return pos == n - 1 ? r + 1 : NULL;
+    }
+}
 
 static PyObject *scan_prompt_logprobs(PyObject *self, PyObject *args) {
     const char *body;
-    Py_ssize_t size, k, start;
-    Py_buffer ids_buf;
-    if (!PyArg_ParseTuple(args, "y#ny*n", &body, &size, &k, &ids_buf, &start)) return NULL;
-    const long long *want = ids_buf.buf;
-    Py_ssize_t n = ids_buf.itemsize == 8 ? ids_buf.len / 8 : -1;
-    const char *p = body, *end = body + size, *found = NULL, *after = NULL;
+    Py_ssize_t size, k;
+    Py_buffer ids_buf, len_buf, start_buf;
+    if (!PyArg_ParseTuple(args, "y#ny*y*y*", &body, &size, &k, &ids_buf, &len_buf, &start_buf))
+        return NULL;
+    const long long *want = ids_buf.buf, *lengths = len_buf.buf, *starts = start_buf.buf;
+    Py_ssize_t total = ids_buf.itemsize == 8 ? ids_buf.len / 8 : -1;
+    Py_ssize_t seqs = len_buf.itemsize == 8 ? len_buf.len / 8 : -1;
+    const char *p = body, *end = body + size, *copied = body;
     Buf out = {0}, top_ids = {0}, top_lps = {0}, own = {0};
     long long *row_ids = PyMem_Malloc(sizeof(long long) * (size_t)(k + 2));
     double *row_lps = PyMem_Malloc(sizeof(double) * (size_t)(k + 2));
     PyObject *result = NULL;
-    int ok = row_ids != NULL && row_lps != NULL && n >= 1 && k >= 0 && start >= 1 && start <= n;
+    int ok = row_ids != NULL && row_lps != NULL && k >= 0 && seqs >= 1 &&
+             start_buf.itemsize == 8 && start_buf.len / 8 == seqs;
+    Py_ssize_t sum = 0;
+    for (Py_ssize_t j = 0; ok && j < seqs; j++) {
+        ok = lengths[j] >= 1 && starts[j] >= 1 && starts[j] <= lengths[j];
+        sum += ok ? lengths[j] : 0;
+    }
+    ok = ok && sum == total;
+    Py_ssize_t found = 0, offset = 0; /* arrays read so far; where the next sequence starts */
     while (ok && p < end) {
         const char *q = memchr(p, '"', (size_t)(end - p));
         if (q == NULL) break;
@@ -384,75 +455,22 @@ static PyObject *scan_prompt_logprobs(PyObject *self, PyObject *args) {
         const char *v = ws(p, end);
         if (v >= end || *v != ':') continue; /* a value, not a key */
         v = ws(v + 1, end);
-        if (found != NULL || v >= end || *v != '[') { /* twice, or null: the checked path */
+        if (found == seqs || v >= end || *v != '[') { /* one too many, or null: checked path */
             ok = 0;
             break;
         }
-        found = v;
-        const char *r = ws(v + 1, end);
-        if (end - r < 4 || memcmp(r, "null", 4) != 0) {
+        const char *after = read_array(v, end, k, want + offset, lengths[found], starts[found],
+                                       row_ids, row_lps, &own, &top_ids, &top_lps);
+        char mark[40];
+        int mark_len = snprintf(mark, sizeof mark, "\"\\u0000p%zd\"", found);
+        if (after == NULL || put(&out, copied, v - copied) < 0 || put(&out, mark, mark_len) < 0) {
             ok = 0;
             break;
         }
-        r = ws(r + 4, end);
-        for (Py_ssize_t pos = 1; ok; pos++) {
-            if (r >= end || *r != ',' || pos >= n) {
-                ok = 0;
-                break;
-            }
-            r = ws(r + 1, end);
-            if (r >= end || *r != '{') {
-                ok = 0;
-                break;
-            }
-            Py_ssize_t count = 0;
-            r = read_entry(r, end, k, row_ids, row_lps, &count);
-            if (r == NULL || count < k) {
-                ok = 0;
-                break;
-            }
-            if (pos >= start) {
-                long long actual = want[pos];
-                Py_ssize_t at = -1, keep = 0;
-                for (Py_ssize_t j = 0; j < count; j++)
-                    if (row_ids[j] == actual) at = j;
-                if (at < 0) {
-                    ok = 0;
-                    break;
-                }
-                double own_lp = row_lps[at];
-                long long best_ids[k + 1];
-                double best_lps[k + 1];
-                for (Py_ssize_t j = 0; j < count; j++) {
-                    if (j == at && count == k + 1) continue; /* added beside the top k */
-                    Py_ssize_t i = keep++;
-                    while (i > 0 && before(row_ids[j], row_lps[j], best_ids[i - 1], best_lps[i - 1])) {
-                        best_ids[i] = best_ids[i - 1];
-                        best_lps[i] = best_lps[i - 1];
-                        i--;
-                    }
-                    best_ids[i] = row_ids[j];
-                    best_lps[i] = row_lps[j];
-                }
-                if (put(&own, &own_lp, sizeof(double)) < 0 ||
-                    put(&top_ids, best_ids, (Py_ssize_t)sizeof(long long) * k) < 0 ||
-                    put(&top_lps, best_lps, (Py_ssize_t)sizeof(double) * k) < 0) {
-                    ok = 0;
-                    break;
-                }
-            }
-            r = ws(r, end);
-            if (r < end && *r == ']') {
-                ok = pos == n - 1;
-                after = r + 1;
-                break;
-            }
-        }
-        if (!ok) break;
-        p = after;
+        offset += lengths[found++];
+        p = copied = after;
     }
-    if (ok && found != NULL && put(&out, body, found - body) == 0 &&
-        put(&out, "\"\\u0000p\"", 9) == 0 && put(&out, after, end - after) == 0) {
+    if (ok && found == seqs && put(&out, copied, end - copied) == 0) {
         const char *none = ""; /* k = 0 leaves the top-K buffers unallocated */
         result = Py_BuildValue("(y#y#y#y#)", out.data, out.len,
                                top_ids.data ? top_ids.data : none, top_ids.len,
@@ -460,6 +478,8 @@ static PyObject *scan_prompt_logprobs(PyObject *self, PyObject *args) {
                                own.data ? own.data : none, own.len);
     }
     PyBuffer_Release(&ids_buf);
+    PyBuffer_Release(&len_buf);
+    PyBuffer_Release(&start_buf);
     PyMem_Free(out.data);
     PyMem_Free(top_ids.data);
     PyMem_Free(top_lps.data);

@@ -229,23 +229,31 @@ def empty_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float64)
 
 
-PROMPT_MARK = _MARK + "p"
+PROMPT_MARK = _MARK + "p"  # + the sequence's index: "\x00p0", "\x00p1", ...
+
+ScoreRows = tuple[np.ndarray, np.ndarray, np.ndarray]  # top-K ids, top-K logprobs, own logprobs
 
 
-def scan_prompt(
-    raw: bytes, ids: list[int], start: int, k: int
-) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray] | None:
-    """A score answer's ``prompt_logprobs`` read from the bytes by the compiled core.
+def scan_prompts(
+    raw: bytes, sequences: list[tuple[list[int], int]], k: int
+) -> tuple[Any, list[ScoreRows]] | None:
+    """A score answer's ``prompt_logprobs`` arrays, one per (ids, start) sequence, read from the
+    bytes by the compiled core: the j-th array met in the body is read against the j-th
+    sequence.
 
-    Returns the body (that array replaced by the marker string ``PROMPT_MARK``), the top-K
-    ids and logprobs (n, K) and the actual tokens' logprobs (n) for positions ``start..`` of
-    ``ids``. None when the core is missing or anything is not surely read as
-    ``workers.teacher.score.parse_scored`` would read it (the caller then uses that). The body
-    is not searched for a forged marker here (``scan`` does): the core gives up on any escaped
-    NUL in any string it passes, and on a "prompt_logprobs" key met twice or not an array."""
+    Returns the body (the j-th array replaced by the marker string ``PROMPT_MARK + str(j)``)
+    and per sequence the top-K ids and logprobs (n, K) and the actual tokens' logprobs (n) of
+    its positions ``start..``. None when the core is missing, the body holds another number of
+    arrays, or anything is not surely read as ``workers.teacher.score.parse_scored`` would read
+    it (the caller then uses that). The body is not searched for a forged marker here (``scan``
+    does): the core gives up on any escaped NUL in any string it passes, and on a
+    "prompt_logprobs" value that is not an array."""
     if compiled is None:
         return None
-    got = compiled.scan_prompt_logprobs(raw, k, np.asarray(ids, np.int64), start)
+    ids = np.fromiter(chain.from_iterable(s for s, _ in sequences), np.int64)
+    lengths = np.array([len(s) for s, _ in sequences], np.int64)
+    starts = np.array([start for _, start in sequences], np.int64)
+    got = compiled.scan_prompt_logprobs(raw, k, ids, lengths, starts)
     if got is None:
         return None
     stripped, top_ids, top_lps, own = got
@@ -253,10 +261,24 @@ def scan_prompt(
         body = orjson.loads(stripped)
     except orjson.JSONDecodeError:
         return None
-    n = len(ids) - start
-    return (
-        body,
-        np.frombuffer(top_ids, np.int64).reshape(n, k),
-        np.frombuffer(top_lps, np.float64).reshape(n, k),
-        np.frombuffer(own, np.float64),
-    )
+    counts = (lengths - starts).tolist()  # scored positions per sequence
+    id_rows = np.frombuffer(top_ids, np.int64).reshape(sum(counts), k)
+    lp_rows = np.frombuffer(top_lps, np.float64).reshape(sum(counts), k)
+    owns = np.frombuffer(own, np.float64)
+    rows, at = [], 0
+    for n in counts:
+        rows.append((id_rows[at : at + n], lp_rows[at : at + n], owns[at : at + n]))
+        at += n
+    return body, rows
+
+
+def scan_prompt(
+    raw: bytes, ids: list[int], start: int, k: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``scan_prompts`` for an answer of one sequence: the body (its array replaced by
+    ``PROMPT_MARK + "0"``), then the top-K ids, top-K logprobs and own logprobs."""
+    got = scan_prompts(raw, [(ids, start)], k)
+    if got is None:
+        return None
+    body, [(top_ids, top_lps, own)] = got
+    return body, top_ids, top_lps, own

@@ -10,6 +10,7 @@ User-Agent and the job id, and never hides who is asking.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,6 +26,7 @@ from schemas.wire import Answer, Completion, PromptRow
 from workers import USER_AGENT
 from workers.answers.parse import read_completions
 from workers.errors import (
+    FatalError,
     HarvestError,
     InvalidResponse,
     RateLimited,
@@ -36,7 +38,14 @@ from workers.errors import (
 from workers.teacher.limits import completion_limit, tokenize_limit
 from workers.teacher.retry import build_retrying, parse_retry_after
 from workers.teacher.router import PauseListener, Router
-from workers.teacher.score import Scored, read_scored, score_request, score_sampling, sequence
+from workers.teacher.score import (
+    Scored,
+    given_sequence,
+    read_batch,
+    score_request,
+    score_sampling,
+    sequence,
+)
 from workers.teacher.stats import RequestStats
 from workers.teacher.transport import AiohttpTransport, HttpxTransport, Reply, Transport
 
@@ -89,7 +98,7 @@ class _Request:
 
     waited_s: float = 0.0  # time spent waiting for a usable endpoint (not charged to the row)
     endpoint: str = ""  # the endpoint of the latest attempt
-    scored: Scored | None = None  # score mode: the tokenised row, once for all attempts
+    scored: list[Scored] | None = None  # score mode: the row(s) tokenised, once for all attempts
 
 
 class TeacherClient:
@@ -184,25 +193,31 @@ class TeacherClient:
         return resp.content
 
     async def complete(
-        self, row: PromptRow, ready: Ready | None = None, request: CompletionRequest | None = None
+        self,
+        row: PromptRow,
+        ready: Ready | None = None,
+        request: CompletionRequest | None = None,
+        *,
+        tried: int = 0,
     ) -> Completion:
         """All samples for one row, retried per the policy; raises a ``HarvestError`` else.
 
         ``ready`` is awaited once an endpoint slot is held, right before each attempt is sent:
         the caller's back-pressure (a unit whose shard writer is behind), with the slot kept
         so no other request takes its place meanwhile. ``request`` is the row's
-        (``request_for``), when the caller has built it already."""
+        (``request_for``), when the caller has built it already; ``tried`` counts the row's
+        earlier sends (in a batch that failed) into its attempts."""
         body = request or request_for(self.spec, row)
         started = time.perf_counter()
         req = _Request()
-        attempts = 0
+        attempts = tried
         try:
             async for attempt in build_retrying(self.spec.teacher, lambda: req.waited_s):
                 with attempt:
                     attempts += 1
                     if attempts > 1:
                         self.counters["retries"] += 1
-                    answer = await self._attempt(row, body, req, ready)
+                    (answer,) = await self._attempt(row, body, req, ready)
         except HarvestError as err:
             self.stats.failed(type(err).__name__, str(err))
             raise err.final(attempts=attempts, endpoint=req.endpoint) from None
@@ -215,9 +230,58 @@ class TeacherClient:
             prompt_token_ids=answer.prompt_token_ids,
         )
 
+    async def score_batch(
+        self, rows: list[PromptRow], requests: list[CompletionRequest], ready: Ready | None = None
+    ) -> list[Completion | HarvestError]:
+        """Score mode: ids rows (``prompt_token_ids`` + ``token_ids``, nothing to tokenise) in
+        one ``/v1/completions`` request, a list of prompts that vLLM answers with one choice
+        each; one outcome per row, in order. ``requests`` are the rows' own (they differ only
+        in the prompt; the first one's sampling is sent).
+
+        The batch is sent once. If it fails for any reason but a fatal one (one row the teacher
+        refuses fails the whole request, as would a timeout of the larger request), every row
+        is sent again alone, with its own retries: one bad row becomes one failure record, and
+        a row's ``attempts`` count the batch's send."""
+        batch = [given_sequence(row) for row in rows]
+        body = dataclasses.replace(requests[0], prompt=[s.ids for s in batch])
+        started = time.perf_counter()
+        req = _Request(scored=batch)
+        try:
+            answers = await self._attempt(None, body, req, ready)
+        except FatalError as err:
+            self.stats.failed(type(err).__name__, str(err))
+            raise err.final(attempts=1, endpoint=req.endpoint) from None
+        except HarvestError:
+            self.counters["batches_split"] += 1
+            pairs = zip(rows, requests, strict=True)
+            return list(await asyncio.gather(*(self._alone(r, ready, q) for r, q in pairs)))
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        return [
+            Completion(
+                samples=a.samples,
+                prompt_tokens=a.prompt_tokens,
+                endpoint=req.endpoint,
+                attempts=1,
+                latency_ms=latency_ms,
+                prompt_token_ids=a.prompt_token_ids,
+            )
+            for a in answers
+        ]
+
+    async def _alone(
+        self, row: PromptRow, ready: Ready | None, request: CompletionRequest
+    ) -> Completion | HarvestError:
+        """A row of a failed batch, sent on its own: its outcome (a fatal error still raises)."""
+        try:
+            return await self.complete(row, ready, request, tried=1)
+        except FatalError:
+            raise
+        except HarvestError as err:
+            return err
+
     async def _attempt(
-        self, row: PromptRow, body: CompletionRequest, req: _Request, ready: Ready | None
-    ) -> Answer:
+        self, row: PromptRow | None, body: CompletionRequest, req: _Request, ready: Ready | None
+    ) -> list[Answer]:
         """One attempt the row is charged for. A 429 pauses the endpoint, and a failure that
         takes the endpoint out of rotation is the teacher's fault: both wait for an endpoint
         (bounded by the router's outage deadline) and try again within this attempt."""
@@ -230,11 +294,13 @@ class TeacherClient:
                 req.endpoint = endpoint
                 try:
                     if body.scoring and req.scored is None:  # tokenised once for all attempts
-                        req.scored = await sequence(lambda b: self.tokenize(endpoint, b), row)
-                        body.prompt = req.scored.ids
+                        assert row is not None  # a batch comes with its sequences
+                        scored = await sequence(lambda b: self.tokenize(endpoint, b), row)
+                        req.scored, body.prompt = [scored], scored.ids
                     if body.prompt is None:  # a chat row, rendered once for all attempts
+                        assert row is not None
                         body.prompt = await self.render(endpoint, row.messages or [])
-                    answer = await self._generate(endpoint, body, req.scored)
+                    answers = await self._generate(endpoint, body, req.scored)
                 except RateLimited as err:
                     self.counters["RateLimited"] += 1
                     self.stats.error("RateLimited", str(err))
@@ -248,15 +314,16 @@ class TeacherClient:
                         continue
                     raise
                 await self.router.report(endpoint, ok=True)
-                return answer
+                return answers
 
     async def _generate(
-        self, endpoint: str, body: CompletionRequest, scored: Scored | None = None
-    ) -> Answer:
-        """Send the completions request under a rate-limit permit; parse what comes back.
+        self, endpoint: str, body: CompletionRequest, scored: list[Scored] | None = None
+    ) -> list[Answer]:
+        """Send the completions request under a rate-limit permit; parse what comes back: one
+        answer per prompt (several only when scoring a batch).
 
-        A score request reserves the tokens it scores (it generates one, discarded)."""
-        reserve = len(scored.ids) - 1 if scored else body.max_tokens * body.n
+        A score request reserves the tokens it scores (it generates one per prompt, discarded)."""
+        reserve = sum(len(s.ids) - 1 for s in scored) if scored else body.max_tokens * body.n
         # The permit is taken last, right before sending, so nothing between the limiter's
         # decision and the request leaving can bunch requests.
         permit = await self.limiter.acquire(reserve) if self.limiter else None
@@ -265,18 +332,18 @@ class TeacherClient:
             url = endpoint + "/completions"
             content = orjson.dumps(body.body())
             limit = completion_limit(body, len(content))
+            got = await self._post_bytes(endpoint, url, content, limit)
             if scored is not None:
-                got = await self._post_bytes(endpoint, url, content, limit)
-                answer = read_scored(got, scored, self.k)
+                answers = read_batch(got, scored, self.k)
             else:  # from the bytes: the top-K never become Python objects
-                got = await self._post_bytes(endpoint, url, content, limit)
-                answer = read_completions(got, self.k)
-            if len(answer.samples) != body.n:
-                raise InvalidResponse(
-                    f"asked for n={body.n}, got {len(answer.samples)}", endpoint=endpoint
-                )
-            used = sum(len(s.token_ids) for s in answer.samples)
-            return answer
+                answers = [read_completions(got, self.k)]
+            for answer in answers:
+                if len(answer.samples) != body.n:
+                    raise InvalidResponse(
+                        f"asked for n={body.n}, got {len(answer.samples)}", endpoint=endpoint
+                    )
+            used = sum(len(s.token_ids) for a in answers for s in a.samples)
+            return answers
         finally:  # also on cancellation: a permit is never leaked
             if permit is not None:
                 await self.limiter.settle(permit, used)

@@ -37,7 +37,7 @@ import orjson
 from schemas.job import JobSpec
 from schemas.requests import CompletionRequest
 from schemas.wire import Answer, PromptRow, Sample
-from workers.answers.fastparse import PROMPT_MARK, scan_prompt
+from workers.answers.fastparse import PROMPT_MARK, scan_prompts
 from workers.errors import InvalidInput, InvalidResponse, MissingLogprobs
 
 FINISH_REASON = "score"
@@ -81,11 +81,8 @@ def score_request(spec: JobSpec, row: PromptRow, sampling: dict[str, Any]) -> Co
 
 async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
     """The row's ids as the teacher tokenises them, and the mask of the tokens to train on."""
-    if row.token_ids is not None and row.prompt_token_ids is not None:  # scored as given
-        prompt = list(row.prompt_token_ids)
-        mask: list[bool | None] = [False] * len(prompt)
-        mask += list(row.loss_mask) if row.loss_mask is not None else [None] * len(row.token_ids)
-        return Scored(prompt + list(row.token_ids), mask, _text(row), len(prompt), row.sample_index)
+    if given(row):
+        return given_sequence(row)
     if row.messages is None:
         prompt = await tokenize({"prompt": row.prompt})
         response = await tokenize({"prompt": row.response, "add_special_tokens": False})
@@ -113,6 +110,20 @@ async def sequence(tokenize: Tokenize, row: PromptRow) -> Scored:
         raise InvalidInput("no assistant token to score after the first token")
     response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return Scored(full, mask, response)
+
+
+def given(row: PromptRow) -> bool:
+    """An ids row: scored exactly as given, with no ``/tokenize`` call."""
+    return row.token_ids is not None and row.prompt_token_ids is not None
+
+
+def given_sequence(row: PromptRow) -> Scored:
+    """An ids row's sequence: its ``prompt_token_ids + token_ids``, masked by its loss mask."""
+    assert row.token_ids is not None and row.prompt_token_ids is not None
+    prompt = list(row.prompt_token_ids)
+    mask: list[bool | None] = [False] * len(prompt)
+    mask += list(row.loss_mask) if row.loss_mask is not None else [None] * len(row.token_ids)
+    return Scored(prompt + list(row.token_ids), mask, _text(row), len(prompt), row.sample_index)
 
 
 def _text(row: PromptRow) -> str:
@@ -167,36 +178,60 @@ def _position(entry: Any, actual: int, k: int) -> tuple[float, list[int], list[f
     return own, [t for _, t in alts], [lp for lp, _ in alts]
 
 
-def read_scored(raw: bytes, scored: Scored, k: int) -> Answer:
-    """``parse_scored`` from the body's bytes: the prompt_logprobs are read by the compiled
-    core (``fastparse.scan_prompt``) without a Python object per alternative; at any doubt the
-    whole body goes through orjson and ``parse_scored``, which names the problem."""
-    fast = scan_prompt(raw, scored.ids, scored.start, k)
+def read_batch(raw: bytes, batch: list[Scored], k: int) -> list[Answer]:
+    """The answers to a request that scored ``batch`` (one sequence per prompt, in order), from
+    the body's bytes: the prompt_logprobs are read by the compiled core
+    (``fastparse.scan_prompts``) without a Python object per alternative; at any doubt the
+    whole body goes through orjson and ``parse_batch``, which names the problem."""
+    fast = scan_prompts(raw, [(s.ids, s.start) for s in batch], k)
     if fast is not None:
-        body, top_ids, top_lps, own = fast
-        if _choice(body, scored).get("prompt_logprobs") == PROMPT_MARK:
-            return _answer(scored, own, top_ids, top_lps)
+        body, rows = fast
+        choices = _choices(body, batch)
+        marks = [c.get("prompt_logprobs") for c in choices]
+        if marks == [PROMPT_MARK + str(j) for j in range(len(batch))]:
+            pairs = zip(batch, rows, strict=True)
+            return [_answer(s, own, ids, lps) for s, (ids, lps, own) in pairs]
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise InvalidResponse(f"body is not JSON: {err}") from None
-    return parse_scored(body, scored, k)
+    return parse_batch(body, batch, k)
 
 
-def _choice(body: Any, scored: Scored) -> dict[str, Any]:
+def read_scored(raw: bytes, scored: Scored, k: int) -> Answer:
+    """``read_batch`` of an answer that scored one sequence."""
+    return read_batch(raw, [scored], k)[0]
+
+
+def _choices(body: Any, batch: list[Scored]) -> list[dict[str, Any]]:
+    """The answer's choices, one per scored sequence in the order sent (vLLM gives prompt j the
+    choice of index j), each echoing the ids it scored when it echoes any."""
     choices = body.get("choices") if type(body) is dict else None
-    if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
-        raise InvalidResponse("response has not exactly one choice object")
-    choice = choices[0]
-    echoed = choice.get("prompt_token_ids")
-    if echoed is not None and echoed != scored.ids:
-        raise InvalidResponse("the teacher scored other token ids than were sent")
-    return choice
+    if type(choices) is not list or len(choices) != len(batch):
+        raise InvalidResponse(f"response has not exactly {len(batch)} choice(s)")
+    for j, (choice, scored) in enumerate(zip(choices, batch, strict=True)):
+        if type(choice) is not dict or choice.get("index", j) != j:
+            raise InvalidResponse(f"choice {j} is not an object of index {j}")
+        echoed = choice.get("prompt_token_ids")
+        if echoed is not None and echoed != scored.ids:
+            raise InvalidResponse("the teacher scored other token ids than were sent")
+    return choices
+
+
+def parse_batch(body: Any, batch: list[Scored], k: int) -> list[Answer]:
+    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``batch``."""
+    return [
+        _parse_choice(choice, scored, k)
+        for choice, scored in zip(_choices(body, batch), batch, strict=True)
+    ]
 
 
 def parse_scored(body: Any, scored: Scored, k: int) -> Answer:
-    """Parse a ``/v1/completions`` answer to a ``prompt_logprobs: k`` request for ``scored``."""
-    choice = _choice(body, scored)
+    """``parse_batch`` of an answer that scored one sequence."""
+    return parse_batch(body, [scored], k)[0]
+
+
+def _parse_choice(choice: dict[str, Any], scored: Scored, k: int) -> Answer:
     plp = choice.get("prompt_logprobs")
     if plp is None:
         raise MissingLogprobs("teacher returned no prompt_logprobs (a vLLM extra)")

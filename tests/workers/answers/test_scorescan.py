@@ -12,11 +12,12 @@ import numpy as np
 import orjson
 import pytest
 from fake_teacher import FakeTeacher
+from test_fuzz_real import EDITS, edited
 
 from schemas.wire import Answer
 from workers.answers import fastparse
 from workers.errors import InvalidResponse, MissingLogprobs
-from workers.teacher.score import Scored, parse_scored, read_scored
+from workers.teacher.score import Scored, parse_batch, parse_scored, read_batch, read_scored
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "vllm-score" / "score_ids_k5.json"
 
@@ -106,7 +107,7 @@ def test_shapes_the_fast_path_leaves_to_the_checked_path():
     # A forged marker: the real array under a literal key, the marker string under an escaped
     # duplicate that orjson decodes to the same key (the last one wins there).
     forged = orjson.dumps(good).replace(
-        b'"prompt_token_ids"', b'"prompt\\u005flogprobs":"\\u0000p","prompt_token_ids"'
+        b'"prompt_token_ids"', b'"prompt\\u005flogprobs":"\\u0000p0","prompt_token_ids"'
     )
     assert b"u005f" in forged
     cases.append(forged)
@@ -126,3 +127,52 @@ def test_random_byte_edits_read_the_same_or_fail_the_same():
         for _ in range(rng.randrange(1, 3)):
             data[rng.randrange(len(data))] = rng.choice(alphabet)
         agree(bytes(data), scored, 4)
+
+
+# --- batches: one answer, a choice per sequence --------------------------------------------------
+
+BATCH = REAL.parent / "score_batch3_k5.json"  # vLLM's answer to three token-id prompts
+
+
+def batch_outcome(read: Any, raw: bytes, batch: list[Scored]) -> list[Answer] | tuple[type, str]:
+    try:
+        return read(raw, batch, 5)
+    except (InvalidResponse, MissingLogprobs) as err:
+        return type(err), str(err)
+
+
+def batch_reference(raw: bytes, batch: list[Scored], k: int) -> list[Answer]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidResponse(f"body is not JSON: {err}") from None
+    return parse_batch(body, batch, k)
+
+
+def test_a_real_vllm_batch_body_reads_the_same_both_ways_and_under_edits():
+    raw = BATCH.read_bytes()
+    seqs = [c["prompt_token_ids"] for c in orjson.loads(raw)["choices"]]
+    assert [len(s) for s in seqs] == [13, 1, 23]  # a one-token sequence has nothing to score
+    batch = [Scored(s, [None] * len(s), "", min(3, len(s))) for s in seqs]
+    assert fastparse.scan_prompts(raw, [(s.ids, s.start) for s in batch], 5) is not None
+    rng = random.Random(11)
+    kinds = {"answer": 0, "error": 0}
+    bodies = [raw] + [edited(rng, raw, raw.index(b"prompt_logprobs")) for _ in range(EDITS)]
+    for data in bodies:
+        ours = batch_outcome(read_batch, data, batch)
+        ref = batch_outcome(batch_reference, data, batch)
+        if isinstance(ref, list):
+            assert isinstance(ours, list), (ours, data[:200])
+            for a, b in zip(ours, ref, strict=True):
+                x, y = a.samples[0], b.samples[0]
+                assert list(x.token_ids) == list(y.token_ids)
+                for u, v in ((x.logprobs, y.logprobs), (x.top_token_ids, y.top_token_ids),
+                             (x.top_logprobs, y.top_logprobs)):  # fmt: skip
+                    assert (
+                        np.asarray(u, np.float64).tobytes() == np.asarray(v, np.float64).tobytes()
+                    )
+            kinds["answer"] += 1
+        else:
+            assert ours == ref
+            kinds["error"] += 1
+    assert kinds["error"] > EDITS // 10 and kinds["answer"] > EDITS // 20
