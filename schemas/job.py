@@ -119,7 +119,11 @@ class OutputSpec(Strict):
 class ConcurrencySpec(Strict):
     workers: int = Field(2, ge=1, description="Harvest actors (Ray workers).")
     in_flight_per_endpoint: int = Field(
-        32, ge=1, description="Requests in flight per endpoint, summed over all workers."
+        32,
+        ge=1,
+        description="Requests in flight per endpoint, summed over all workers; a score-mode "
+        "request that carries several rows (score_rows_per_request) counts as that many, so "
+        "the teacher holds as many sequences at once as without batches.",
     )
     worker_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each worker.")
     score_rows_per_request: int = Field(
@@ -129,9 +133,8 @@ class ConcurrencySpec(Strict):
         description="Score mode: rows of token ids (scored as given) sent together in one "
         "/v1/completions request, as a list of prompts that vLLM answers with one choice each. "
         "It divides the client's and the server's per-request work; a request that fails is "
-        "sent again row by row, so one bad row is one failure record. Each request in flight "
-        "then holds this many sequences at the teacher. 1 sends every row alone; rows that "
-        "must be tokenised (text, chat) are always sent alone.",
+        "sent again row by row, so one bad row is one failure record. 1 sends every row "
+        "alone; rows that must be tokenised (text, chat) are always sent alone.",
     )
 
 

@@ -21,6 +21,7 @@ WORKER_COUNTERS = {
     "completion_tokens": "harvest_tokens_generated_total",
     "retries": "harvest_retries_total",
     "prompts": "harvest_prompts_answered_total",
+    "batches_split": "harvest_score_batches_split_total",  # score batches sent again row by row
 }
 
 

@@ -287,7 +287,7 @@ class TeacherClient:
         (bounded by the router's outage deadline) and try again within this attempt."""
         while True:
             before = time.monotonic()
-            async with self.router.acquire() as endpoint:
+            async with self.router.acquire(len(req.scored) if req.scored else 1) as endpoint:
                 if ready is not None:
                     await ready()
                 req.waited_s += time.monotonic() - before

@@ -136,8 +136,14 @@ class Router:
     def _usable(self, ep: _Endpoint) -> bool:
         return not ep.open and ep.paused_until <= self._clock()
 
-    def _pick(self) -> _Endpoint | None:
-        usable = [ep for ep in self._eps.values() if self._usable(ep) and ep.in_flight < self.cap]
+    def _pick(self, weight: int = 1) -> _Endpoint | None:
+        """The best usable endpoint with room for ``weight`` slots (an idle one takes any
+        weight, so a batch larger than the cap still goes, alone)."""
+        usable = [
+            ep
+            for ep in self._eps.values()
+            if self._usable(ep) and (ep.in_flight + weight <= self.cap or not ep.in_flight)
+        ]
         if not usable:
             return None
         return min(usable, key=lambda ep: (ep.in_flight, ep.requests))
@@ -169,27 +175,28 @@ class Router:
         )
 
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[str]:
-        """Hold one request slot on the best endpoint for the duration of the block.
+    async def acquire(self, weight: int = 1) -> AsyncIterator[str]:
+        """Hold ``weight`` slots (one per sequence the request carries: a score batch holds its
+        rows') on the best endpoint for the duration of the block.
 
         Waits while every endpoint is busy, open or paused; raises ``TeacherOutage`` once no
         endpoint has been usable for ``outage_timeout_s``."""
         async with self._changed:
-            while (ep := self._pick()) is None:
+            while (ep := self._pick(weight)) is None:
                 # No timeout on the wait itself: cancelling Condition.wait can leave its lock
                 # released on Python 3.11. The outage alarm (``_update_outage``) wakes us.
                 self._update_outage()
                 if self.outage_since is not None and self._clock() >= self._outage_deadline():
                     raise self._outage_error()
                 await self._changed.wait()
-            ep.in_flight += 1
+            ep.in_flight += weight
             ep.requests += 1
         try:
             yield ep.url
         finally:
             async with self._changed:
-                ep.in_flight -= 1
-                self._changed.notify()  # one slot freed: wake one waiter, not every queued row
+                ep.in_flight -= weight
+                self._changed.notify(weight)  # as many waiters as slots freed, not every row
 
     async def report(self, endpoint: str, ok: bool, reason: str = "") -> bool:
         """Outcome of one request: ``ok`` unless the endpoint itself failed. Returns whether the

@@ -38,6 +38,32 @@ def test_fewest_in_flight_under_a_cap():
     run(go())
 
 
+def test_a_batch_holds_a_slot_per_sequence_and_frees_them_all():
+    async def go():
+        router = Router(["a"], cap_per_endpoint=4)
+        one, batch = router.acquire(), router.acquire(4)
+        await one.__aenter__()
+        entering = asyncio.create_task(batch.__aenter__())
+        await asyncio.sleep(0.05)
+        assert not entering.done()  # 1 + 4 > 4: the batch waits for the single request
+        await one.__aexit__(None, None, None)
+        await asyncio.wait_for(entering, 1)
+        assert router.in_flight_total() == 4
+        singles = [router.acquire() for _ in range(3)]
+        waiting = [asyncio.create_task(cm.__aenter__()) for cm in singles]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in waiting)  # the batch holds every slot
+        await batch.__aexit__(None, None, None)  # frees four slots: all three get in
+        await asyncio.wait_for(asyncio.gather(*waiting), 1)
+        assert router.in_flight_total() == 3
+
+        big = Router(["b"], cap_per_endpoint=2)
+        async with big.acquire(8) as url:  # above the cap: it goes once the endpoint is idle
+            assert url == "b" and big.in_flight_total() == 8
+
+    run(go())
+
+
 def test_a_raised_cap_lets_waiting_requests_in_at_once():
     async def go():
         router = Router(["a"], cap_per_endpoint=1)
