@@ -22,6 +22,9 @@ them to train on (the loss mask), comes from the server's own tokenizer (``/toke
   ``prompt_token_ids`` / ``token_ids``), sample index and loss mask; the teacher's logprobs
   and top-K are those of ``token_ids``, on the same positions as the row's own logprobs.
 
+Ids rows need no tokenising, so they are sent several to a request (``read_batch``; the
+client's ``score_batch``): vLLM answers a list of prompts with one choice per prompt, in order.
+
 A text row's record holds, for every token after the first (the first has no logprob), its id, its
 logprob, the teacher's top-K (exactly K, best first) and whether to train on it.
 """
