@@ -14,7 +14,7 @@ install: $(STAMP)
 
 # Re-installs only when pyproject.toml changes. torchvision & co. are removed: vLLM's CPU
 # build does not need them, and the torchvision pip picks beside torch 2.13 fails at import.
-$(STAMP): pyproject.toml workers/answers/_topk.c workers/answers/_json_scan.h workers/answers/_tail.c
+$(STAMP): pyproject.toml workers/answers/_topk.c workers/answers/_json_scan.h workers/answers/_prompt_scan.h workers/answers/_tail.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[teacher,dev,train,report]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | { grep -v "not installed" || true; }
