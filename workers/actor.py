@@ -14,13 +14,12 @@ from typing import Any
 import ray
 
 from schemas.job import JobSpec
-from schemas.teacher import RateLimit
 from schemas.wire import UnitResult, WorkUnit
 from workers.round import RoundClients
 from workers.shards.columns import warm_up
 from workers.storage import StorageOptions, open_store
 from workers.teacher.client import TeacherClient
-from workers.teacher.limiter import Limiter
+from workers.teacher.limiter import Limiter, worker_share
 from workers.teacher.probe import ProbeResult, probe
 from workers.teacher.router import EndpointDown
 from workers.teacher.stats import RequestSnapshot
@@ -179,14 +178,7 @@ def _limiter_share(spec: JobSpec) -> Limiter | None:
     Each worker limits itself, with no shared state: a permit is stamped where the request is
     sent, so no network delay can bunch requests past the limit at the teacher.
     """
-    limit, workers = spec.teacher.rate_limit, spec.concurrency.workers
+    limit = spec.teacher.rate_limit
     if not (limit.requests_per_s or limit.tokens_per_min):
         return None
-    return Limiter(
-        RateLimit(
-            requests_per_s=limit.requests_per_s / workers if limit.requests_per_s else None,
-            tokens_per_min=max(1, limit.tokens_per_min // workers)
-            if limit.tokens_per_min
-            else None,
-        )
-    )
+    return Limiter(worker_share(limit, spec.concurrency.workers))

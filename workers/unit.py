@@ -22,6 +22,7 @@ from workers.shards.columns import compact
 from workers.shards.writer import ShardWriter
 from workers.storage import Store
 from workers.teacher.client import TeacherClient, request_for, sampling_for
+from workers.teacher.limiter import worker_share
 from workers.teacher.score import given
 
 Outcome = Completion | HarvestError | RowProblem
@@ -181,26 +182,36 @@ def _batches(
 ) -> tuple[list[PromptRow], list[list[PromptRow]]]:
     """The rows sent alone, and the score mode's ids rows in groups of up to
     ``concurrency.score_rows_per_request`` that share one request (the same temperature, the
-    only sampling a score row may override)."""
+    only sampling a score row may override). With ``tokens_per_min`` set, a group also stays
+    within this worker's share of it: the limiter lets a request above the limit go once its
+    window is empty, which a batch must not turn into a burst past the limit."""
     size = spec.concurrency.score_rows_per_request
     sendable = [row for row in rows if isinstance(row, PromptRow)]
     if spec.mode != "score" or size < 2 or isinstance(client, RoundClients):
         return sendable, []
+    budget = worker_share(spec.teacher.rate_limit, spec.concurrency.workers).tokens_per_min
     singles: list[PromptRow] = []
-    pending: dict[Any, list[PromptRow]] = {}
-    batches: list[list[PromptRow]] = []
+    groups: list[list[PromptRow]] = []
+    open_groups: dict[Any, tuple[list[PromptRow], int]] = {}  # temperature -> (rows, tokens)
     for row in sendable:
         if not given(row):
             singles.append(row)
             continue
-        same = pending.setdefault(row.overrides.get("temperature"), [])
-        same.append(row)
-        if len(same) == size:
-            batches.append(same)
-            pending.pop(row.overrides.get("temperature"))
-    batches += [rest for rest in pending.values() if len(rest) > 1]
-    singles += [rest[0] for rest in pending.values() if len(rest) == 1]
-    return singles, batches
+        key = row.overrides.get("temperature")
+        assert row.prompt_token_ids is not None and row.token_ids is not None
+        cost = len(row.prompt_token_ids) + len(row.token_ids) - 1  # what the row reserves
+        group, tokens = open_groups.get(key, ([], 0))
+        if group and budget is not None and tokens + cost > budget:
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(row)
+        open_groups[key] = (group, tokens + cost)
+        if len(group) == size:
+            groups.append(group)
+            del open_groups[key]
+    groups += [group for group, _ in open_groups.values()]
+    singles += [group[0] for group in groups if len(group) == 1]
+    return singles, [group for group in groups if len(group) > 1]
 
 
 async def harvest_unit(

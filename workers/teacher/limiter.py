@@ -65,6 +65,14 @@ class SlidingWindow:
             event.amount = keep
 
 
+def worker_share(limit: RateLimit, workers: int) -> RateLimit:
+    """One worker's share of the job-wide limits: the shares add up to at most the limit."""
+    return RateLimit(
+        requests_per_s=limit.requests_per_s / workers if limit.requests_per_s else None,
+        tokens_per_min=max(1, limit.tokens_per_min // workers) if limit.tokens_per_min else None,
+    )
+
+
 class Limiter:
     """Both limits of a job; ``acquire`` before each request, ``settle`` with real tokens."""
 

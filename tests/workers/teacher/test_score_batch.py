@@ -100,8 +100,8 @@ def ids_row(i: int, **kw: Any) -> PromptRow:
     return PromptRow(f"r{i}", f"in:{i}", prompt_token_ids=[1, 2], token_ids=ids, **kw)
 
 
-def harvest(tmp_path, fake: FakeTeacher, rows: list[PromptRow], per_request: int):
-    settings = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 3}
+def harvest(tmp_path, fake: FakeTeacher, rows: list[PromptRow], per_request: int, **teacher: Any):
+    settings = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 3, **teacher}
     teacher = jobs.model("fake", "http://teacher-a:8000", **settings)
     spec = jobs.spec(
         teacher, mode="score", sampling={"logprobs": K},
@@ -193,3 +193,19 @@ def test_a_fatal_answer_to_a_batch_stops_the_unit(tmp_path) -> None:
 
     with pytest.raises(AuthError):
         harvest(tmp_path, FakeTeacher(script=deny), [ids_row(i) for i in range(4)], 4)
+
+
+def test_a_batch_stays_within_the_workers_share_of_tokens_per_minute(tmp_path) -> None:
+    rows = [ids_row(i) for i in range(10)]  # 2 prompt ids + 3-7 response ids each
+    costs = {tuple(r.prompt_token_ids + r.token_ids): len(r.prompt_token_ids + r.token_ids) - 1
+             for r in rows}  # fmt: skip
+    fake = FakeTeacher()
+    # two workers: each worker's share is 10 tokens a minute, so at most two rows a request
+    data, failed, _ = harvest(tmp_path, fake, rows, 8, rate_limit={"tokens_per_min": 20})
+    assert len(data) == 10 and failed == {}
+    sizes = []
+    for prompt in sent(fake):
+        seqs = prompt if isinstance(prompt[0], list) else [prompt]
+        sizes.append(len(seqs))
+        assert len(seqs) == 1 or sum(costs[tuple(s)] for s in seqs) <= 10
+    assert sum(sizes) == 10 and max(sizes) == 2  # batches still formed, only smaller
